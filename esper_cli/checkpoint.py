@@ -1,0 +1,185 @@
+"""Learned-policy checkpoints: weights in safetensors, everything else as JSON in its header.
+
+A checkpoint is one `.safetensors` file. Its string->string metadata header holds:
+
+- `simic`: a JSON object (policy type, hyper-parameters, feature schema, normalisation, split,
+  class weights, metrics, package versions), readable by any safetensors tool;
+- `sha256`: a digest of that JSON *and* every tensor (name, dtype, shape, bytes), so an edited
+  weight or an edited normalisation statistic is detected.
+
+Loading never unpickles: the file's header is checked by hand first (a pickle or a zip written by
+`torch.save` is refused before any parser sees it), then read with `safetensors`, which only
+decodes raw arrays. Every problem is a `CheckpointError` with a one-line message; the CLI turns it
+into exit code 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .contracts import FEATURE_NAMES, SCHEMA_NAME, SCHEMA_VERSION
+
+FORMAT = "simic-checkpoint"
+FORMAT_VERSION = 1
+_MAX_HEADER = 16 * 1024 * 1024  # a Simic header is a few KiB; anything huge is not ours
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable, tampered with, or for another feature schema."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded, validated checkpoint: `tensors` by name and the `meta` JSON object."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    sha256: str
+
+    @property
+    def policy(self) -> str:
+        return str(self.meta["policy"])
+
+    @property
+    def normalisation(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) fitted on the training episodes, float64."""
+        norm = self.meta["normalisation"]
+        return np.asarray(norm["mean"], dtype=np.float64), np.asarray(norm["std"], dtype=np.float64)
+
+
+def feature_schema() -> dict[str, Any]:
+    """The observation schema this build of Simic reads (stored in, and checked against, checkpoints)."""
+    return {"name": SCHEMA_NAME, "version": SCHEMA_VERSION, "features": list(FEATURE_NAMES)}
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a checkpoint, for provenance."""
+    found = {}
+    for pkg in ("simic", "torch", "numpy", "scikit-learn", "safetensors", "h5py"):
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            found[pkg] = "unknown"
+    return found
+
+
+def digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the metadata JSON and every tensor in name order (name, dtype, shape, bytes)."""
+    h = hashlib.sha256()
+    h.update(meta_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write a checkpoint atomically (temp file + rename): a crash never leaves half a file."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "feature_schema": feature_schema(),
+            "versions": package_versions(), **meta}
+    meta_json = json.dumps(meta, sort_keys=True)
+    header = {"simic": meta_json, "sha256": digest(meta_json, tensors)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=header)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _check_container(path: Path) -> None:
+    """Refuse anything that is not a plain safetensors file before a parser touches it."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if head[:1] == b"\x80" or head[:2] == b"PK":
+                raise CheckpointError(f"checkpoint {path} is a pickle/torch.save file, not safetensors; "
+                                      "Simic never unpickles (retrain with `simic train`)")
+            if len(head) < 8:
+                raise CheckpointError(f"checkpoint {path} is truncated or empty")
+            (n,) = struct.unpack("<Q", head)
+            if n < 2 or n > min(_MAX_HEADER, size - 8) or f.read(1) != b"{":
+                raise CheckpointError(f"checkpoint {path} is not a safetensors file (bad header)")
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+
+
+def load_checkpoint(path: str | Path, expect_policy: str | None = None) -> Checkpoint:
+    """Load and validate a checkpoint: container, format, integrity digest, feature schema.
+
+    `expect_policy` (e.g. "mlp") also refuses a checkpoint trained for another policy type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        hint = f"; make one with `simic train --policy {expect_policy}`" if expect_policy else ""
+        raise CheckpointError(f"no checkpoint at {path}{hint}")
+    _check_container(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupted: {first}") from None
+    if "simic" not in header or "sha256" not in header:
+        raise CheckpointError(f"checkpoint {path} is a safetensors file but not a Simic checkpoint (no simic metadata)")
+    try:
+        meta = json.loads(header["simic"])
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint {path} has unreadable metadata (tampered or corrupted)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a Simic checkpoint (format {meta.get('format')!r})"
+                              if isinstance(meta, dict) else f"checkpoint {path} has malformed metadata")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {meta.get('format_version')!r}; "
+                              f"this Simic reads version {FORMAT_VERSION}")
+    if digest(header["simic"], tensors) != header["sha256"]:
+        raise CheckpointError(f"checkpoint {path} failed its integrity check (sha256 mismatch): "
+                              "weights or metadata were modified")
+    schema = meta.get("feature_schema") or {}
+    ours = feature_schema()
+    if (schema.get("name"), schema.get("version")) != (ours["name"], ours["version"]) \
+            or schema.get("features") != ours["features"]:
+        raise CheckpointError(f"checkpoint {path} is for feature schema {schema.get('name')!r} "
+                              f"v{schema.get('version')}; this Simic uses {ours['name']!r} v{ours['version']}")
+    if expect_policy is not None and meta.get("policy") != expect_policy:
+        raise CheckpointError(f"checkpoint {path} is a {meta.get('policy')!r} checkpoint, not {expect_policy!r}")
+    return Checkpoint(path=path, tensors=tensors, meta=meta, sha256=header["sha256"])
+
+
+def load_policy_checkpoint(policy: str, checkpoint: str | Path | None) -> Checkpoint:
+    """What a learned policy's factory calls: the given checkpoint, or the policy's default one."""
+    from .paths import default_checkpoint_path
+
+    return load_checkpoint(checkpoint if checkpoint is not None else default_checkpoint_path(policy),
+                           expect_policy=policy)
+
+
+def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """float32 numpy copies of every tensor (for the lean numpy forward pass of `decide`)."""
+    return {k: v.detach().cpu().float().numpy().copy() for k, v in tensors.items()}

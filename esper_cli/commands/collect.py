@@ -1,0 +1,179 @@
+"""`simic collect`: run episodes driven by a Tamiyo policy and commit each to the episode store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from ..contracts import EpisodeConfig
+from ..paths import default_store_path
+from ..runner import (
+    BACKENDS,
+    DEFAULT_RETRIES,
+    BackendUnavailable,
+    EpisodeJob,
+    JobFailed,
+    SerialRunner,
+    import_ray,
+    make_runner,
+    parse_workers,
+)
+from ..store import EpisodeWriter, StoreError
+from ..tasks import TaskError
+from .common import choose, err, fail, out, registry, resolve_device
+
+
+class RateColumn(ProgressColumn):
+    """Episodes per second over the run so far."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} ep/s" if speed else "-- ep/s", style="progress.data.speed")
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[last]}"),
+        console=err,
+    )
+
+
+def collect(
+    episodes: int = typer.Option(50, "--episodes", "-n", min=1, help="Episodes the run should hold (indices 0..N-1)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Episode store (default: $SIMIC_HOME/episodes.h5, SIMIC_HOME=./simic-data)."),
+    policy: str = typer.Option("heuristic", "--policy", help="Tamiyo policy that drives the episodes (see `simic plugins`)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Run seed; episode i uses a seed derived from (seed, i)."),
+    epochs: int = typer.Option(25, "--epochs", min=1, help="Training epochs (= decisions) per episode."),
+    task: str = typer.Option("digits", "--task", help="Training task: digits (bundled) or cifar10 (needs --data-dir)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder holding cifar-10-batches-py (for --task cifar10)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for training: cpu, cuda, cuda:1, ..."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Torch CPU threads per episode (1 is fastest for the small default host)."),
+    workers: Optional[str] = typer.Option(None, "--workers", "-w", help="Episodes run in parallel: a number or 'auto' (= CPU cores). Default: 1 locally; every CPU of the cluster with --backend ray."),
+    backend: str = typer.Option("local", "--backend", help="Where episodes run: local (this machine) or ray (a Ray cluster; needs pip install \"simic[ray]\")."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one. Needs --backend ray."),
+    retries: int = typer.Option(DEFAULT_RETRIES, "--retries", min=0, help="Re-runs of an episode whose worker died (killed, out of memory) before it is reported as failed."),
+) -> None:
+    """Run morphogenetic training episodes driven by a policy and record every decision.
+
+    Episodes are identified by (config, seed, index): re-running the same command after an
+    interruption completes the missing episodes instead of duplicating them. Ctrl-C keeps every
+    completed episode and exits 130. With --workers N (or --backend ray) episodes run in parallel
+    worker processes; this process alone writes the store, and every episode is identical to the
+    one a single worker would produce.
+    """
+    reg = registry()
+    choose("policy", policy, reg.policies, "--policy")
+    choose("task", task, reg.tasks, "--task")
+    resolve_device(device)
+    try:
+        n_workers = parse_workers(workers)
+    except ValueError as exc:
+        fail(str(exc))
+    if backend not in BACKENDS:
+        fail(f"--backend {backend!r}: unknown backend (available: {', '.join(BACKENDS)})")
+    if ray_address and backend != "ray":
+        fail(f"--ray-address {ray_address!r} needs --backend ray")
+    if backend == "ray":
+        try:
+            import_ray()
+        except BackendUnavailable as exc:
+            fail(str(exc))
+    torch.set_num_threads(threads)
+    config = EpisodeConfig(task=task, epochs=epochs, device=device,
+                           data_dir=str(data_dir) if data_dir is not None else None)
+    try:
+        reg.tasks[task].load(config.data_dir, 0)  # bad data is a usage error, found before any work
+    except TaskError as exc:
+        fail(str(exc))
+    plugin = reg.plugin_of("policy", policy)
+    version = (plugin.version if plugin else None) or "unknown"
+    store_path = store or default_store_path()
+    key = config.key(policy)
+
+    try:
+        writer = EpisodeWriter(store_path)
+        writer.__enter__()
+    except StoreError as exc:
+        fail(str(exc))
+    added = 0
+    lost = []
+    try:
+        if writer.recovered:
+            err.print(f"[yellow]Recovered[/] {store_path} after an interrupted write; committed episodes kept.")
+        done = writer.existing_keys()
+        todo = [i for i in range(episodes) if (key, seed, i) not in done]
+        if len(todo) < episodes:
+            err.print(f"{episodes - len(todo)} of {episodes} episodes already in {store_path}; running the rest.")
+        try:
+            agent = reg.policies[policy]()
+        except Exception as exc:  # noqa: BLE001 - e.g. a learned policy with no checkpoint yet
+            fail(f"policy {policy!r} could not be created: {exc}")
+        version = str(getattr(agent, "version", None) or version)
+        jobs = [EpisodeJob(policy=policy, config=config, seed=seed, index=i, policy_version=version,
+                           threads=threads) for i in todo]
+        if todo:
+            try:
+                runner = make_runner(backend, n_workers, ray_address=ray_address, registry=reg, retries=retries,
+                                     on_event=lambda m: err.print(f"[yellow]Warning:[/] {m}", highlight=False))
+            except BackendUnavailable as exc:
+                fail(str(exc))
+            if isinstance(runner, SerialRunner):
+                runner.context.adopt(policy, {}, agent)  # the policy just built runs the first episode
+            else:
+                err.print(f"Running {len(todo)} episodes on {runner.describe()}.", highlight=False)
+            with runner, progress_bar() as bar:
+                job = bar.add_task(f"collect {policy}", total=len(todo), last="")
+                for episode in runner.run(jobs):
+                    writer.append(episode)
+                    added += 1
+                    bar.update(job, advance=1, last=f"last acc {episode.final_accuracy:.1f}%")
+            lost = runner.lost
+    except JobFailed as exc:
+        if exc.traceback and not exc.policy_error:
+            err.print(exc.traceback.rstrip(), style="dim", highlight=False, markup=False)
+        fail(f"{exc} ({added} episodes committed before it; the store is intact)", code=1)
+    except KeyboardInterrupt:
+        err.print(f"Interrupted: {added} new episodes committed to {store_path}; "
+                  "re-run the same command to complete the rest.")
+        raise typer.Exit(130)
+    finally:
+        writer.close()
+
+    table = Table(title="simic collect", show_header=False)
+    table.add_row("store", str(store_path))
+    table.add_row("policy", f"{policy} {version}")
+    table.add_row("task / epochs / seed", f"{task} / {epochs} / {seed}")
+    table.add_row("episodes added", str(added))
+    table.add_row("episodes already present", str(episodes - len(todo)))
+    if lost:
+        table.add_row("episodes failed", str(len(lost)))
+    out.print(table)
+    if lost:
+        names = ", ".join(f"{x.job.label}: {x.reason}" for x in lost)
+        fail(f"{len(lost)} episode(s) failed because their worker died on every attempt ({names}); "
+             f"{added} episodes committed, the store is intact; re-run the same command to retry them",
+             code=1)

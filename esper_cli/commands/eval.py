@@ -1,0 +1,193 @@
+"""`simic eval`: score a policy on stored decisions (held-out episodes by default).
+
+Stored observations are replayed through the policy (a stateful one gets each episode in order
+after `reset`) and its actions compared with the stored labels: accuracy, balanced accuracy,
+per-class precision/recall/F1 and a confusion matrix (rows actual, columns predicted).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from ..checkpoint import CheckpointError, load_checkpoint
+from ..learning import DataError, classification_metrics, load_decisions, replay, select_split
+from .common import choose, err, fail, out, registry
+
+
+def _shade(fraction: float, diagonal: bool) -> str:
+    """Background for a confusion cell: green on the diagonal, red off it, deeper = larger share."""
+    if fraction <= 0:
+        return ""
+    t = 0.25 + 0.75 * min(fraction, 1.0)
+    base = (0, 135, 0) if diagonal else (175, 0, 0)
+    r, g, b = (int(c * t + 25 * (1 - t)) for c in base)
+    return f"white on rgb({r},{g},{b})"
+
+
+def confusion_table(report: dict[str, Any]) -> Table:
+    """Rows actual, columns predicted; each cell its count and its share of the row, shaded."""
+    labels, cm = report["labels"], np.asarray(report["confusion_matrix"])
+    table = Table(title="Confusion matrix (rows actual, columns predicted; % of row)")
+    table.add_column("actual \\ predicted", style="bold")
+    for name in labels:
+        table.add_column(name, justify="right")
+    table.add_column("total", justify="right", style="dim")
+    for i, name in enumerate(labels):
+        total = int(cm[i].sum())
+        cells = []
+        for j in range(len(labels)):
+            share = cm[i, j] / total if total else 0.0
+            cells.append(Text(f"{cm[i, j]} ({100 * share:.1f}%)" if total else "0", style=_shade(share, i == j)))
+        table.add_row(name, *cells, str(total))
+    return table
+
+
+def per_class_table(report: dict[str, Any]) -> Table:
+    table = Table(title="Per class")
+    for col in ("action", "precision", "recall", "F1", "support"):
+        table.add_column(col, justify="left" if col == "action" else "right")
+    for name, c in report["per_class"].items():
+        if c["support"] == 0 and c["precision"] == 0:
+            table.add_row(name, "-", "-", "-", "0")
+        else:
+            table.add_row(name, f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", str(c["support"]))
+    return table
+
+
+def write_plot(path: Path, report: dict[str, Any], history: list[dict[str, float]] | None, title: str) -> None:
+    """PNG of the confusion matrix (row-normalised colours, counts written) and training curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(report["confusion_matrix"], dtype=float)
+    rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ncols = 2 if history else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 5), squeeze=False)
+    ax = axes[0, 0]
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(report["labels"])), report["labels"])
+    ax.set_yticks(range(len(report["labels"])), report["labels"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(f"{title}\nbalanced accuracy {report['balanced_accuracy']:.4f}")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, f"{int(cm[i, j])}\n{100 * rows[i, j]:.1f}%", ha="center", va="center",
+                    color="white" if rows[i, j] > 0.5 else "black", fontsize=9)
+    if history:
+        ax = axes[0, 1]
+        epochs = [h["epoch"] for h in history]
+        ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+        ax.plot(epochs, [h["val_loss"] for h in history], label="val loss")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("weighted cross-entropy")
+        ax2 = ax.twinx()
+        ax2.plot(epochs, [h["val_balanced_accuracy"] for h in history], color="tab:green", label="val balanced acc")
+        ax2.set_ylabel("val balanced accuracy")
+        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(lines, [ln.get_label() for ln in lines], loc="center right")
+        ax.set_title("training curves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint written by `simic train`."),
+    policy: Optional[str] = typer.Option(None, "--policy",
+                                         help="A registered policy by name (learned ones load their default checkpoint). "
+                                              "Default: mlp."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Episode store to score on (default: $SIMIC_HOME/episodes.h5)."),
+    split: str = typer.Option("val", "--split",
+                              help="val (episodes not used in training; all of them for a policy without a checkpoint), "
+                                   "train, or all."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the confusion matrix and training curves."),
+) -> None:
+    """Score a Tamiyo policy against the decisions stored in an episode store.
+
+    `simic eval --policy heuristic` on a store of the heuristic's own decisions scores 100%: a
+    built-in sanity check of the store and the replay.
+    """
+    from ..paths import default_store_path
+
+    if split not in ("val", "train", "all"):
+        fail(f"--split {split!r}: expected val, train or all")
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            fail("--plot needs matplotlib, which is not installed: pip install 'simic[plot]'")
+        if plot.suffix.lower() != ".png":
+            fail(f"--plot {plot}: the file name must end in .png")
+    reg = registry()
+    options: dict[str, Any] = {}
+    if checkpoint is not None:
+        try:  # which policy type the checkpoint is for (validated again by the factory)
+            kind = load_checkpoint(checkpoint).policy
+        except CheckpointError as exc:
+            fail(str(exc))
+        if policy is not None and policy != kind:
+            fail(f"--checkpoint {checkpoint} is a {kind!r} checkpoint but --policy is {policy!r}")
+        policy, options = kind, {"checkpoint": checkpoint}
+    policy = policy or "mlp"
+    choose("policy", policy, reg.policies, "--policy")
+    try:
+        agent = reg.policies[policy](**options)
+    except CheckpointError as exc:
+        fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - a plugin's constructor is outside our control
+        fail(f"policy {policy!r} could not be created: {type(exc).__name__}: {exc}")
+    ckpt = getattr(agent, "checkpoint", None)
+    trained = ckpt.meta.get("split") if ckpt is not None else None
+    store_path = store or default_store_path()
+
+    try:
+        data = load_decisions(store_path)
+        positions, note = select_split(data, split, trained, policy)
+        part = data.select(positions)
+    except DataError as exc:
+        fail(str(exc))
+    try:
+        pred = replay(agent, part, tuple(reg.blueprints))
+    except Exception as exc:  # noqa: BLE001 - the policy failed, not the input: exit 1
+        fail(f"policy '{policy}' failed while replaying {store_path}: {type(exc).__name__}: {exc}", code=1)
+    report = classification_metrics(part.labels, pred)
+    version = getattr(agent, "version", "unknown")
+    result = {
+        "policy": policy, "policy_version": version,
+        "checkpoint": str(ckpt.path) if ckpt is not None else None,
+        "store": str(store_path), "split": split, "split_note": note,
+        "n_episodes": part.n_episodes, **report,
+    }
+    if plot is not None:
+        try:
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            write_plot(plot, report, ckpt.meta.get("history") if ckpt is not None else None,
+                       f"{policy} on {store_path.name} ({split})")
+        except OSError as exc:
+            fail(f"--plot {plot}: cannot write: {exc.strerror or exc}")
+        err.print(f"Wrote {plot}")
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    err.print(f"Scored on {note}.", highlight=False)
+    head = Table(title=f"simic eval {policy} {version}", show_header=False)
+    head.add_row("store", str(store_path))
+    head.add_row("split", f"{split}: {note}")
+    head.add_row("episodes / decisions", f"{part.n_episodes} / {report['n_decisions']}")
+    head.add_row("accuracy", f"{report['accuracy']:.4f}")
+    head.add_row("balanced accuracy", f"[bold]{report['balanced_accuracy']:.4f}[/]")
+    out.print(head)
+    out.print(per_class_table(report))
+    out.print(confusion_table(report))

@@ -1,0 +1,71 @@
+"""`simic info`: what an episode store holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from ..contracts import ACTION_NAMES, N_ACTIONS
+from ..paths import default_store_path
+from ..store import EpisodeReader, StoreError
+from .common import fail, out
+
+
+def store_report(reader: EpisodeReader) -> dict[str, Any]:
+    """Summary plus one entry per episode, from a few columnar reads."""
+    summary = reader.summary()
+    index = reader.index()
+    actions = reader.decisions()
+    counts = np.zeros((reader.n_episodes, N_ACTIONS), dtype=np.int64)
+    np.add.at(counts, (actions["episode"], actions["actions"].astype(np.int64)), 1)
+    episodes = []
+    for i in range(reader.n_episodes):
+        meta = reader.episode_meta(i)
+        episodes.append({
+            "id": meta["id"],
+            "seed": int(index["seed"][i]),
+            "index": int(index["index"][i]),
+            "policy": meta.get("policy"),
+            "n_decisions": int(index["length"][i]),
+            "final_accuracy": float(index["final_accuracy"][i]),
+            "best_accuracy": float(index["best_accuracy"][i]),
+            "test_accuracy": float(index["test_accuracy"][i]),
+            "seeds_created": int(index["seeds_created"][i]),
+            "seeds_fossilized": int(index["seeds_fossilized"][i]),
+            "seeds_culled": int(index["seeds_culled"][i]),
+            "action_counts": dict(zip(ACTION_NAMES, map(int, counts[i]))),
+        })
+    return {**summary, "path": str(summary.get("path", "")), "episodes": episodes}
+
+
+def info(
+    store: Optional[Path] = typer.Option(None, "--store", help="Episode store (default: $SIMIC_HOME/episodes.h5)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Summarise an episode store: episodes, decisions, action mix, seed fates, accuracy, schema."""
+    path = store or default_store_path()
+    try:
+        with EpisodeReader(path) as reader:
+            report = store_report(reader)
+    except StoreError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"Episode store {path}", show_header=False)
+    table.add_row("episodes", str(report["n_episodes"]))
+    table.add_row("decisions", str(report["n_decisions"]))
+    total = max(report["n_decisions"], 1)
+    for name, n in report["action_counts"].items():
+        table.add_row(f"  {name}", f"{n} ({100 * n / total:.1f}%)")
+    table.add_row("seeds created / fossilized / culled",
+                  f"{report['seeds_created']} / {report['seeds_fossilized']} / {report['seeds_culled']}")
+    mean = report.get("mean_final_accuracy")
+    table.add_row("mean final val accuracy", "-" if mean is None else f"{mean:.2f}%")
+    table.add_row("schema", f"{report['schema_name']} v{report['schema_version']}")
+    out.print(table)

@@ -1,0 +1,127 @@
+"""`simic train`: behaviour-clone a learned Tamiyo (MLP or GRU) from an episode store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..checkpoint import CheckpointError
+from ..contracts import ACTION_NAMES
+from ..learning import ARCHITECTURES, DataError, EpochStats, fit, prepare_training
+from ..paths import default_checkpoint_path, default_store_path
+from .common import err, fail, out
+
+
+def _hidden(spec: Optional[str], policy: str) -> Any:
+    if spec is None:
+        return None
+    try:
+        sizes = [int(p) for p in spec.split(",") if p.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(s < 1 for s in sizes) or (policy == "gru" and len(sizes) != 1):
+        want = "one size, e.g. 64" if policy == "gru" else "sizes like 64,32"
+        fail(f"--hidden {spec!r}: expected {want}")
+    return sizes
+
+
+def summary_table(policy: str, metrics: dict[str, Any], store: Path) -> Table:
+    """The end-of-training summary: data, weights, the kept epoch and its validation scores."""
+    val, trn = metrics["val"], metrics["train"]
+    table = Table(title=f"simic train {policy}", show_header=False)
+    table.add_row("store", str(store))
+    table.add_row("checkpoint", metrics["checkpoint"])
+    table.add_row("episodes train / val", f"{metrics['n_train_episodes']} / {metrics['n_val_episodes']}")
+    table.add_row("decisions train / val", f"{trn['n_decisions']} / {val['n_decisions']}")
+    table.add_row("class weights", "  ".join(f"{a} {w:.3g}" for a, w in zip(ACTION_NAMES, metrics["class_weights"])))
+    stopped = " (interrupted)" if metrics.get("interrupted") else ""
+    table.add_row("best epoch / run", f"{metrics['best_epoch']} / {metrics['epochs_run']}{stopped}")
+    table.add_row("train balanced accuracy", f"{trn['balanced_accuracy']:.4f}")
+    table.add_row("val accuracy", f"{val['accuracy']:.4f}")
+    table.add_row("val balanced accuracy", f"[bold]{val['balanced_accuracy']:.4f}[/]")
+    recalls = "  ".join(f"{a} {c['recall']:.3f}" if c["support"] else f"{a} -"
+                        for a, c in val["per_class"].items())
+    table.add_row("val recall per class", recalls)
+    table.add_row("time", f"{metrics['seconds']:.1f} s ({metrics['decisions_per_second']:,.0f} decisions/s)")
+    return table
+
+
+def train(
+    store: Optional[Path] = typer.Option(None, "--store", help="Episode store to learn from (default: $SIMIC_HOME/episodes.h5)."),
+    policy: str = typer.Option("mlp", "--policy", help="Learned policy type: mlp | gru."),
+    class_weights: str = typer.Option("auto", "--class-weights",
+                                      help="auto (sklearn 'balanced', finite when a class is absent), none, or W,G,A,C."),
+    epochs: int = typer.Option(300, "--epochs", min=1, help="Maximum training epochs (early stopping keeps the best)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the episode split, initial weights and batch order."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Fraction of episodes held out for validation."),
+    out_path: Optional[Path] = typer.Option(None, "--out",
+                                            help="Checkpoint file (default: $SIMIC_HOME/checkpoints/<policy>.safetensors)."),
+    hidden: Optional[str] = typer.Option(None, "--hidden", help="Hidden sizes: 64,32 (mlp, default) or 64 (gru, default)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help="Mini-batch: decisions for mlp (default 32), episodes for gru (default 8)."),
+    patience: int = typer.Option(100, "--patience", min=1, help="Stop after this many epochs without a better validation score."),
+    allow_missing_classes: bool = typer.Option(False, "--allow-missing-classes",
+                                               help="Train even if the store has no example of some action."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Torch CPU threads (1 is fastest for these small networks)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the summary table."),
+) -> None:
+    """Train a learned Tamiyo to imitate the decisions in an episode store (behaviour cloning).
+
+    Episodes are split into training and validation by a seeded shuffle (never one episode on both
+    sides); features are normalised with statistics of the training episodes; the loss is
+    class-weighted cross-entropy (WAIT dominates). The epoch with the best validation balanced
+    accuracy is kept and saved with its metadata as a safetensors checkpoint.
+    """
+    if policy not in ARCHITECTURES:
+        fail(f"--policy {policy!r}: not a learned policy type (trainable: {', '.join(ARCHITECTURES)})")
+    torch.set_num_threads(threads)
+    store_path = store or default_store_path()
+    target = out_path or default_checkpoint_path(policy)
+    if target.exists() and target.is_dir():
+        fail(f"--out {target} is a directory; give a file path like {target / (policy + '.safetensors')}")
+
+    progress = Progress(
+        SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
+        MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[stats]}"), console=err,
+    )
+
+    def on_epoch(s: EpochStats) -> None:
+        progress.update(job, completed=s.epoch, stats=(
+            f"loss {s.train_loss:.4f}  val loss {s.val_loss:.4f}  val bal-acc {s.val_balanced_accuracy:.4f}  "
+            f"best {s.best_balanced_accuracy:.4f}@{s.best_epoch}"))
+
+    try:  # every input check happens here, before the progress bar appears
+        prep = prepare_training(
+            store_path, policy, out=target,
+            log=lambda msg: err.print(f"[yellow]Warning:[/] {msg}", highlight=False, soft_wrap=True),
+            epochs=epochs, seed=seed, val_fraction=val_fraction, class_weights=class_weights,
+            hidden=_hidden(hidden, policy), lr=lr, batch_size=batch_size, patience=patience,
+            allow_missing_classes=allow_missing_classes)
+        err.print(f"{prep.train.n_episodes} training / {prep.val.n_episodes} validation episodes "
+                  f"({len(prep.train.labels)} / {len(prep.val.labels)} decisions) from {store_path}", highlight=False)
+        with progress:
+            job = progress.add_task(f"train {policy}", total=epochs, stats="")
+            path, metrics = fit(prep, on_epoch)
+            progress.update(job, total=metrics["epochs_run"], completed=metrics["epochs_run"])
+    except (DataError, CheckpointError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        err.print("Interrupted before the first epoch finished; no checkpoint written.")
+        raise typer.Exit(130)
+
+    if metrics["epochs_run"] < epochs and not metrics["interrupted"]:
+        err.print(f"Early stop: no better validation score for {patience} epochs; kept epoch {metrics['best_epoch']}.")
+    if as_json:
+        out.print_json(json.dumps({"policy": policy, "store": str(store_path), **metrics}))
+    else:
+        out.print(summary_table(policy, metrics, store_path))
+    if metrics["interrupted"]:
+        err.print(f"Interrupted: the best epoch so far was saved to {path}.")
+        raise typer.Exit(130)

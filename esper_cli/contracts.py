@@ -1,0 +1,315 @@
+"""Leyline: the data contracts every part of Simic shares.
+
+Observation (`TrainingSnapshot`), actions, seed stages, decisions, outcomes and episodes live here
+and nowhere else, so the environment, the policies, the store and the CLI agree by construction.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+#: Bumped whenever the observation's features change meaning, order or count. Stored in every
+#: episode store and every checkpoint so a mismatch is a clear error instead of silent garbage.
+SCHEMA_VERSION = 1
+SCHEMA_NAME = "tamiyo-snapshot"
+
+HISTORY_LEN = 5
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "epoch",
+    "global_step",
+    "train_loss",
+    "val_loss",
+    "loss_delta",
+    "train_accuracy",
+    "val_accuracy",
+    "accuracy_delta",
+    "plateau_epochs",
+    "best_val_accuracy",
+    "best_val_loss",
+    *(f"loss_history_{i}" for i in range(HISTORY_LEN)),
+    *(f"accuracy_history_{i}" for i in range(HISTORY_LEN)),
+    "has_active_seed",
+    "seed_stage",
+    "seed_epochs_in_stage",
+    "seed_alpha",
+    "seed_improvement",
+    "available_slots",
+)
+N_FEATURES = len(FEATURE_NAMES)
+assert N_FEATURES == 27
+
+#: Losses are clamped into [0, LOSS_CAP] and a non-finite loss (a diverged run) is mapped to
+#: LOSS_CAP at the environment boundary: the store never holds NaN or inf.
+LOSS_CAP = 1.0e4
+
+
+class Action(enum.IntEnum):
+    """What Tamiyo can do at each epoch."""
+
+    WAIT = 0
+    GERMINATE = 1
+    ADVANCE = 2
+    CULL = 3
+
+
+ACTION_NAMES: tuple[str, ...] = tuple(a.name for a in Action)
+N_ACTIONS = len(Action)
+
+
+class SeedStage(enum.IntEnum):
+    """Kasmina lifecycle stage of a slot's seed (DORMANT = empty slot)."""
+
+    DORMANT = 0
+    GERMINATED = 1
+    TRAINING = 2
+    BLENDING = 3
+    FOSSILIZED = 4
+    CULLED = 5
+
+
+#: Stages in which a seed is "active", i.e. still managed by Tamiyo.
+ACTIVE_STAGES = frozenset({SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING})
+
+
+@dataclass(frozen=True)
+class TrainingSnapshot:
+    """The 27-feature observation Tamiyo sees after each epoch (accuracies in percent)."""
+
+    epoch: int
+    global_step: int
+    train_loss: float
+    val_loss: float
+    loss_delta: float
+    train_accuracy: float
+    val_accuracy: float
+    accuracy_delta: float
+    plateau_epochs: int
+    best_val_accuracy: float
+    best_val_loss: float
+    loss_history_5: tuple[float, ...]
+    accuracy_history_5: tuple[float, ...]
+    has_active_seed: bool
+    seed_stage: SeedStage
+    seed_epochs_in_stage: int
+    seed_alpha: float
+    seed_improvement: float
+    available_slots: int
+
+    def to_vector(self) -> np.ndarray:
+        """The raw float32 vector in `FEATURE_NAMES` order; raises on any non-finite value."""
+        values: list[float] = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, tuple):
+                if len(v) != HISTORY_LEN:
+                    raise ValueError(f"{f.name} must have {HISTORY_LEN} values, got {len(v)}")
+                values.extend(float(x) for x in v)
+            else:
+                values.append(float(v))
+        vec = np.asarray(values, dtype=np.float32)
+        check_finite(vec, "observation")
+        return vec
+
+    @classmethod
+    def from_vector(cls, vec: np.ndarray | list[float]) -> TrainingSnapshot:
+        """Inverse of `to_vector` (used to replay stored observations through a policy)."""
+        v = [float(x) for x in np.asarray(vec, dtype=np.float64).reshape(-1)]
+        if len(v) != N_FEATURES:
+            raise ValueError(f"observation must have {N_FEATURES} features, got {len(v)}")
+        h = HISTORY_LEN
+        return cls(
+            epoch=int(v[0]),
+            global_step=int(v[1]),
+            train_loss=v[2],
+            val_loss=v[3],
+            loss_delta=v[4],
+            train_accuracy=v[5],
+            val_accuracy=v[6],
+            accuracy_delta=v[7],
+            plateau_epochs=int(v[8]),
+            best_val_accuracy=v[9],
+            best_val_loss=v[10],
+            loss_history_5=tuple(v[11 : 11 + h]),
+            accuracy_history_5=tuple(v[11 + h : 11 + 2 * h]),
+            has_active_seed=bool(v[21]),
+            seed_stage=SeedStage(int(v[22])),
+            seed_epochs_in_stage=int(v[23]),
+            seed_alpha=v[24],
+            seed_improvement=v[25],
+            available_slots=int(v[26]),
+        )
+
+
+def check_finite(array: np.ndarray, what: str) -> None:
+    """Reject NaN/inf at a boundary with a message naming the offending feature(s)."""
+    bad = ~np.isfinite(array)
+    if bad.any():
+        cols = np.nonzero(bad.reshape(-1, array.shape[-1]).any(axis=0))[0] if array.ndim else []
+        names = [FEATURE_NAMES[i] for i in cols if array.shape[-1] == N_FEATURES]
+        detail = f" (features: {', '.join(names)})" if names else ""
+        raise ValueError(f"{what} contains NaN or inf{detail}")
+
+
+def sanitize_loss(value: float) -> float:
+    """Documented boundary rule: clamp a loss into [0, LOSS_CAP]; NaN/inf become LOSS_CAP."""
+    if not math.isfinite(value):
+        return LOSS_CAP
+    return min(max(value, 0.0), LOSS_CAP)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A policy's answer: the action, optionally a blueprint for GERMINATE, and why."""
+
+    action: Action
+    reason: str = ""
+    confidence: float = 1.0
+    blueprint: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the action caused, measured at the end of the epoch *after* it took effect."""
+
+    accuracy_change: float  # val accuracy after the next epoch minus val accuracy at decision time
+    loss_change: float  # val loss at decision time minus val loss after (positive = better)
+    val_accuracy: float  # val accuracy after the next epoch
+    seed_alive: bool  # an active or fossilized seed exists after the step
+    stage_after: SeedStage  # the managed slot's stage after the step
+    reward: float  # accuracy_change minus a small penalty for an invalid action
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """One decision point: observation at epoch t, the action taken, its outcome."""
+
+    observation: np.ndarray  # float32 (27,)
+    action: Action  # the action the acting policy chose (applied or attempted)
+    valid: bool  # False: the action was invalid in that state and was a recorded no-op
+    confidence: float
+    reason: str
+    blueprint: str | None  # the blueprint germinated, when the action germinated one
+    outcome: Outcome
+    expert_action: int = -1  # the expert's label where one was asked for (DAgger); -1 = none
+
+
+@dataclass
+class SeedLifecycle:
+    """Everything that happened to one seed: blueprint, slot, stages with epochs, fate."""
+
+    seed_id: int
+    blueprint: str
+    slot: int
+    stages: list[tuple[str, int]] = field(default_factory=list)  # (stage name, epoch entered)
+    fate: str = "active"  # fossilized | culled | active (still active when the episode ended)
+    contribution: float | None = None  # val acc with the seed at its alpha minus at alpha 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SeedLifecycle:
+        d = dict(d)
+        d["stages"] = [tuple(s) for s in d.get("stages", [])]
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    """The knobs that define an episode; together with (seed, index, policy) they reproduce it."""
+
+    task: str = "digits"
+    epochs: int = 25
+    device: str = "cpu"
+    data_dir: str | None = None
+    batch_size: int = 64
+    lr: float = 0.02
+    plateau_threshold: float = 0.5
+    blending_epochs: int = 5
+    embargo_epochs: int = 2
+    invalid_action_penalty: float = 0.1
+    #: GERMINATE without a named blueprint takes the next of these (DESIGN section 4's rotation);
+    #: part of the episode's identity, so installing a plugin blueprint never changes old runs.
+    rotation: tuple[str, ...] = ("conv_enhance", "attention", "norm", "depthwise")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rotation"] = list(self.rotation)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EpisodeConfig:
+        d = dict(d)
+        if "rotation" in d:
+            d["rotation"] = tuple(d["rotation"])
+        return cls(**d)
+
+    def key(self, policy: str) -> str:
+        """A short digest of what makes episodes comparable; part of an episode's identity.
+
+        The device and data location are excluded: they change where an episode runs, not what it
+        is, so an interrupted CPU run can be completed on another machine.
+        """
+        d = self.to_dict()
+        d.pop("device")
+        d.pop("data_dir")
+        d["policy"] = policy
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def episode_rng_seed(seed: int, index: int) -> int:
+    """The RNG seed of episode `index` of a run seeded `seed`: independent of worker and order."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0])
+
+
+@dataclass
+class Episode:
+    """A complete morphogenetic training run driven by one policy."""
+
+    seed: int  # the run's seed (collect --seed)
+    index: int  # position in the run; (config key, seed, index) identifies an episode
+    rng_seed: int  # the derived seed every random choice of this episode used
+    config: EpisodeConfig
+    policy: str
+    policy_version: str
+    decisions: list[DecisionRecord]
+    final_accuracy: float
+    best_accuracy: float
+    test_accuracy: float
+    seeds: list[SeedLifecycle]
+    expert: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.config.key(self.policy)
+
+    @property
+    def id(self) -> str:
+        return f"{self.policy}-{self.config.task}-s{self.seed}-i{self.index}-{self.key[:8]}"
+
+    @property
+    def seeds_created(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def seeds_fossilized(self) -> int:
+        return sum(s.fate == "fossilized" for s in self.seeds)
+
+    @property
+    def seeds_culled(self) -> int:
+        return sum(s.fate == "culled" for s in self.seeds)
+
+    def action_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(ACTION_NAMES, 0)
+        for d in self.decisions:
+            counts[Action(d.action).name] += 1
+        return counts

@@ -1,0 +1,53 @@
+"""Simic's pluggy hook specifications: the three things a plugin can add.
+
+A plugin is a module (or any object) with functions marked `@simic.hookimpl` (re-exported as
+`esper_cli.hookimpl`) named after these specs, listed under the `simic` entry-point group of its
+distribution. Each hook receives a `register(name, obj)` callback; call it once per thing. A name
+another plugin already registered is reported by `simic plugins` and skipped (the first owner
+keeps it), never silently overwritten. See docs/plugins.md for a worked example.
+
+An implementation may declare fewer arguments than the spec (pluggy's rule); it is called once per
+process, and should only register: do heavy work (loading weights, data) in the factories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("simic")
+hookimpl = pluggy.HookimplMarker("simic")
+
+#: The callback every hook receives: `register(name, obj)`.
+Register = Callable[[str, Any], None]
+
+
+@hookspec
+def register_policies(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    """Register Tamiyo policies: call `register(name, factory)` once per policy.
+
+    `factory(**options)` returns a fresh object following `esper_cli.policy.Policy`: `reset(context)`
+    before each episode and `decide(observation, context) -> Decision` once per epoch; optionally
+    `decide_batch(observations) -> actions` and a class-level training entry point. `simic collect`
+    calls the factory with no arguments once per episode, so a policy may keep per-episode state.
+    """
+
+
+@hookspec
+def register_blueprints(register: Callable[[str, Callable[[int], Any]], None]) -> None:
+    """Register Kasmina blueprints (seed modules): `register(name, factory)`.
+
+    `factory(channels) -> torch.nn.Module` mapping a (B, C, H, W) feature map to a residual of the
+    same shape; zero-initialise its last layer so that a new seed starts as an identity change.
+    """
+
+
+@hookspec
+def register_tasks(register: Callable[[str, Any], None]) -> None:
+    """Register Tolaria training tasks (a dataset plus a host model): `register(name, task)`.
+
+    `task` is an `esper_cli.tasks.Task`: `load(data_dir, split_seed) -> TaskData` with train /
+    validation / test tensors, and `build_host() -> HostCNN` (built under the episode's torch seed).
+    """

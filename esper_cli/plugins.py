@@ -1,0 +1,336 @@
+"""The plugin manager: loads `simic` entry points in isolation and builds the registries.
+
+Every Tamiyo policy, Kasmina blueprint and Tolaria task, built-in or third-party, arrives through
+a hook (see `esper_cli.hookspecs` and docs/plugins.md). A plugin that fails to import or to
+register is recorded (which plugin, why) and skipped; the rest keep working.
+
+`SIMIC_LOAD_PLUGINS` (comma-separated plugin names, i.e. entry-point names, or distribution names;
+empty for none) limits which entry-point plugins load. The core plugin (`esper_cli.builtins`:
+blueprints and tasks) always loads. The variable is read when the manager is created; tests that
+change it call `reset_plugin_manager()`.
+
+Order and collisions: the `simic` distribution's own entry points load first, then every other
+distribution's, sorted by name, so the result never depends on the order `sys.path` lists them.
+The first plugin to register a name keeps it; a later registration of the same name is reported
+on the later plugin and skipped, never silently overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+
+ENTRY_POINT_GROUP = "simic"
+CORE_PLUGIN = "simic-core"
+CORE_DISTRIBUTION = "simic"
+ENV_VAR = "SIMIC_LOAD_PLUGINS"
+#: hook name -> (kind of thing registered, PluginInfo / Registry attribute)
+HOOK_KINDS: dict[str, tuple[str, str]] = {
+    "register_policies": ("policy", "policies"),
+    "register_blueprints": ("blueprint", "blueprints"),
+    "register_tasks": ("task", "tasks"),
+}
+HOOKS = tuple(HOOK_KINDS)
+
+_VALID_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def _normalize(name: str) -> str:
+    """PEP 503 normalisation, so `Simic_Example.Policy` matches `simic-example-policy`."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@dataclass
+class PluginInfo:
+    """What `simic plugins` shows for one plugin."""
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    module: str | None = None  # the entry point's target, e.g. `simic_plugins.heuristic`
+    policies: list[str] = field(default_factory=list)
+    blueprints: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def error(self) -> str | None:
+        return "; ".join(self.errors) or None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "distribution": self.distribution, "version": self.version,
+                "module": self.module, "policies": list(self.policies), "blueprints": list(self.blueprints),
+                "tasks": list(self.tasks), "error": self.error, "errors": list(self.errors)}
+
+
+@dataclass
+class Registry:
+    """Everything the loaded plugins registered, plus a report per plugin."""
+
+    policies: dict[str, Callable[..., Any]]
+    blueprints: dict[str, Callable[[int], Any]]
+    tasks: dict[str, Any]
+    owners: dict[tuple[str, str], str]  # (kind, name) -> plugin name
+    plugins: dict[str, PluginInfo]
+
+    def plugin_of(self, kind: str, name: str) -> PluginInfo | None:
+        owner = self.owners.get((kind, name))
+        return self.plugins.get(owner) if owner else None
+
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        """(plugin name, problem) for every plugin that failed to load or to register something."""
+        return [(p.name, e) for p in self.plugins.values() for e in p.errors]
+
+
+class SimicPluginManager(pluggy.PluginManager):
+    """A pluggy manager that remembers, per plugin, its distribution and what went wrong."""
+
+    def __init__(self) -> None:
+        super().__init__("simic")
+        self.add_hookspecs(hookspecs)
+        self.load_failures: dict[str, str] = {}  # plugin name -> why it is not loaded at all
+        self.load_warnings: dict[str, list[str]] = {}  # plugin name -> problems of a loaded plugin
+        self.dist_info: dict[str, tuple[str | None, str | None]] = {}  # plugin name -> (dist, version)
+        self.modules: dict[str, str] = {}  # plugin name -> entry point target / module
+
+    def add_plugin(self, plugin: Any, name: str, *, distribution: str | None = None,
+                   version: str | None = None, module: str | None = None) -> bool:
+        """Register `plugin` under `name`; on failure record why and return False (never raise)."""
+        module = module or getattr(plugin, "__name__", None) or type(plugin).__module__
+        if self.name_taken(name):
+            self.record_duplicate(name, distribution, version, module)
+            return False
+        self.dist_info[name] = (distribution, version)
+        self.modules[name] = module
+        try:
+            self.register(plugin, name=name)
+        except Exception as exc:  # noqa: BLE001 - pluggy validation errors, odd objects
+            self.load_failures[name] = f"failed to register: {type(exc).__name__}: {exc}"
+            return False
+        warnings: list[str] = []
+        hooks = {caller.name for caller in (self.get_hookcallers(plugin) or [])}
+        unknown = sorted(hooks - set(HOOKS))
+        if unknown:
+            warnings.append(f"implements unknown hook(s) {', '.join(unknown)}, ignored "
+                            f"(known: {', '.join(HOOKS)})")
+        if not hooks & set(HOOKS):
+            warnings.append("implements no simic hook (did you forget the @hookimpl marker?)")
+        if warnings:
+            self.load_warnings[name] = warnings
+        return True
+
+    def name_taken(self, name: str) -> bool:
+        return self.has_plugin(name) or name in self.load_failures
+
+    def record_duplicate(self, name: str, distribution: str | None, version: str | None,
+                         module: str | None) -> None:
+        """A second plugin wants a name already in use: report it under its own key, skip it."""
+        owner = self.dist_info.get(name, (None, None))[0] or self.modules.get(name) or "another plugin"
+        key = f"{name} ({distribution or module or 'duplicate'})"
+        self.load_failures[key] = f"plugin name '{name}' is already used by '{owner}'; skipped"
+        self.dist_info[key] = (distribution, version)
+        self.modules[key] = module or ""
+
+    def remove_plugin(self, name: str) -> None:
+        """Undo `add_plugin` (or a recorded failure) for `name`."""
+        if self.has_plugin(name):
+            self.unregister(name=name)
+        for table in (self.load_failures, self.load_warnings, self.dist_info, self.modules):
+            table.pop(name, None)
+
+    def registration_order(self) -> list[str]:
+        """Names of the registered plugins, first registered first."""
+        return [name for name, _ in self.list_name_plugin()]
+
+
+def allowed_plugin_names() -> set[str] | None:
+    """The names in `SIMIC_LOAD_PLUGINS` (normalised), or None when the variable is unset."""
+    raw = os.environ.get(ENV_VAR)
+    if raw is None:
+        return None
+    return {_normalize(n.strip()) for n in raw.split(",") if n.strip()}
+
+
+def _entry_points() -> list[EntryPoint]:
+    """The group's entry points, the `simic` distribution's own first, then by distribution."""
+    eps = list(entry_points(group=ENTRY_POINT_GROUP))
+
+    def key(ep: EntryPoint) -> tuple[int, str, str]:
+        dist = getattr(ep, "dist", None)
+        dname = _normalize(dist.name) if dist is not None else ""
+        return (0 if dname == CORE_DISTRIBUTION else 1, dname, ep.name)
+
+    return sorted(eps, key=key)
+
+
+def load_entry_point_plugins(pm: SimicPluginManager, allowed: set[str] | None = None) -> None:
+    """Import and register every (allowed) entry point of the `simic` group, each in isolation."""
+    seen: set[str] = {CORE_PLUGIN, CORE_DISTRIBUTION}  # always loaded; naming them is harmless
+    for ep in _entry_points():
+        dist = getattr(ep, "dist", None)
+        dname, dversion = (dist.name, dist.version) if dist is not None else (None, None)
+        if allowed is not None and _normalize(ep.name) not in allowed and (
+                dname is None or _normalize(dname) not in allowed):
+            continue
+        seen.update(_normalize(n) for n in (ep.name, dname) if n)
+        if pm.name_taken(ep.name):  # two distributions, one plugin name: the first one wins
+            pm.record_duplicate(ep.name, dname, dversion, ep.value)
+            continue
+        try:
+            plugin = ep.load()
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken plugin must not take the CLI down
+            pm.load_failures[ep.name] = f"failed to import {ep.value}: {type(exc).__name__}: {exc}"
+            pm.dist_info[ep.name] = (dname, dversion)
+            pm.modules[ep.name] = ep.value
+            continue
+        pm.add_plugin(plugin, ep.name, distribution=dname, version=dversion, module=ep.value)
+    for name in sorted((allowed or set()) - seen):
+        pm.load_failures[name] = f"named in {ENV_VAR}, but no installed plugin or distribution has this name"
+        pm.dist_info[name] = (None, None)
+
+
+@lru_cache(maxsize=1)
+def get_plugin_manager() -> SimicPluginManager:
+    """The process-wide plugin manager, with the core plugin and every allowed entry point."""
+    from . import __version__, builtins
+
+    pm = SimicPluginManager()
+    pm.add_plugin(builtins, CORE_PLUGIN, distribution=CORE_DISTRIBUTION, version=__version__,
+                  module=builtins.__name__)
+    load_entry_point_plugins(pm, allowed_plugin_names())
+    return pm
+
+
+def reset_plugin_manager() -> None:
+    """Forget the process-wide manager: the next call re-reads entry points and `SIMIC_LOAD_PLUGINS`."""
+    get_plugin_manager.cache_clear()
+
+
+@contextmanager
+def registered_plugin(plugin: Any, name: str | None = None, *,
+                      pm: SimicPluginManager | None = None) -> Iterator[SimicPluginManager]:
+    """Register `plugin` (a module, class instance or namespace with `@hookimpl` functions) on
+    the process-wide manager for the duration of a `with` block, then remove it again.
+
+        with registered_plugin(MyPlugin(), name="mine"):
+            CliRunner().invoke(app, ["collect", "--policy", "mine"])
+
+    Registration goes through the same checks as an installed plugin; a plugin that cannot be
+    registered at all raises `ValueError` here, since a test wants to know at once.
+    """
+    pm = pm or get_plugin_manager()
+    name = name or getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin):x}"
+    if pm.name_taken(name):
+        raise ValueError(f"a plugin named '{name}' is already registered")
+    try:
+        if not pm.add_plugin(plugin, name):
+            raise ValueError(f"plugin '{name}' could not be registered: {pm.load_failures[name]}")
+        yield pm
+    finally:
+        pm.remove_plugin(name)
+
+
+def _call_args(impl: pluggy.HookImpl, register: Callable[..., None]) -> list[Any]:
+    """Arguments for a hook implementation, which may declare fewer than the spec offers."""
+    available = {"register": register}
+    return [available[a] for a in impl.argnames]
+
+
+def _check_item(kind: str, name: Any, obj: Any) -> str | None:
+    """Why `register(name, obj)` is refused, or None when it is fine."""
+    if not isinstance(name, str) or not _VALID_NAME.match(name):
+        return (f"{kind} name {name!r} is not valid (letters, digits, '_', '-', '.', '+'; "
+                "starting with a letter or digit)")
+    if kind in ("policy", "blueprint") and not callable(obj):
+        return f"{kind} '{name}' is not callable (register a factory, e.g. the class): {obj!r}"
+    if kind == "task" and not (callable(getattr(obj, "load", None)) and callable(getattr(obj, "build_host", None))):
+        return f"task '{name}' has no callable load / build_host (register an esper_cli.tasks.Task)"
+    return None
+
+
+def build_registry(pm: SimicPluginManager | None = None) -> Registry:
+    """Call every plugin's hooks, one plugin at a time, and assemble the registries.
+
+    A plugin whose hook raises is skipped as a whole (nothing it registered is kept) and the
+    error recorded on it; an invalid single registration (bad name, not a factory) is reported
+    and skipped; a name already taken keeps its first owner and the later one is reported.
+    """
+    pm = pm or get_plugin_manager()
+    reg = Registry(policies={}, blueprints={}, tasks={}, owners={}, plugins={})
+
+    def info_for(name: str) -> PluginInfo:
+        if name not in reg.plugins:
+            dist, version = pm.dist_info.get(name, (None, None))
+            reg.plugins[name] = PluginInfo(name=name, distribution=dist, version=version,
+                                           module=pm.modules.get(name))
+        return reg.plugins[name]
+
+    order = pm.registration_order()
+    for name in order:
+        info_for(name).errors.extend(pm.load_warnings.get(name, []))
+
+    # Stage: call every hook of every plugin; a plugin with a failing hook is dropped as a whole.
+    staged: dict[str, list[tuple[str, str, Any]]] = {name: [] for name in order}  # plugin -> items
+    failed: set[str] = set()
+    for hook_name, (kind, _attr) in HOOK_KINDS.items():
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            plugin_name = impl.plugin_name
+            info = info_for(plugin_name)
+            if plugin_name in failed:
+                continue
+            if impl.hookwrapper or getattr(impl, "wrapper", False):
+                info.errors.append(f"{hook_name}: hook wrappers are not supported; plugin skipped")
+                failed.add(plugin_name)
+                continue
+            items: list[tuple[str, str, Any]] = []
+            names_here: set[str] = set()
+
+            def register(name: str, obj: Any, *, _items: list = items, _seen: set = names_here,
+                         _kind: str = kind, _info: PluginInfo = info) -> None:
+                problem = _check_item(_kind, name, obj)
+                if problem is None and name in _seen:
+                    problem = f"{_kind} '{name}' registered twice by this plugin; the second is skipped"
+                if problem is not None:
+                    _info.errors.append(problem)
+                    return
+                _seen.add(name)
+                _items.append((_kind, name, obj))
+
+            try:
+                impl.function(*_call_args(impl, register))
+            except Exception as exc:  # noqa: BLE001 - a plugin bug must not take the CLI down
+                info.errors.append(f"{hook_name} failed: {type(exc).__name__}: {exc}; plugin skipped")
+                failed.add(plugin_name)
+                continue
+            staged.setdefault(plugin_name, []).extend(items)
+
+    # Commit in registration order: the first owner of a name keeps it.
+    tables = {"policy": reg.policies, "blueprint": reg.blueprints, "task": reg.tasks}
+    attrs = {kind: attr for kind, attr in HOOK_KINDS.values()}
+    for plugin_name in order:
+        if plugin_name in failed:
+            continue
+        info = info_for(plugin_name)
+        for kind, name, obj in staged.get(plugin_name, []):
+            owner = reg.owners.get((kind, name))
+            if owner is not None:
+                info.errors.append(f"{kind} '{name}' is already registered by plugin '{owner}'; skipped")
+                continue
+            tables[kind][name] = obj
+            reg.owners[(kind, name)] = plugin_name
+            getattr(info, attrs[kind]).append(name)
+
+    for name, reason in pm.load_failures.items():
+        info_for(name).errors.append(reason)
+    return reg

@@ -1,0 +1,713 @@
+"""Simic episode store: every decision of many episodes in one HDF5 file (h5py).
+
+Layout (columnar, so loading every decision of 10,000 episodes is one read per column):
+
+- ``/decisions/<column>``: one row per decision point, episodes back to back.
+- ``/episodes/<column>``: the episode index, one row per episode (``offset``/``length`` locate its
+  decisions; ``meta_offset``/``meta_length`` its JSON metadata in ``/meta_bytes``).
+- ``/meta_bytes``, ``/reason_bytes``: UTF-8 text packed into byte arrays. SWMR handles
+  variable-length strings badly, so text is bytes plus offset/length columns.
+- ``/blueprint_names``: the vocabulary that ``/decisions/blueprint`` codes index (-1 = none).
+- ``/commit``: how many rows of each of the above are committed. Readers use nothing beyond it.
+- File attributes: format, store version, observation schema name/version, feature names.
+
+Crash safety: the file is written in HDF5 SWMR mode, which keeps it consistent on disk at every
+moment. An append writes all its rows, flushes, and only then advances ``/commit`` (and flushes
+again), so a ``kill -9`` at any point leaves every committed episode and no partial one. A crashed
+writer leaves HDF5's "open for write" flag set; readers open in SWMR-read mode, which ignores it,
+and the next writer rewrites the committed data into a clean file (``EpisodeWriter.recovered``).
+Durability against power loss is not promised: commits are flushed, not fsynced.
+
+One writer at a time (a lock file next to the store); any number of readers, even while writing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple
+
+import h5py
+import numpy as np
+from filelock import FileLock, Timeout
+
+from .contracts import (
+    ACTION_NAMES,
+    FEATURE_NAMES,
+    N_ACTIONS,
+    N_FEATURES,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    Action,
+    DecisionRecord,
+    Episode,
+    EpisodeConfig,
+    Outcome,
+    SeedLifecycle,
+    SeedStage,
+    check_finite,
+)
+
+STORE_FORMAT = "simic-episode-store"
+STORE_VERSION = 1
+
+# Rows per chunk. A chunk is HDF5's unit of I/O: appending one 25-decision episode rewrites the
+# last chunk of each column, so chunks stay small (<= ~220 KB); reading 250k decisions is still
+# one read call per column.
+_DECISION_CHUNK = 8192
+_OBSERVATION_CHUNK = 2048
+_EPISODE_CHUNK = 1024
+_BYTES_CHUNK = 65536
+_BLUEPRINT_NAME_BYTES = 64
+
+# name -> (dtype, trailing shape). Floats other than observations are float64 so that an
+# episode read back equals the one appended (Python floats round-trip exactly).
+_DECISION_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "observations": ("<f4", (N_FEATURES,)),
+    "actions": ("i1", ()),
+    "expert_actions": ("i1", ()),  # -1: no expert label
+    "valid": ("u1", ()),
+    "confidence": ("<f8", ()),
+    "blueprint": ("<i2", ()),  # index into /blueprint_names; -1: none
+    "accuracy_change": ("<f8", ()),
+    "loss_change": ("<f8", ()),
+    "val_accuracy_after": ("<f8", ()),
+    "reward": ("<f8", ()),
+    "seed_alive": ("u1", ()),
+    "stage_after": ("i1", ()),
+    "reason_offset": ("<i8", ()),
+    "reason_length": ("<i4", ()),
+}
+_BOOL_COLUMNS = ("valid", "seed_alive")
+_OUTCOME_FLOATS = ("confidence", "accuracy_change", "loss_change", "val_accuracy_after", "reward")
+
+_EPISODE_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "offset": ("<i8", ()),
+    "length": ("<i4", ()),
+    "seed": ("<i8", ()),
+    "index": ("<i8", ()),
+    "rng_seed": ("<i8", ()),
+    "key": ("S16", ()),
+    "final_accuracy": ("<f8", ()),
+    "best_accuracy": ("<f8", ()),
+    "test_accuracy": ("<f8", ()),
+    "seeds_created": ("<i4", ()),
+    "seeds_fossilized": ("<i4", ()),
+    "seeds_culled": ("<i4", ()),
+    "meta_offset": ("<i8", ()),
+    "meta_length": ("<i4", ()),
+}
+
+
+class _Counts(NamedTuple):
+    """The commit record: committed rows of each growing dataset."""
+
+    n_episodes: int = 0
+    n_decisions: int = 0
+    n_meta_bytes: int = 0
+    n_reason_bytes: int = 0
+    n_blueprints: int = 0
+
+
+def _dataset_layout() -> dict[str, tuple[str, tuple[int, ...], int, str]]:
+    """Every growing dataset: path -> (dtype, trailing shape, chunk rows, commit field)."""
+    layout: dict[str, tuple[str, tuple[int, ...], int, str]] = {}
+    for name, (dtype, tail) in _DECISION_COLUMNS.items():
+        chunk = _OBSERVATION_CHUNK if tail else _DECISION_CHUNK
+        layout[f"decisions/{name}"] = (dtype, tail, chunk, "n_decisions")
+    for name, (dtype, tail) in _EPISODE_COLUMNS.items():
+        layout[f"episodes/{name}"] = (dtype, tail, _EPISODE_CHUNK, "n_episodes")
+    layout["meta_bytes"] = ("u1", (), _BYTES_CHUNK, "n_meta_bytes")
+    layout["reason_bytes"] = ("u1", (), _BYTES_CHUNK, "n_reason_bytes")
+    layout["blueprint_names"] = (f"S{_BLUEPRINT_NAME_BYTES}", (), 256, "n_blueprints")
+    return layout
+
+
+_LAYOUT = _dataset_layout()
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+class StoreError(Exception):
+    """One-line, user-facing message (the CLI prints str(e), exits 2)."""
+
+
+class StoreLockedError(StoreError):
+    """Another process (or another writer in this one) is writing the store."""
+
+
+class NotAStoreError(StoreError):
+    """The path exists but is not a Simic episode store; it is never modified."""
+
+
+# ----------------------------------------------------------------------------- opening files
+def _check_file(path: Path) -> None:
+    """Cheap checks before HDF5 touches the file: exists, is HDF5, not truncated.
+
+    The truncation check matters: in SWMR-read mode HDF5 skips its own end-of-file check, reads
+    past the end as zeros and, on a badly truncated file, retries checksum failures for minutes.
+    A SWMR writer never lets the superblock's end-of-file address run ahead of the real size
+    (checked under a live writer and after kill -9), so a larger address means a truncated file.
+    """
+    if not path.exists():
+        raise StoreError(f"episode store {path} does not exist; run `simic collect` first")
+    if not path.is_file():
+        raise NotAStoreError(f"{path} is not a Simic episode store (not a regular file)")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(48)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError as exc:
+        raise StoreError(f"cannot read episode store {path}: {exc.strerror or exc}") from None
+    if head[:8] != _HDF5_SIGNATURE:
+        raise NotAStoreError(f"{path} is not a Simic episode store (not an HDF5 file)")
+    # Superblock v2/v3: signature, version, offset size, length size, flags, then base address,
+    # extension address, end-of-file address, root address (8 bytes each in files h5py writes).
+    if len(head) < 48 or head[8] < 3 or head[9] != 8:
+        raise NotAStoreError(f"{path} is an HDF5 file but not a Simic episode store")
+    base, _ext, eof, _root = struct.unpack("<4Q", head[12:44])
+    if base + eof > size:
+        raise StoreError(f"episode store {path} is truncated ({size} of {base + eof} bytes); "
+                         "restore it from a copy or collect into a new store")
+
+
+def _open_swmr(path: Path) -> h5py.File:
+    """Open a store for reading; works while a writer is live and after a writer crashed.
+
+    HDF5's own file locking is off: it would make a reader block the writer (and vice versa);
+    the lock file serialises writers and SWMR makes concurrent reads safe.
+    """
+    _check_file(path)
+    try:
+        f = h5py.File(path, "r", libver="latest", swmr=True, locking=False)
+    except OSError as exc:
+        raise StoreError(f"cannot open episode store {path}: {_hdf5_reason(exc)}") from None
+    try:
+        _check_header(f, path)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _hdf5_reason(exc: BaseException) -> str:
+    """The useful part of an h5py error, on one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _attr_str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _check_header(f: h5py.File, path: Path) -> None:
+    """Refuse anything that is not a store this build of Simic can read, with a clear reason."""
+    if _attr_str(f.attrs.get("format", "")) != STORE_FORMAT:
+        raise NotAStoreError(f"{path} is an HDF5 file but not a Simic episode store")
+    version = int(f.attrs.get("store_version", -1))
+    if version != STORE_VERSION:
+        raise StoreError(f"episode store {path} has store version {version}; "
+                         f"this Simic reads version {STORE_VERSION}")
+    name = _attr_str(f.attrs.get("schema_name", ""))
+    schema = int(f.attrs.get("schema_version", -1))
+    if (name, schema) != (SCHEMA_NAME, SCHEMA_VERSION):
+        raise StoreError(f"episode store {path} holds observation schema {name} v{schema}; "
+                         f"this Simic uses {SCHEMA_NAME} v{SCHEMA_VERSION}")
+    features = tuple(_attr_str(x) for x in f.attrs.get("feature_names", ()))
+    if features != FEATURE_NAMES:
+        raise StoreError(f"episode store {path} has different observation features than "
+                         f"{SCHEMA_NAME} v{SCHEMA_VERSION} ({len(features)} vs {N_FEATURES})")
+
+
+def _create_store(path: Path, tmp: Path, arrays: dict[str, np.ndarray] | None = None) -> None:
+    """Write a complete store to `tmp`, then atomically move it to `path`.
+
+    A kill at any moment leaves either no store or a whole one, never a half-made file.
+    `arrays` (recovery) holds the committed rows of every dataset; None makes an empty store.
+    """
+    arrays = arrays or {}
+    with h5py.File(tmp, "w", libver="latest") as f:
+        f.attrs["format"] = STORE_FORMAT
+        f.attrs["store_version"] = STORE_VERSION
+        f.attrs["schema_name"] = SCHEMA_NAME
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["feature_names"] = np.array([n.encode() for n in FEATURE_NAMES])
+        counts = {}
+        for name, (dtype, tail, chunk, field) in _LAYOUT.items():
+            data = arrays.get(name, np.zeros((0, *tail), dtype=dtype))
+            f.create_dataset(name, data=data, dtype=dtype, maxshape=(None, *tail),
+                             chunks=(chunk, *tail))
+            counts[field] = len(data)
+        f.create_dataset("commit", data=np.array(_Counts(**counts), dtype=np.int64))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- encoding
+@dataclass
+class _Batch:
+    """Rows to append for some episodes, and the commit that makes them visible."""
+
+    rows: dict[str, np.ndarray]  # dataset path -> new rows
+    counts: _Counts
+    blueprints: list[str]
+    keys: set[tuple[str, int, int]]
+
+
+def _finite(values: list[float], what: str) -> np.ndarray:
+    # A column vector: check_finite names features only for rows of N_FEATURES values.
+    array = np.asarray(values, dtype=np.float64).reshape(-1, 1)
+    check_finite(array, what)
+    return array.reshape(-1)
+
+
+def _observations(episode: Episode) -> np.ndarray:
+    obs = np.zeros((len(episode.decisions), N_FEATURES), dtype=np.float32)
+    for t, d in enumerate(episode.decisions):
+        vec = np.asarray(d.observation, dtype=np.float32)
+        if vec.shape != (N_FEATURES,):
+            raise ValueError(f"episode {episode.id}: observation {t} has shape {vec.shape}, "
+                             f"expected ({N_FEATURES},)")
+        obs[t] = vec
+    check_finite(obs, f"episode {episode.id}: observation")
+    return obs
+
+
+def _blueprint_code(name: str | None, vocab: dict[str, int], names: list[str]) -> int:
+    """The code of a blueprint name, adding it to the (batch-local) vocabulary if new."""
+    if name is None:
+        return -1
+    if name not in vocab:
+        if len(name.encode()) > _BLUEPRINT_NAME_BYTES or not name:
+            raise ValueError(f"blueprint name {name!r} must be 1 to {_BLUEPRINT_NAME_BYTES} bytes")
+        vocab[name] = len(names)
+        names.append(name)
+    return vocab[name]
+
+
+def _decision_rows(episode: Episode, reason_start: int, vocab: dict[str, int],
+                   names: list[str]) -> tuple[dict[str, np.ndarray], bytes]:
+    """One episode's decision columns (validated) and its packed reasons."""
+    recs = episode.decisions
+    what = f"episode {episode.id}:"
+    floats = {
+        "confidence": [d.confidence for d in recs],
+        "accuracy_change": [d.outcome.accuracy_change for d in recs],
+        "loss_change": [d.outcome.loss_change for d in recs],
+        "val_accuracy_after": [d.outcome.val_accuracy for d in recs],
+        "reward": [d.outcome.reward for d in recs],
+    }
+    expert = [int(d.expert_action) for d in recs]
+    if any(not -1 <= e < N_ACTIONS for e in expert):
+        raise ValueError(f"{what} expert_action must be -1 or 0..{N_ACTIONS - 1}")
+    reasons = [d.reason.encode() for d in recs]
+    lengths = np.array([len(r) for r in reasons], dtype=np.int64)
+    rows = {
+        "observations": _observations(episode),
+        **{k: _finite(v, f"{what} {k}") for k, v in floats.items()},
+        "actions": np.array([int(Action(d.action)) for d in recs], dtype=np.int8),
+        "expert_actions": np.array(expert, dtype=np.int8),
+        "valid": np.array([bool(d.valid) for d in recs], dtype=np.uint8),
+        "blueprint": np.array([_blueprint_code(d.blueprint, vocab, names) for d in recs],
+                              dtype=np.int16),
+        "seed_alive": np.array([bool(d.outcome.seed_alive) for d in recs], dtype=np.uint8),
+        "stage_after": np.array([int(SeedStage(d.outcome.stage_after)) for d in recs],
+                                dtype=np.int8),
+        "reason_offset": reason_start + np.cumsum(lengths) - lengths,
+        "reason_length": lengths,
+    }
+    return rows, b"".join(reasons)
+
+
+def _episode_meta(episode: Episode) -> bytes:
+    """The episode's JSON: everything that is not a number column, and the exact accuracies."""
+    _finite([episode.final_accuracy, episode.best_accuracy, episode.test_accuracy],
+            f"episode {episode.id}: accuracy")
+    meta = {
+        "id": episode.id,
+        "key": episode.key,
+        "seed": int(episode.seed),
+        "index": int(episode.index),
+        "rng_seed": int(episode.rng_seed),
+        "policy": episode.policy,
+        "policy_version": episode.policy_version,
+        "expert": episode.expert,
+        "config": episode.config.to_dict(),
+        "final_accuracy": float(episode.final_accuracy),
+        "best_accuracy": float(episode.best_accuracy),
+        "test_accuracy": float(episode.test_accuracy),
+        "seeds": [s.to_dict() for s in episode.seeds],
+    }
+    try:
+        return json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:
+        raise ValueError(f"episode {episode.id}: metadata is not finite JSON ({exc})") from None
+
+
+def _encode(episodes: list[Episode], counts: _Counts, blueprints: list[str]) -> _Batch:
+    """Validate and lay out episodes as rows after `counts`. Raises before anything is written."""
+    names = list(blueprints)
+    vocab = {name: i for i, name in enumerate(names)}
+    decision_parts: list[dict[str, np.ndarray]] = []
+    episode_rows: dict[str, list[Any]] = {name: [] for name in _EPISODE_COLUMNS}
+    reasons: list[bytes] = []
+    metas: list[bytes] = []
+    n_dec, n_reason, n_meta = counts.n_decisions, counts.n_reason_bytes, counts.n_meta_bytes
+    keys = set()
+    for ep in episodes:
+        rows, reason_blob = _decision_rows(ep, n_reason, vocab, names)
+        meta = _episode_meta(ep)
+        n = len(ep.decisions)
+        values = {
+            "offset": n_dec, "length": n, "seed": ep.seed, "index": ep.index,
+            "rng_seed": ep.rng_seed, "key": ep.key.encode(),
+            "final_accuracy": ep.final_accuracy, "best_accuracy": ep.best_accuracy,
+            "test_accuracy": ep.test_accuracy, "seeds_created": ep.seeds_created,
+            "seeds_fossilized": ep.seeds_fossilized, "seeds_culled": ep.seeds_culled,
+            "meta_offset": n_meta, "meta_length": len(meta),
+        }
+        for name, value in values.items():
+            episode_rows[name].append(value)
+        decision_parts.append(rows)
+        reasons.append(reason_blob)
+        metas.append(meta)
+        keys.add((ep.key, int(ep.seed), int(ep.index)))
+        n_dec, n_reason, n_meta = n_dec + n, n_reason + len(reason_blob), n_meta + len(meta)
+
+    out: dict[str, np.ndarray] = {}
+    for name, (dtype, tail) in _DECISION_COLUMNS.items():
+        out[f"decisions/{name}"] = np.concatenate([p[name] for p in decision_parts]).astype(dtype)
+    for name, (dtype, _tail) in _EPISODE_COLUMNS.items():
+        out[f"episodes/{name}"] = np.array(episode_rows[name], dtype=dtype)
+    out["reason_bytes"] = np.frombuffer(b"".join(reasons), dtype=np.uint8)
+    out["meta_bytes"] = np.frombuffer(b"".join(metas), dtype=np.uint8)
+    out["blueprint_names"] = np.array([n.encode() for n in names[len(blueprints):]],
+                                      dtype=f"S{_BLUEPRINT_NAME_BYTES}")
+    new_counts = _Counts(counts.n_episodes + len(episodes), n_dec, n_meta, n_reason, len(names))
+    return _Batch(out, new_counts, names, keys)
+
+
+# ----------------------------------------------------------------------------- the writer
+class EpisodeWriter:
+    """Appends episodes to a store, one atomic commit per `append`; one writer at a time.
+
+    Creates the store (and its directory) if missing; recovers it if a previous writer was killed
+    (`recovered` is then True). A path holding anything but a Simic store is never modified.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, lock_timeout: float = 0.0) -> None:
+        self.path = Path(path)
+        self.recovered = False
+        self._file: h5py.File | None = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # thread_local=False: the writer may be closed from another thread than the one that opened it.
+        self._lock = FileLock(self._sibling("lock"), thread_local=False)
+        try:
+            self._lock.acquire(timeout=lock_timeout)
+        except Timeout:
+            raise StoreLockedError(f"episode store {self.path} is locked: another process is "
+                                   "writing it (wait for it to finish)") from None
+        try:
+            self._open()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _sibling(self, suffix: str) -> Path:
+        return self.path.with_name(f"{self.path.name}.{suffix}")
+
+    def _open(self) -> None:
+        # We hold the lock, so leftovers of an interrupted create/recover are ours and stale.
+        for tmp in (self._sibling("create.tmp"), self._sibling("recover.tmp")):
+            tmp.unlink(missing_ok=True)
+        if not self.path.exists():
+            _create_store(self.path, self._sibling("create.tmp"))
+        # Validate read-only first: a file that is not a readable store is never opened for writing.
+        with EpisodeReader(self.path) as reader:
+            # HDF5's "open for write" flag is set, yet we hold the lock: the last writer crashed,
+            # and a normal open would refuse the file. Keep its committed data, drop the rest.
+            crashed = _superblock_flags(self.path) != 0
+            arrays = reader._committed_arrays() if crashed else None
+        if arrays is not None:
+            _create_store(self.path, self._sibling("recover.tmp"), arrays)
+            self.recovered = True
+        try:
+            self._file = h5py.File(self.path, "r+", libver="latest", locking=False)
+            self._file.swmr_mode = True  # from here on the file is consistent on disk at all times
+        except OSError as exc:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            hint = (" (an EpisodeReader in this process has it open; close it first)"
+                    if "already open for read-only" in str(exc) else "")
+            raise StoreError(f"cannot open episode store {self.path} for writing: "
+                             f"{_hdf5_reason(exc)}{hint}") from None
+        self._datasets = {name: self._file[name] for name in _LAYOUT}
+        self._commit = self._file["commit"]
+        self._counts = _Counts(*(int(x) for x in self._commit[()]))
+        self._blueprints = [_attr_str(b) for b in
+                            self._datasets["blueprint_names"][: self._counts.n_blueprints]]
+        n = self._counts.n_episodes
+        keys = self._datasets["episodes/key"][:n]
+        seeds = self._datasets["episodes/seed"][:n]
+        indices = self._datasets["episodes/index"][:n]
+        self._keys = {(k.decode(), int(s), int(i)) for k, s, i in zip(keys, seeds, indices)}
+
+    def existing_keys(self) -> set[tuple[str, int, int]]:
+        """(config key, seed, index) of every committed episode: what a resumed collect skips."""
+        return set(self._keys)
+
+    def append(self, episode: Episode) -> None:
+        """Commit one episode atomically. Raises ValueError (nothing written) on NaN/inf data."""
+        self.append_many([episode])
+
+    def append_many(self, episodes: Iterable[Episode]) -> None:
+        """Commit many episodes at once (all or none visible): cheaper than one append each."""
+        if self._file is None:
+            raise StoreError(f"episode store {self.path} writer is closed")
+        episodes = list(episodes)
+        if not episodes:
+            return
+        batch = _encode(episodes, self._counts, self._blueprints)
+        try:
+            self._write(batch)
+        except OSError as exc:  # e.g. disk full: the last commit still stands
+            raise StoreError(f"writing episode store {self.path} failed: {_hdf5_reason(exc)}") from None
+        self._counts, self._blueprints = batch.counts, batch.blueprints
+        self._keys |= batch.keys
+
+    def _write(self, batch: _Batch) -> None:
+        for name, rows in batch.rows.items():
+            start = getattr(self._counts, _LAYOUT[name][3])
+            ds = self._datasets[name]
+            # Start at the committed count: overwrites whatever a failed append left behind.
+            ds.resize(start + len(rows), axis=0)
+            if len(rows):
+                ds[start:] = rows
+        self._file.flush()  # every row is on disk before the commit record points at it
+        self._commit[:] = np.array(batch.counts, dtype=np.int64)
+        self._file.flush()
+
+    @property
+    def n_episodes(self) -> int:
+        """Committed episodes."""
+        return self._counts.n_episodes
+
+    def close(self) -> None:
+        """Close the file (clearing its "open for write" flag) and release the lock."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            finally:
+                self._file = None
+                self._lock.release()
+
+    def __enter__(self) -> EpisodeWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------- the reader
+class EpisodeReader:
+    """Reads the episodes committed to a store when it was opened (a consistent snapshot).
+
+    Safe while a writer appends (SWMR) and after a writer crashed. Raises StoreError (missing,
+    truncated, unreadable, other schema) or NotAStoreError (not HDF5 / not a Simic store).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._file = _open_swmr(self.path)
+        try:
+            self._load()
+        except StoreError:
+            self.close()
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            self.close()
+            raise StoreError(f"episode store {self.path} is damaged: {_hdf5_reason(exc)}") from None
+
+    def _load(self) -> None:
+        f = self._file
+        commit = f["commit"]
+        commit.refresh()  # SWMR: the writer's latest commit, not a cached one
+        self._counts = _Counts(*(int(x) for x in commit[()]))
+        self.schema_name = _attr_str(f.attrs["schema_name"])
+        self.schema_version = int(f.attrs["schema_version"])
+        self.feature_names = tuple(_attr_str(x) for x in f.attrs["feature_names"])
+        self.n_episodes = self._counts.n_episodes
+        self.n_decisions = self._counts.n_decisions
+        self._index = {name: self._read(f"episodes/{name}") for name in _EPISODE_COLUMNS}
+        self.blueprint_names = tuple(_attr_str(b) for b in self._read("blueprint_names"))
+        self._check_index()
+        self._meta_blob: bytes | None = None
+
+    def _read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Committed rows [start, stop) of a dataset (stop defaults to the committed count)."""
+        committed = getattr(self._counts, _LAYOUT[name][3])
+        stop = committed if stop is None else stop
+        ds = self._file[name]
+        if ds.shape[0] < committed:
+            ds.refresh()  # SWMR: the cached extent may predate the commit we read
+            if ds.shape[0] < committed:
+                raise StoreError(f"episode store {self.path} is damaged: {name} has "
+                                 f"{ds.shape[0]} rows, the commit record says {committed}")
+        return ds[start:stop]
+
+    def _check_index(self) -> None:
+        """Episodes must tile the decision and metadata arrays exactly (catches corruption)."""
+        for first, length, total in (("offset", "length", self.n_decisions),
+                                     ("meta_offset", "meta_length", self._counts.n_meta_bytes)):
+            lengths = self._index[length].astype(np.int64)
+            expected = np.cumsum(lengths) - lengths
+            if not np.array_equal(self._index[first], expected) or lengths.sum() != total:
+                raise StoreError(f"episode store {self.path} is damaged: inconsistent episode index")
+
+    def index(self) -> dict[str, np.ndarray]:
+        """The episode index: one entry per committed episode in every column; 'key' as str."""
+        out = {name: col.copy() for name, col in self._index.items()}
+        out["key"] = out["key"].astype(str)
+        return out
+
+    def decisions(self, episodes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Every decision column for the given episode positions (None: all), in store order.
+
+        Adds 'episode' (each row's episode position). 'valid' and 'seed_alive' are bool,
+        'blueprint' codes index `blueprint_names`. Reasons are not included (see `episode`).
+        One read per column, however many episodes are selected.
+        """
+        lengths = self._index["length"].astype(np.int64)
+        if episodes is None:
+            out = {name: self._read(f"decisions/{name}") for name in _DECISION_COLUMNS}
+            out["episode"] = np.repeat(np.arange(self.n_episodes, dtype=np.int64), lengths)
+        else:
+            positions = self._positions(episodes)
+            starts, counts = self._index["offset"][positions], lengths[positions]
+            lo = int(starts.min()) if len(positions) else 0
+            hi = int((starts + counts).max()) if len(positions) else 0
+            # Row numbers (relative to lo) of every selected decision, without a per-episode loop.
+            within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            rows = np.repeat(starts - lo, counts) + within
+            out = {name: self._read(f"decisions/{name}", lo, hi)[rows] for name in _DECISION_COLUMNS}
+            out["episode"] = np.repeat(positions, counts)
+        for name in _BOOL_COLUMNS:
+            out[name] = out[name].astype(bool)
+        return out
+
+    def _positions(self, episodes: np.ndarray | Iterable[int]) -> np.ndarray:
+        positions = np.asarray(episodes)
+        if positions.dtype == bool:
+            positions = np.flatnonzero(positions)
+        positions = positions.astype(np.int64).reshape(-1)
+        if len(positions) and (positions.min() < 0 or positions.max() >= self.n_episodes):
+            raise IndexError(f"episode positions must be in 0..{self.n_episodes - 1}")
+        return positions
+
+    def _position(self, i: int) -> int:
+        if not -self.n_episodes <= i < self.n_episodes:
+            raise IndexError(f"episode {i} out of range: the store holds {self.n_episodes}")
+        return i % self.n_episodes
+
+    def episode_meta(self, i: int) -> dict[str, Any]:
+        """The parsed JSON metadata of episode i (id, policy, config, seeds, rng_seed, ...)."""
+        i = self._position(i)
+        if self._meta_blob is None:  # one read serves a loop over every episode
+            self._meta_blob = self._read("meta_bytes").tobytes()
+        start = int(self._index["meta_offset"][i])
+        return json.loads(self._meta_blob[start: start + int(self._index["meta_length"][i])])
+
+    def episode(self, i: int) -> Episode:
+        """Episode i, reconstructed: equal to what was appended (reasons, seeds, config too)."""
+        i = self._position(i)
+        meta = self.episode_meta(i)
+        start = int(self._index["offset"][i])
+        stop = start + int(self._index["length"][i])
+        cols = {name: self._read(f"decisions/{name}", start, stop) for name in _DECISION_COLUMNS}
+        first, blob = 0, b""
+        if stop > start:
+            first = int(cols["reason_offset"][0])
+            last = int(cols["reason_offset"][-1] + cols["reason_length"][-1])
+            blob = self._read("reason_bytes", first, last).tobytes()
+        decisions = []
+        for t in range(stop - start):
+            a = int(cols["reason_offset"][t]) - first
+            code = int(cols["blueprint"][t])
+            decisions.append(DecisionRecord(
+                observation=cols["observations"][t],
+                action=Action(int(cols["actions"][t])),
+                valid=bool(cols["valid"][t]),
+                confidence=float(cols["confidence"][t]),
+                reason=blob[a: a + int(cols["reason_length"][t])].decode(),
+                blueprint=self.blueprint_names[code] if code >= 0 else None,
+                outcome=Outcome(
+                    accuracy_change=float(cols["accuracy_change"][t]),
+                    loss_change=float(cols["loss_change"][t]),
+                    val_accuracy=float(cols["val_accuracy_after"][t]),
+                    seed_alive=bool(cols["seed_alive"][t]),
+                    stage_after=SeedStage(int(cols["stage_after"][t])),
+                    reward=float(cols["reward"][t]),
+                ),
+                expert_action=int(cols["expert_actions"][t]),
+            ))
+        return Episode(
+            seed=int(self._index["seed"][i]),
+            index=int(self._index["index"][i]),
+            rng_seed=int(self._index["rng_seed"][i]),
+            config=EpisodeConfig.from_dict(meta["config"]),
+            policy=meta["policy"],
+            policy_version=meta["policy_version"],
+            decisions=decisions,
+            final_accuracy=meta["final_accuracy"],
+            best_accuracy=meta["best_accuracy"],
+            test_accuracy=meta["test_accuracy"],
+            seeds=[SeedLifecycle.from_dict(s) for s in meta["seeds"]],
+            expert=meta["expert"],
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Store-wide totals: episodes, decisions, action mix, seed fates, accuracy, schema."""
+        actions = self._read("decisions/actions").astype(np.int64)
+        counts = np.bincount(actions, minlength=N_ACTIONS)
+        final = self._index["final_accuracy"]
+        return {
+            "path": str(self.path),
+            "n_episodes": self.n_episodes,
+            "n_decisions": self.n_decisions,
+            "action_counts": {name: int(counts[a]) for a, name in enumerate(ACTION_NAMES)},
+            "seeds_created": int(self._index["seeds_created"].sum()),
+            "seeds_fossilized": int(self._index["seeds_fossilized"].sum()),
+            "seeds_culled": int(self._index["seeds_culled"].sum()),
+            "mean_final_accuracy": float(final.mean()) if len(final) else None,
+            "schema_name": self.schema_name,
+            "schema_version": self.schema_version,
+        }
+
+    def _committed_arrays(self) -> dict[str, np.ndarray]:
+        """Every dataset's committed rows (what a recovery rewrites)."""
+        return {name: self._read(name) for name in _LAYOUT}
+
+    def close(self) -> None:
+        """Close the file. Idempotent."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> EpisodeReader:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _superblock_flags(path: Path) -> int:
+    """HDF5's file consistency flags (superblock v3): 0 once the last writer closed cleanly."""
+    with open(path, "rb") as fh:
+        return fh.read(12)[11]

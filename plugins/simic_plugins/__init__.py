@@ -1,0 +1,1 @@
+"""Simic's built-in Tamiyo policies, shipped as ordinary `simic` entry-point plugins."""

@@ -1,0 +1,104 @@
+"""GRU Tamiyo: a recurrent policy behaviour-cloned from whole episodes (`simic train --policy gru`).
+
+It reads an episode's observations in order and carries its hidden state from epoch to epoch:
+`reset` clears it at the start of each episode, every `decide` advances it one step. Trained in
+torch (`esper_cli.learning.GRUNet`, whole episodes at once); decides in numpy with the same
+equations as `torch.nn.GRU` (gate order r, z, n), one cheap step per epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esper_cli import hookimpl
+from esper_cli.checkpoint import CheckpointError, load_policy_checkpoint, to_numpy
+from esper_cli.contracts import N_FEATURES, Action, Decision, TrainingSnapshot, check_finite
+from esper_cli.policy import EpisodeContext
+
+from .mlp import best_action, folded_input_layer
+
+VERSION = "1.0"
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (np.tanh(0.5 * x) + 1.0)  # overflow-free logistic
+
+
+class GRUTamiyo:
+    """Tamiyo as a GRU over the episode so far. Stateful: call `reset` before each episode."""
+
+    name = "gru"
+
+    def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
+        if options:
+            raise ValueError(f"unknown gru option(s): {', '.join(sorted(options))} (known: checkpoint)")
+        self.checkpoint = load_policy_checkpoint("gru", checkpoint)
+        self.version = f"{VERSION}+{self.checkpoint.sha256[:8]}"
+        a = to_numpy(self.checkpoint.tensors)
+        hp = self.checkpoint.meta["hparams"]
+        try:
+            self.hidden, n_layers = int(hp["hidden"]), int(hp.get("layers", 1))
+            self._layers = []  # (W_ih^T, b_ih, W_hh^T, b_hh) per layer
+            for i in range(n_layers):
+                w_ih, b_ih = a[f"gru.weight_ih_l{i}"], a[f"gru.bias_ih_l{i}"]
+                if i == 0:  # normalisation folded into the input projection, as for the MLP
+                    w_ih, b_ih = folded_input_layer(w_ih, b_ih, self.checkpoint)
+                w_hh, b_hh = a[f"gru.weight_hh_l{i}"], a[f"gru.bias_hh_l{i}"]
+                if w_hh.shape != (3 * self.hidden, self.hidden) or w_ih.shape[0] != 3 * self.hidden:
+                    raise ValueError("GRU sizes")
+                self._layers.append((np.ascontiguousarray(w_ih.T), b_ih, np.ascontiguousarray(w_hh.T), b_hh))
+            self._head_w, self._head_b = np.ascontiguousarray(a["head.weight"].T), a["head.bias"]
+            if self._layers[0][0].shape[0] != N_FEATURES or self._head_w.shape != (self.hidden, len(Action)):
+                raise ValueError("input/output sizes")
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {self.checkpoint.path} does not match a GRU of its hparams ({exc})") from None
+        self._h = self._zeros()
+
+    def _zeros(self) -> list[np.ndarray]:
+        return [np.zeros(self.hidden, dtype=np.float32) for _ in self._layers]
+
+    def reset(self, context: EpisodeContext | None = None) -> None:
+        """Start of an episode: forget the previous one."""
+        self._h = self._zeros()
+
+    def _step(self, x: np.ndarray, h: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One epoch through every layer: raw observation (27,) -> (logits (4,), new hidden state)."""
+        new_h, k = [], 2 * self.hidden
+        for (w_ih, b_ih, w_hh, b_hh), h_l in zip(self._layers, h):
+            gi, gh = x @ w_ih + b_ih, h_l @ w_hh + b_hh
+            rz = _sigmoid(gi[:k] + gh[:k])  # reset and update gates together
+            r, z = rz[: self.hidden], rz[self.hidden :]
+            n = np.tanh(gi[k:] + r * gh[k:])
+            x = n + z * (h_l - n)  # = (1 - z) * n + z * h
+            new_h.append(x)
+        return x @ self._head_w + self._head_b, new_h
+
+    def decide(self, obs: TrainingSnapshot, context: EpisodeContext | None = None) -> Decision:
+        """Advance the hidden state by this epoch's observation and pick the most probable action."""
+        logits, self._h = self._step(obs.to_vector(), self._h)
+        a, p = best_action(logits)
+        return Decision(Action(a), f"gru p={p:.2f}", p)
+
+    def decide_episode(self, observations: np.ndarray) -> np.ndarray:
+        """Actions (T,) for one whole episode's raw observations (T, 27), in order, from a fresh state.
+
+        Equal to `reset` then `decide` per epoch (used to replay stored episodes quickly).
+        """
+        x = np.asarray(observations, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != N_FEATURES:
+            raise ValueError(f"observations must have shape (T, {N_FEATURES}), got {x.shape}")
+        check_finite(x, "observations")
+        h, actions = self._zeros(), np.empty(len(x), dtype=np.int64)
+        for t in range(len(x)):
+            logits, h = self._step(x[t], h)
+            actions[t] = int(logits.argmax())
+        return actions
+
+
+@hookimpl
+def register_policies(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    register("gru", GRUTamiyo)

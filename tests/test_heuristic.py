@@ -1,0 +1,71 @@
+"""Each Heuristic Tamiyo rule on crafted snapshots (DESIGN section 4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from esper_cli.contracts import HISTORY_LEN, Action, SeedStage, TrainingSnapshot
+from simic_plugins.heuristic import HeuristicTamiyo
+
+
+def snap(**kw) -> TrainingSnapshot:
+    base = dict(
+        epoch=10, global_step=170, train_loss=0.3, val_loss=0.35, loss_delta=0.0, train_accuracy=90.0,
+        val_accuracy=88.0, accuracy_delta=0.1, plateau_epochs=0, best_val_accuracy=88.5, best_val_loss=0.34,
+        loss_history_5=(0.35,) * HISTORY_LEN, accuracy_history_5=(88.0,) * HISTORY_LEN,
+        has_active_seed=False, seed_stage=SeedStage.DORMANT, seed_epochs_in_stage=0, seed_alpha=0.0,
+        seed_improvement=0.0, available_slots=2,
+    )
+    base.update(kw)
+    return TrainingSnapshot(**base)
+
+
+def seed(stage, epochs, improvement=0.0, **kw):
+    return snap(has_active_seed=True, seed_stage=stage, seed_epochs_in_stage=epochs,
+                seed_improvement=improvement, **kw)
+
+
+H = HeuristicTamiyo()
+
+
+@pytest.mark.parametrize(
+    "obs, expected",
+    [
+        (snap(epoch=4, plateau_epochs=9), Action.WAIT),  # warm-up, even on a plateau
+        (snap(epoch=5, plateau_epochs=3), Action.GERMINATE),
+        (snap(epoch=12, plateau_epochs=2), Action.WAIT),  # not a plateau yet
+        (snap(epoch=12, plateau_epochs=6, available_slots=0), Action.WAIT),  # nowhere to grow
+        (seed(SeedStage.GERMINATED, 0), Action.ADVANCE),
+        (seed(SeedStage.TRAINING, 2, improvement=5.0), Action.WAIT),  # minimum training time
+        (seed(SeedStage.TRAINING, 3, improvement=1.0), Action.ADVANCE),
+        (seed(SeedStage.TRAINING, 4, improvement=0.5), Action.WAIT),
+        (seed(SeedStage.TRAINING, 4, improvement=-3.0), Action.WAIT),  # too early to cull
+        (seed(SeedStage.TRAINING, 5, improvement=-2.5), Action.CULL),
+        (seed(SeedStage.TRAINING, 5, improvement=-1.5), Action.WAIT),
+        (seed(SeedStage.TRAINING, 10, improvement=0.2), Action.CULL),  # bounded stage length
+        (seed(SeedStage.BLENDING, 4, improvement=3.0), Action.WAIT),
+        (seed(SeedStage.BLENDING, 5, improvement=0.3), Action.ADVANCE),
+        (seed(SeedStage.BLENDING, 5, improvement=0.0), Action.CULL),
+    ],
+)
+def test_rules(obs, expected):
+    decision = H.decide(obs)
+    assert decision.action == expected
+    assert decision.reason and 0.0 < decision.confidence <= 1.0
+
+
+def test_thresholds_are_configurable():
+    eager = HeuristicTamiyo(min_epochs_before_germinate=0, plateau_epochs_to_germinate=1, max_training_epochs=4)
+    assert eager.decide(snap(epoch=1, plateau_epochs=1)).action == Action.GERMINATE
+    assert eager.decide(seed(SeedStage.TRAINING, 4, improvement=0.0)).action == Action.CULL
+    with pytest.raises(ValueError, match="unknown heuristic option"):
+        HeuristicTamiyo(no_such_threshold=1)
+
+
+def test_decisions_depend_on_the_observation_vector_alone():
+    obs = seed(SeedStage.BLENDING, 6, improvement=0.7)
+    replayed = TrainingSnapshot.from_vector(obs.to_vector())
+    np.testing.assert_allclose(replayed.to_vector(), obs.to_vector())
+    assert replayed.seed_stage == SeedStage.BLENDING and replayed.available_slots == 2
+    assert H.decide(replayed) == H.decide(obs)

@@ -1,0 +1,379 @@
+"""Learned Tamiyo: data, split, weights, metrics, MLP/GRU training, checkpoints, train/eval CLI.
+
+One small real store (collected by the heuristic through the CLI) is shared by the session; the
+trainings are tiny (a few epochs), since these tests check behaviour, not reach quality.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.utils.class_weight import compute_class_weight
+from typer.testing import CliRunner
+
+from esper_cli.checkpoint import CheckpointError, digest, load_checkpoint, save_checkpoint
+from esper_cli.cli import app
+from esper_cli.contracts import ACTION_NAMES, N_FEATURES, TrainingSnapshot
+from esper_cli.learning import (
+    DataError,
+    GRUNet,
+    MLPNet,
+    class_weights,
+    classification_metrics,
+    fit_normaliser,
+    load_decisions,
+    parse_class_weights,
+    replay,
+    select_split,
+    split_episodes,
+    train_policy,
+)
+from simic_plugins.gru import GRUTamiyo
+from simic_plugins.heuristic import HeuristicTamiyo
+from simic_plugins.mlp import MLPTamiyo
+
+runner = CliRunner()
+TINY = {"epochs": 4, "allow_missing_classes": True}  # a 12-epoch episode rarely culls a seed
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    """The CLI's bad-input contract: exit 2, one line on stderr, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    text = result.stderr.strip()
+    assert len(text.splitlines()) == 1, text
+    assert "Traceback" not in text
+    return text
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("stores") / "heuristic.h5"
+    result = invoke("collect", "--episodes", 6, "--epochs", 12, "--store", path)
+    assert result.exit_code == 0, result.output
+    return path
+
+
+@pytest.fixture(scope="session")
+def single_episode_store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("stores") / "one.h5"
+    assert invoke("collect", "--episodes", 1, "--epochs", 6, "--store", path).exit_code == 0
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlp_checkpoint(store, tmp_path_factory) -> Path:
+    path, _ = train_policy(store, "mlp", out=tmp_path_factory.mktemp("ckpt") / "mlp.safetensors", **TINY)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gru_checkpoint(store, tmp_path_factory) -> Path:
+    path, _ = train_policy(store, "gru", out=tmp_path_factory.mktemp("ckpt") / "gru.safetensors", **TINY)
+    return path
+
+
+# ----------------------------------------------------------------------------- data and split
+def test_load_decisions_groups_episodes_in_order(store):
+    data = load_decisions(store)
+    assert data.n_episodes == 6 and data.observations.shape == (6 * 12, N_FEATURES)
+    assert data.lengths.tolist() == [12] * 6
+    for rows in data.sequences():  # epoch feature counts 0..11 within each episode
+        assert data.observations[rows, 0].tolist() == list(range(12))
+    assert len(set(data.episode_ids)) == 6
+
+
+def test_split_is_seeded_disjoint_and_by_episode():
+    train, val = split_episodes(50, 0.2, seed=3)
+    assert len(val) == 10 and len(train) == 40
+    assert not set(train) & set(val) and set(train) | set(val) == set(range(50))
+    again = split_episodes(50, 0.2, seed=3)
+    assert train.tolist() == again[0].tolist()
+    assert val.tolist() != split_episodes(50, 0.2, seed=4)[1].tolist()
+    assert len(split_episodes(2, 0.01, 0)[1]) == 1  # both sides always get an episode
+    with pytest.raises(DataError, match="at least 2"):
+        split_episodes(1, 0.2, 0)
+    with pytest.raises(DataError, match="val-fraction"):
+        split_episodes(10, 1.0, 0)
+
+
+def test_normaliser_leaves_constant_features_unscaled():
+    x = np.zeros((10, N_FEATURES), dtype=np.float32)
+    x[:, 0] = np.arange(10)
+    x[:, 5] = 7.0
+    mean, std = fit_normaliser(x)
+    assert std[5] == 1.0 and mean[5] == 7.0 and std[0] == pytest.approx(np.arange(10).std())
+
+
+def test_class_weights_auto_balanced_and_finite_when_a_class_is_absent():
+    y = np.array([0] * 90 + [1] * 6 + [2] * 4)  # no CULL
+    w = class_weights(y, "auto")
+    assert np.isfinite(w).all() and w[3] == 1.0
+    np.testing.assert_allclose(w[:3], compute_class_weight("balanced", classes=np.arange(3), y=y), rtol=1e-6)
+    assert class_weights(y, "none").tolist() == [1, 1, 1, 1]
+    assert class_weights(y, "1,2,3,4").tolist() == [1, 2, 3, 4]
+    for bad in ("1,2,3", "a,b,c,d", "1,2,3,-1", "0,0,0,0", "1,2,3,nan"):
+        with pytest.raises(DataError, match="class-weights"):
+            parse_class_weights(bad)
+
+
+def test_metrics_follow_the_definitions():
+    y = np.array([0, 0, 0, 0, 1, 1, 2, 3])
+    p = np.array([0, 0, 0, 1, 1, 1, 2, 0])
+    m = classification_metrics(y, p)
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert m["balanced_accuracy"] == pytest.approx((3 / 4 + 1 + 1 + 0) / 4)
+    assert m["confusion_matrix"][0] == [3, 1, 0, 0] and m["confusion_matrix"][3] == [1, 0, 0, 0]
+    assert m["per_class"]["GERMINATE"]["precision"] == pytest.approx(2 / 3)
+    assert m["per_class"]["CULL"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert m["labels"] == list(ACTION_NAMES)
+
+
+# ----------------------------------------------------------------------------- training
+def test_train_mlp_writes_a_complete_checkpoint(store, mlp_checkpoint):
+    ckpt = load_checkpoint(mlp_checkpoint, expect_policy="mlp")
+    meta = ckpt.meta
+    data = load_decisions(store)
+    split = meta["split"]
+    assert set(split["train_ids"]) | set(split["val_ids"]) == set(data.episode_ids)
+    assert not set(split["train_ids"]) & set(split["val_ids"])
+    assert meta["hparams"]["hidden"] == [64, 32]
+    assert meta["feature_schema"]["features"][0] == "epoch" and meta["feature_schema"]["version"] >= 1
+    assert len(meta["normalisation"]["mean"]) == N_FEATURES
+    assert np.isfinite(meta["class_weights"]["values"]).all()
+    assert {"torch", "numpy", "scikit-learn", "safetensors"} <= set(meta["versions"])
+    assert 1 <= meta["metrics"]["best_epoch"] <= len(meta["history"]) == 4
+    assert 0.0 <= meta["metrics"]["val"]["balanced_accuracy"] <= 1.0
+
+
+def test_training_is_seeded(store, tmp_path):
+    a, _ = train_policy(store, "mlp", out=tmp_path / "a.safetensors", seed=1, **TINY)
+    b, _ = train_policy(store, "mlp", out=tmp_path / "b.safetensors", seed=1, **TINY)
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    for k in ca.tensors:
+        assert torch.equal(ca.tensors[k], cb.tensors[k])
+    assert ca.meta["split"] == cb.meta["split"]
+
+
+def test_mlp_policy_matches_the_trained_torch_network(store, mlp_checkpoint):
+    policy = MLPTamiyo(checkpoint=mlp_checkpoint)
+    ckpt = policy.checkpoint
+    net = MLPNet(ckpt.meta["hparams"]["hidden"])
+    net.load_state_dict(ckpt.tensors)
+    obs = load_decisions(store).observations
+    mean, std = ckpt.normalisation
+    with torch.no_grad():
+        expected = net(torch.from_numpy(((obs - mean) / std).astype(np.float32))).numpy()
+    np.testing.assert_allclose(policy.logits(obs), expected, atol=1e-4)
+    batch = policy.decide_batch(obs)
+    single = [policy.decide(TrainingSnapshot.from_vector(o)) for o in obs[:30]]
+    assert [int(d.action) for d in single] == batch[:30].tolist()
+    assert all(0.25 <= d.confidence <= 1.0 and d.reason.startswith("mlp p=") for d in single)
+    assert policy.name == "mlp" and policy.version.startswith("1.0+")
+
+
+def test_gru_live_decisions_equal_whole_episode_replay(store, gru_checkpoint):
+    policy = GRUTamiyo(checkpoint=gru_checkpoint)
+    ckpt = policy.checkpoint
+    net = GRUNet(ckpt.meta["hparams"]["hidden"], ckpt.meta["hparams"]["layers"])
+    net.load_state_dict(ckpt.tensors)
+    data = load_decisions(store)
+    mean, std = ckpt.normalisation
+    for rows in data.sequences()[:3]:
+        obs = data.observations[rows]
+        with torch.no_grad():
+            logits, _ = net(torch.from_numpy(((obs - mean) / std).astype(np.float32))[None])
+        policy.reset(None)
+        live = [int(policy.decide(TrainingSnapshot.from_vector(o)).action) for o in obs]
+        assert live == logits[0].argmax(1).tolist() == policy.decide_episode(obs).tolist()
+    # The hidden state is carried: the same observation after a different history may differ,
+    # and reset() restores the fresh state.
+    policy.reset(None)
+    first = policy.decide(TrainingSnapshot.from_vector(data.observations[0]))
+    policy.reset(None)
+    assert policy.decide(TrainingSnapshot.from_vector(data.observations[0])) == first
+
+
+def test_heuristic_replay_scores_100_percent(store):
+    data = load_decisions(store)
+    pred = replay(HeuristicTamiyo(), data)
+    assert classification_metrics(data.labels, pred)["accuracy"] == 1.0
+
+
+def test_select_split_val_means_not_trained_on(store, mlp_checkpoint):
+    data = load_decisions(store)
+    trained = load_checkpoint(mlp_checkpoint).meta["split"]
+    val, note = select_split(data, "val", trained)
+    assert sorted(data.episode_ids[i] for i in val) == sorted(trained["val_ids"]) and "held-out" in note
+    other = dict(trained, train_ids=["elsewhere"], val_ids=["elsewhere-2"])
+    val, note = select_split(data, "val", other)
+    assert len(val) == 6 and "not used in training" in note
+    everything, note = select_split(data, "val", None, "heuristic")
+    assert len(everything) == 6 and "no checkpoint" in note
+    with pytest.raises(DataError, match="no checkpoint"):
+        select_split(data, "train", None, "heuristic")
+
+
+# ----------------------------------------------------------------------------- bad data
+def test_missing_class_and_tiny_store_are_refused(store, single_episode_store, tmp_path):
+    with pytest.raises(DataError, match="no .*CULL.* decisions"):
+        train_policy(store, "mlp", out=tmp_path / "x.safetensors", epochs=1)
+    with pytest.raises(DataError, match="at least 2"):
+        train_policy(single_episode_store, "mlp", out=tmp_path / "x.safetensors", **TINY)
+    with pytest.raises(DataError):
+        train_policy(tmp_path / "nope.h5", "mlp", out=tmp_path / "x.safetensors", **TINY)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_nan_observations_are_refused(store, monkeypatch):
+    from esper_cli import store as store_mod
+
+    original = store_mod.EpisodeReader.decisions
+
+    def poisoned(self, *args, **kwargs):
+        cols = dict(original(self, *args, **kwargs))
+        obs = np.array(cols["observations"], copy=True)
+        obs[3, 2] = np.nan
+        cols["observations"] = obs
+        return cols
+
+    monkeypatch.setattr(store_mod.EpisodeReader, "decisions", poisoned)
+    with pytest.raises(DataError, match="NaN or inf .*train_loss"):
+        load_decisions(store)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _resign(path: Path, meta_edit) -> None:
+    """Rewrite a checkpoint's metadata *with a valid digest* (a forged, not a corrupted, file)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["simic"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta_edit(meta)
+    meta_json = json.dumps(meta, sort_keys=True)
+    save_file(tensors, str(path), metadata={"simic": meta_json, "sha256": digest(meta_json, tensors)})
+
+
+class _Boom:
+    def __reduce__(self):  # what a malicious pickle does on load: run code
+        return (Path.touch, (Path(__file__).with_name("pwned-by-pickle"),))
+
+
+def test_checkpoints_refuse_pickles_tampering_and_other_schemas(mlp_checkpoint, tmp_path):
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(evil)
+    assert not Path(__file__).with_name("pwned-by-pickle").exists()
+    zipped = tmp_path / "torch.safetensors"
+    torch.save({"w": torch.zeros(2)}, zipped)
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(zipped)
+
+    tampered = tmp_path / "tampered.safetensors"
+    raw = bytearray(mlp_checkpoint.read_bytes())
+    raw[-3] ^= 0x55  # flip bits in the last weight
+    tampered.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="integrity"):
+        load_checkpoint(tampered)
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(mlp_checkpoint.read_bytes()[:100])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(truncated)
+
+    other = tmp_path / "schema.safetensors"
+    other.write_bytes(mlp_checkpoint.read_bytes())
+    _resign(other, lambda m: m["feature_schema"].update(version=99))
+    with pytest.raises(CheckpointError, match="feature schema"):
+        load_checkpoint(other)
+
+    with pytest.raises(CheckpointError, match="not 'gru'"):
+        GRUTamiyo(checkpoint=mlp_checkpoint)
+    with pytest.raises(CheckpointError, match="simic train --policy mlp"):
+        MLPTamiyo()  # no default checkpoint in this test's SIMIC_HOME
+
+
+def test_save_is_atomic_and_roundtrips(tmp_path):
+    path = save_checkpoint(tmp_path / "deep" / "c.safetensors", {"w": torch.arange(6.0).reshape(2, 3)},
+                           {"policy": "mlp", "hparams": {}})
+    ckpt = load_checkpoint(path)
+    assert torch.equal(ckpt.tensors["w"], torch.arange(6.0).reshape(2, 3)) and ckpt.policy == "mlp"
+    assert [p.name for p in path.parent.iterdir()] == ["c.safetensors"]  # no temp file left
+
+
+# ----------------------------------------------------------------------------- the CLI
+def test_cli_train_then_eval_by_policy_name(store, simic_home):
+    result = invoke("train", "--store", store, "--epochs", 3, "--allow-missing-classes", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    default = simic_home / "checkpoints" / "mlp.safetensors"
+    assert report["checkpoint"] == str(default) and default.exists()
+    assert report["epochs_run"] == 3 and "balanced_accuracy" in report["val"]
+
+    result = invoke("eval", "--policy", "mlp", "--store", store, "--json")
+    assert result.exit_code == 0, result.output
+    ev = json.loads(result.stdout)
+    for key in ("accuracy", "balanced_accuracy", "per_class", "confusion_matrix", "labels", "split",
+                "n_episodes", "n_decisions"):
+        assert key in ev
+    assert ev["split"] == "val" and ev["n_episodes"] == report["n_val_episodes"]
+    assert sum(map(sum, ev["confusion_matrix"])) == ev["n_decisions"]
+
+    table = invoke("eval", "--store", store)  # no options: the mlp's default checkpoint
+    assert table.exit_code == 0 and "Confusion matrix" in table.stdout and "balanced accuracy" in table.stdout
+
+
+def test_cli_eval_heuristic_is_a_100_percent_sanity_check(store, tmp_path):
+    result = invoke("eval", "--policy", "heuristic", "--store", store, "--json")
+    assert result.exit_code == 0, result.output
+    ev = json.loads(result.stdout)
+    assert ev["accuracy"] == 1.0 and ev["balanced_accuracy"] == 1.0 and ev["n_episodes"] == 6
+    assert "no checkpoint" in ev["split_note"]
+    png = tmp_path / "cm.png"
+    result = invoke("eval", "--policy", "heuristic", "--store", store, "--plot", png)
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "100.0%" in result.stdout
+
+
+def test_cli_eval_gru_checkpoint_with_plot(store, gru_checkpoint, tmp_path):
+    png = tmp_path / "gru.png"
+    result = invoke("eval", "--checkpoint", gru_checkpoint, "--store", store, "--split", "all", "--plot", png)
+    assert result.exit_code == 0, result.output
+    assert png.stat().st_size > 1000 and "gru" in result.stdout
+
+
+def test_cli_bad_inputs_are_one_line_exit_2(store, single_episode_store, mlp_checkpoint, tmp_path):
+    assert "at least 2" in one_line_error(invoke("train", "--store", single_episode_store, "--allow-missing-classes"))
+    assert "CULL" in one_line_error(invoke("train", "--store", store, "--epochs", 1))
+    assert "class-weights" in one_line_error(invoke("train", "--store", store, "--class-weights", "1,2"))
+    assert "heuristic" in one_line_error(invoke("train", "--store", store, "--policy", "heuristic"))
+    one_line_error(invoke("train", "--store", tmp_path / "missing.h5"))
+    one_line_error(invoke("eval", "--policy", "heuristic", "--store", tmp_path / "missing.h5"))
+    assert "simic train --policy gru" in one_line_error(invoke("eval", "--policy", "gru", "--store", store))
+
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps({"a": 1}))
+    assert "pickle" in one_line_error(invoke("eval", "--checkpoint", evil, "--store", store))
+    tampered = tmp_path / "t.safetensors"
+    raw = bytearray(mlp_checkpoint.read_bytes())
+    raw[-1] ^= 0x01
+    tampered.write_bytes(bytes(raw))
+    assert "integrity" in one_line_error(invoke("eval", "--checkpoint", tampered, "--store", store))
+
+    # A failed train never overwrites an existing checkpoint.
+    target = tmp_path / "keep.safetensors"
+    target.write_bytes(mlp_checkpoint.read_bytes())
+    one_line_error(invoke("train", "--store", single_episode_store, "--allow-missing-classes", "--out", target))
+    assert target.read_bytes() == mlp_checkpoint.read_bytes()
