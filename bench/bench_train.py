@@ -8,7 +8,7 @@
                 mini-batches of 32 built by Python indexing + torch.tensor() every step
      mlp/32     learning.train_one_epoch: tensors loaded once, randperm slices, batch 32
      mlp/256    the same with batch 256
-     gru/8      whole episodes, 8 per batch (= 200 decisions for 25-epoch episodes)
+     gru/4      whole episodes, 4 per batch (= 100 decisions for 25-epoch episodes)
 3. decide() latency, one torch thread, p50/p99 over many single decisions: MLP (numpy forward),
    the same MLP through torch under inference_mode (the road not taken), GRU, heuristic.
 
@@ -47,6 +47,7 @@ from simic_plugins.heuristic import HeuristicTamiyo
 from simic_plugins.mlp import MLPTamiyo
 
 CONTINUOUS = [2, 3, 4, 5, 6, 7, 9, 10, *range(11, 21), 25]  # losses, accuracies, histories, improvement
+LOSSES = [2, 3, 10, *range(11, 16)]
 
 
 def synthesise_store(path: Path, n_decisions: int, base_episodes: int, seed: int = 0) -> float:
@@ -57,16 +58,19 @@ def synthesise_store(path: Path, n_decisions: int, base_episodes: int, seed: int
                         blueprints=BUILTIN_BLUEPRINTS, policy_name="heuristic") for i in range(base_episodes)]
     per = len(base[0].decisions)
     t0 = time.perf_counter()
+    synthetic = []
+    for k in range(-(-n_decisions // per)):
+        ep = base[k % len(base)]
+        decisions = []
+        for d in ep.decisions:
+            obs = d.observation.copy()
+            obs[CONTINUOUS] += rng.normal(0, 0.01, len(CONTINUOUS)).astype(np.float32)
+            obs[LOSSES] = np.abs(obs[LOSSES])  # losses stay >= 0
+            decisions.append(dataclasses.replace(d, observation=obs))
+        synthetic.append(dataclasses.replace(ep, index=k, seed=1000, decisions=decisions))
     with EpisodeWriter(path) as writer:
-        for k in range(-(-n_decisions // per)):
-            ep = base[k % len(base)]
-            decisions = []
-            for d in ep.decisions:
-                obs = d.observation.copy()
-                obs[CONTINUOUS] += rng.normal(0, 0.01, len(CONTINUOUS)).astype(np.float32)
-                obs[[2, 3, 10, *range(11, 16)]] = np.abs(obs[[2, 3, 10, *range(11, 16)]])  # losses stay >= 0
-                decisions.append(dataclasses.replace(d, observation=obs))
-            writer.append(dataclasses.replace(ep, index=k, seed=1000, decisions=decisions))
+        for i in range(0, len(synthetic), 500):  # a few large commits
+            writer.append_many(synthetic[i : i + 500])
     return time.perf_counter() - t0
 
 
@@ -134,7 +138,7 @@ def main() -> None:
             "original (lists, batch 32)": lambda m, o: original_style_epoch(m, o, x_list, y_list, weight),
             "mlp (tensors, batch 32)": lambda m, o: train_one_epoch(m, o, flat, weight, 32, gen, False),
             "mlp (tensors, batch 256)": lambda m, o: train_one_epoch(m, o, flat, weight, 256, gen, False),
-            "gru (8 episodes/batch)": lambda m, o: train_one_epoch(m, o, seq, weight, 8, gen, True),
+            "gru (4 episodes/batch)": lambda m, o: train_one_epoch(m, o, seq, weight, 4, gen, True),
         }
         rates: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.repeats):  # interleaved, so machine noise hits every variant alike

@@ -1,4 +1,4 @@
-"""The `simic` command line: collect | info | plugins (Typer + Rich).
+"""The `simic` command line: collect | info | plugins | train | eval | compare | dagger (Typer + Rich).
 
 Data goes to stdout (tables, or JSON with --json); progress and diagnostics go to stderr.
 Exit codes: 0 ok; 1 the job ran and failed; 2 bad usage or bad input; 130 interrupted.
@@ -17,7 +17,7 @@ try:  # typer >= 0.2x vendors its own click; older releases use the click packag
 except ImportError:  # pragma: no cover
     import click  # type: ignore[no-redef]
 
-from .commands import collect, info, plugins
+from .commands import collect, compare, dagger, info, plugins
 from .commands import eval as eval_cmd
 from .commands import train
 
@@ -52,6 +52,8 @@ app.command("info")(info.info)
 app.command("plugins")(plugins.plugins)
 app.command("train")(train.train)
 app.command("eval")(eval_cmd.evaluate)
+app.command("compare")(compare.compare)
+app.command("dagger")(dagger.dagger)
 
 
 def main() -> None:

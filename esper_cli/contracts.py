@@ -239,10 +239,25 @@ class EpisodeConfig:
     #: GERMINATE without a named blueprint takes the next of these (DESIGN section 4's rotation);
     #: part of the episode's identity, so installing a plugin blueprint never changes old runs.
     rotation: tuple[str, ...] = ("conv_enhance", "attention", "norm", "depthwise")
+    #: DAgger (Ross et al., 2011): the expert policy asked for a label at every decision, and the
+    #: probability `beta` that the expert's action is the one applied (else the learner's). Part of
+    #: the episode's identity; when `expert` is None both are left out of `to_dict` and `key`, so
+    #: plain runs keep the keys they always had.
+    expert: str | None = None
+    beta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be between 0 and 1, got {self.beta}")
+        if self.expert is None and self.beta != 0.0:
+            raise ValueError("beta mixes in an expert's actions: set expert too")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["rotation"] = list(self.rotation)
+        if self.expert is None:
+            d.pop("expert")
+            d.pop("beta")
         return d
 
     @classmethod

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from .blueprints import BlueprintFactory
 from .contracts import Action, Decision, DecisionRecord, Episode, EpisodeConfig, episode_rng_seed
 from .environment import MorphogeneticEnv
-from .policy import EpisodeContext, Policy
+from .policy import EpisodeContext, Policy, describe
 from .tasks import Task
 
 
@@ -43,33 +45,76 @@ def run_episode(
     blueprints: Mapping[str, BlueprintFactory],
     policy_name: str,
     policy_version: str = "",
+    expert: Policy | None = None,
+    expert_name: str | None = None,
+    observers: Mapping[str, Policy] | None = None,
 ) -> Episode:
-    """Run episode `index` of a run seeded `seed`. Same inputs, same episode (on CPU)."""
+    """Run episode `index` of a run seeded `seed`. Same inputs, same episode (on CPU).
+
+    DAgger (Ross et al., 2011): with an `expert`, the expert is asked at every state (in order,
+    after its own `reset`, so a stateful expert works) and its action is stored as the decision's
+    `expert_action` label. The action applied is the expert's with probability `config.beta`,
+    else the learner's; the coin flips come from the episode's rng seed, so the episode still
+    reproduces exactly. The learner is asked at every state too (its hidden state stays in step).
+    With `config.beta == 0` (the default) the learner always acts: on-policy expert labels.
+
+    `observers` (shadow mode) are other policies asked on the same observations, each with its
+    own state; their actions are returned in `Episode.shadow` (name -> list of actions) and
+    never applied.
+    """
     rng_seed = episode_rng_seed(seed, index)
+    if config.expert is not None and expert is None:
+        raise ValueError(f"config names the expert {config.expert!r} but no expert policy was given")
+    if expert is not None:
+        expert_name = expert_name or config.expert or describe(expert)
     env = MorphogeneticEnv(config, task, blueprints)
     obs = env.reset(rng_seed)
     context = EpisodeContext(task=config.task, max_epochs=config.epochs, blueprints=tuple(blueprints),
                              n_slots=len(env.slots), rng_seed=rng_seed)
-    try:
-        policy.reset(context)
-    except Exception as exc:  # noqa: BLE001
-        raise PolicyError(f"policy '{policy_name}' raised in reset(): {type(exc).__name__}: {exc}") from exc
+    others: dict[str, Policy] = {}
+    if expert is not None:
+        others[f"expert '{expert_name}'"] = expert
+    for name, observer in (observers or {}).items():
+        others[f"shadow policy '{name}'"] = observer
+    for label, p in [(f"policy '{policy_name}'", policy), *others.items()]:
+        try:
+            p.reset(context)
+        except Exception as exc:  # noqa: BLE001
+            raise PolicyError(f"{label} raised in reset(): {type(exc).__name__}: {exc}") from exc
+    # The coin of DAgger's mixture: its own stream of the episode's seed (the environment uses 0-2).
+    coin = np.random.default_rng(np.random.SeedSequence([rng_seed, 3]))
+    beta = float(config.beta) if expert is not None else 0.0
+    shadow: dict[str, list[int]] = {name: [] for name in (observers or {})}
     records: list[DecisionRecord] = []
     while not env.done:
         where = f"at epoch {env.epoch} of episode {index} (seed {seed})"
         decision = _ask(policy, policy_name, obs, context, where)
+        label = -1
+        acting = decision
+        if expert is not None:
+            advice = _ask(expert, str(expert_name), obs, context, where)
+            label = int(advice.action)
+            if beta > 0.0 and coin.random() < beta:
+                learner = Action(int(decision.action)).name
+                acting = Decision(advice.action, f"[expert {expert_name}, learner {learner}] {advice.reason}",
+                                  advice.confidence, advice.blueprint)
+        for name, observer in (observers or {}).items():
+            shadow[name].append(int(_ask(observer, name, obs, context, where).action))
         vector = obs.to_vector()
-        step = env.step(decision)
-        reason = decision.reason if step.valid else f"{decision.reason} [no-op: {step.message}]".strip()
+        step = env.step(acting)
+        reason = acting.reason if step.valid else f"{acting.reason} [no-op: {step.message}]".strip()
         records.append(DecisionRecord(
-            observation=vector, action=Action(int(decision.action)), valid=step.valid,
-            confidence=float(decision.confidence), reason=reason, blueprint=step.blueprint,
-            outcome=step.outcome,
+            observation=vector, action=Action(int(acting.action)), valid=step.valid,
+            confidence=float(acting.confidence), reason=reason, blueprint=step.blueprint,
+            outcome=step.outcome, expert_action=label,
         ))
         obs = step.observation
     final, best, test = env.finish()
-    return Episode(
+    episode = Episode(
         seed=seed, index=index, rng_seed=rng_seed, config=config, policy=policy_name,
         policy_version=policy_version, decisions=records, final_accuracy=final,
-        best_accuracy=best, test_accuracy=test, seeds=env.seeds,
+        best_accuracy=best, test_accuracy=test, seeds=env.seeds, expert=expert_name,
     )
+    if observers:
+        episode.shadow = shadow  # type: ignore[attr-defined]
+    return episode

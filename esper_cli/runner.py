@@ -344,7 +344,10 @@ class ProcessRunner(BaseRunner):
             for slot in self._slots:
                 if slot.job is None and pending and tracker.failure is None:
                     slot.job = pending.popleft()
-                    slot.conn.send((fn, slot.job[1]))
+                    try:
+                        slot.conn.send((fn, slot.job[1]))
+                    except (BrokenPipeError, OSError):
+                        pass  # the worker just died; its sentinel wakes the loop below
 
         dispatch()
         while any(slot.job is not None for slot in self._slots):
@@ -389,15 +392,10 @@ class ProcessRunner(BaseRunner):
 
     def close(self) -> None:
         slots, self._slots = self._slots, []
+        for slot in slots:  # workers hold nothing worth a graceful exit: the main process writes
+            if slot.proc.is_alive():
+                slot.proc.terminate()
         for slot in slots:
-            if slot.job is None and slot.proc.is_alive():
-                try:
-                    slot.conn.send(None)
-                except (BrokenPipeError, OSError):
-                    pass
-        for slot in slots:
-            if slot.job is None:
-                slot.proc.join(1.0)
             self._stop(slot)
 
 

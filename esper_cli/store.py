@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import h5py
 import numpy as np
 from filelock import FileLock, Timeout
+from h5py import h5f, h5p, h5s
 
 from .contracts import (
     ACTION_NAMES,
@@ -84,7 +85,6 @@ _DECISION_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "reason_length": ("<i4", ()),
 }
 _BOOL_COLUMNS = ("valid", "seed_alive")
-_OUTCOME_FLOATS = ("confidence", "accuracy_change", "loss_change", "val_accuracy_after", "reward")
 
 _EPISODE_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "offset": ("<i8", ()),
@@ -185,7 +185,10 @@ def _open_swmr(path: Path) -> h5py.File:
     try:
         f = h5py.File(path, "r", libver="latest", swmr=True, locking=False)
     except OSError as exc:
-        raise StoreError(f"cannot open episode store {path}: {_hdf5_reason(exc)}") from None
+        # Left by a program that wrote the file without SWMR (never by Simic) and crashed.
+        hint = (f"; if no program is writing it, `h5clear -s {path}` clears the flag"
+                if "not already open for SWMR" in str(exc) else "")
+        raise StoreError(f"cannot open episode store {path}: {_hdf5_reason(exc)}{hint}") from None
     try:
         _check_header(f, path)
     except BaseException:
@@ -220,6 +223,19 @@ def _check_header(f: h5py.File, path: Path) -> None:
     if features != FEATURE_NAMES:
         raise StoreError(f"episode store {path} has different observation features than "
                          f"{SCHEMA_NAME} v{SCHEMA_VERSION} ({len(features)} vs {N_FEATURES})")
+
+
+def _open_swmr_write(path: Path) -> h5py.File:
+    """Open a store for appending, in SWMR-write mode from the start.
+
+    Not `h5py.File(path, "r+")` then `swmr_mode = True`: a kill between the two leaves the file
+    flagged "open for write, not SWMR", which SWMR readers refuse and no recovery can read.
+    """
+    fapl = h5p.create(h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5f.LIBVER_LATEST, h5f.LIBVER_LATEST)
+    fapl.set_file_locking(False, True)  # see _open_swmr; the lock file guards writers
+    fid = h5f.open(os.fsencode(path), h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE, fapl=fapl)
+    return h5py.File(fid)
 
 
 def _create_store(path: Path, tmp: Path, arrays: dict[str, np.ndarray] | None = None) -> None:
@@ -265,15 +281,14 @@ def _finite(values: list[float], what: str) -> np.ndarray:
     return array.reshape(-1)
 
 
-def _observations(episode: Episode) -> np.ndarray:
+def _observations(episode: Episode, what: str) -> np.ndarray:
     obs = np.zeros((len(episode.decisions), N_FEATURES), dtype=np.float32)
     for t, d in enumerate(episode.decisions):
         vec = np.asarray(d.observation, dtype=np.float32)
         if vec.shape != (N_FEATURES,):
-            raise ValueError(f"episode {episode.id}: observation {t} has shape {vec.shape}, "
-                             f"expected ({N_FEATURES},)")
+            raise ValueError(f"{what} observation {t} has shape {vec.shape}, expected ({N_FEATURES},)")
         obs[t] = vec
-    check_finite(obs, f"episode {episode.id}: observation")
+    check_finite(obs, f"{what} observation")
     return obs
 
 
@@ -289,11 +304,10 @@ def _blueprint_code(name: str | None, vocab: dict[str, int], names: list[str]) -
     return vocab[name]
 
 
-def _decision_rows(episode: Episode, reason_start: int, vocab: dict[str, int],
+def _decision_rows(episode: Episode, what: str, reason_start: int, vocab: dict[str, int],
                    names: list[str]) -> tuple[dict[str, np.ndarray], bytes]:
     """One episode's decision columns (validated) and its packed reasons."""
     recs = episode.decisions
-    what = f"episode {episode.id}:"
     floats = {
         "confidence": [d.confidence for d in recs],
         "accuracy_change": [d.outcome.accuracy_change for d in recs],
@@ -307,7 +321,7 @@ def _decision_rows(episode: Episode, reason_start: int, vocab: dict[str, int],
     reasons = [d.reason.encode() for d in recs]
     lengths = np.array([len(r) for r in reasons], dtype=np.int64)
     rows = {
-        "observations": _observations(episode),
+        "observations": _observations(episode, what),
         **{k: _finite(v, f"{what} {k}") for k, v in floats.items()},
         "actions": np.array([int(Action(d.action)) for d in recs], dtype=np.int8),
         "expert_actions": np.array(expert, dtype=np.int8),
@@ -323,13 +337,13 @@ def _decision_rows(episode: Episode, reason_start: int, vocab: dict[str, int],
     return rows, b"".join(reasons)
 
 
-def _episode_meta(episode: Episode) -> bytes:
+def _episode_meta(episode: Episode, episode_id: str, key: str) -> bytes:
     """The episode's JSON: everything that is not a number column, and the exact accuracies."""
-    _finite([episode.final_accuracy, episode.best_accuracy, episode.test_accuracy],
-            f"episode {episode.id}: accuracy")
+    what = f"episode {episode_id}:"
+    _finite([episode.final_accuracy, episode.best_accuracy, episode.test_accuracy], f"{what} accuracy")
     meta = {
-        "id": episode.id,
-        "key": episode.key,
+        "id": episode_id,
+        "key": key,
         "seed": int(episode.seed),
         "index": int(episode.index),
         "rng_seed": int(episode.rng_seed),
@@ -345,7 +359,7 @@ def _episode_meta(episode: Episode) -> bytes:
     try:
         return json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
     except ValueError as exc:
-        raise ValueError(f"episode {episode.id}: metadata is not finite JSON ({exc})") from None
+        raise ValueError(f"{what} metadata is not finite JSON ({exc})") from None
 
 
 def _encode(episodes: list[Episode], counts: _Counts, blueprints: list[str]) -> _Batch:
@@ -359,12 +373,13 @@ def _encode(episodes: list[Episode], counts: _Counts, blueprints: list[str]) -> 
     n_dec, n_reason, n_meta = counts.n_decisions, counts.n_reason_bytes, counts.n_meta_bytes
     keys = set()
     for ep in episodes:
-        rows, reason_blob = _decision_rows(ep, n_reason, vocab, names)
-        meta = _episode_meta(ep)
+        key, episode_id = ep.key, ep.id  # each hashes the config: compute once
+        rows, reason_blob = _decision_rows(ep, f"episode {episode_id}:", n_reason, vocab, names)
+        meta = _episode_meta(ep, episode_id, key)
         n = len(ep.decisions)
         values = {
             "offset": n_dec, "length": n, "seed": ep.seed, "index": ep.index,
-            "rng_seed": ep.rng_seed, "key": ep.key.encode(),
+            "rng_seed": ep.rng_seed, "key": key.encode(),
             "final_accuracy": ep.final_accuracy, "best_accuracy": ep.best_accuracy,
             "test_accuracy": ep.test_accuracy, "seeds_created": ep.seeds_created,
             "seeds_fossilized": ep.seeds_fossilized, "seeds_culled": ep.seeds_culled,
@@ -375,7 +390,7 @@ def _encode(episodes: list[Episode], counts: _Counts, blueprints: list[str]) -> 
         decision_parts.append(rows)
         reasons.append(reason_blob)
         metas.append(meta)
-        keys.add((ep.key, int(ep.seed), int(ep.index)))
+        keys.add((key, int(ep.seed), int(ep.index)))
         n_dec, n_reason, n_meta = n_dec + n, n_reason + len(reason_blob), n_meta + len(meta)
 
     out: dict[str, np.ndarray] = {}
@@ -392,6 +407,19 @@ def _encode(episodes: list[Episode], counts: _Counts, blueprints: list[str]) -> 
 
 
 # ----------------------------------------------------------------------------- the writer
+def _put_rows(ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:
+    """Make `rows` the dataset's rows from `start` on (resizing it), via h5py's low-level API.
+
+    High-level resize and slice assignment cost ~0.2 ms each in Python, which over 31 datasets
+    was most of a one-episode commit.
+    """
+    ds.id.set_extent((start + len(rows), *rows.shape[1:]))
+    if len(rows):
+        file_space = ds.id.get_space()
+        file_space.select_hyperslab((start,) + (0,) * (rows.ndim - 1), rows.shape)
+        ds.id.write(h5s.create_simple(rows.shape), file_space, np.ascontiguousarray(rows))
+
+
 class EpisodeWriter:
     """Appends episodes to a store, one atomic commit per `append`; one writer at a time.
 
@@ -403,16 +431,21 @@ class EpisodeWriter:
         self.path = Path(path)
         self.recovered = False
         self._file: h5py.File | None = None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         # thread_local=False: the writer may be closed from another thread than the one that opened it.
         self._lock = FileLock(self._sibling("lock"), thread_local=False)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock.acquire(timeout=lock_timeout)
-        except Timeout:
+        except Timeout:  # before OSError: filelock's Timeout is one
             raise StoreLockedError(f"episode store {self.path} is locked: another process is "
                                    "writing it (wait for it to finish)") from None
+        except OSError as exc:
+            raise StoreError(f"cannot write episode store {self.path}: {_hdf5_reason(exc)}") from None
         try:
             self._open()
+        except OSError as exc:  # permissions, disk full, ... while creating or recovering
+            self._lock.release()
+            raise StoreError(f"cannot write episode store {self.path}: {_hdf5_reason(exc)}") from None
         except BaseException:
             self._lock.release()
             raise
@@ -436,12 +469,8 @@ class EpisodeWriter:
             _create_store(self.path, self._sibling("recover.tmp"), arrays)
             self.recovered = True
         try:
-            self._file = h5py.File(self.path, "r+", libver="latest", locking=False)
-            self._file.swmr_mode = True  # from here on the file is consistent on disk at all times
+            self._file = _open_swmr_write(self.path)
         except OSError as exc:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
             hint = (" (an EpisodeReader in this process has it open; close it first)"
                     if "already open for read-only" in str(exc) else "")
             raise StoreError(f"cannot open episode store {self.path} for writing: "
@@ -482,12 +511,8 @@ class EpisodeWriter:
 
     def _write(self, batch: _Batch) -> None:
         for name, rows in batch.rows.items():
-            start = getattr(self._counts, _LAYOUT[name][3])
-            ds = self._datasets[name]
             # Start at the committed count: overwrites whatever a failed append left behind.
-            ds.resize(start + len(rows), axis=0)
-            if len(rows):
-                ds[start:] = rows
+            _put_rows(self._datasets[name], getattr(self._counts, _LAYOUT[name][3]), rows)
         self._file.flush()  # every row is on disk before the commit record points at it
         self._commit[:] = np.array(batch.counts, dtype=np.int64)
         self._file.flush()
@@ -520,11 +545,14 @@ class EpisodeReader:
 
     Safe while a writer appends (SWMR) and after a writer crashed. Raises StoreError (missing,
     truncated, unreadable, other schema) or NotAStoreError (not HDF5 / not a Simic store).
+
+    Attributes: `path`, `n_episodes`, `n_decisions`, `feature_names`, `schema_name`,
+    `schema_version`, `blueprint_names` (what the 'blueprint' decision codes index).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._file = _open_swmr(self.path)
+        self._file: h5py.File | None = _open_swmr(self.path)
         try:
             self._load()
         except StoreError:

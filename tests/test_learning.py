@@ -23,6 +23,7 @@ from esper_cli.learning import (
     DataError,
     GRUNet,
     MLPNet,
+    build_net,
     class_weights,
     classification_metrics,
     fit_normaliser,
@@ -183,7 +184,8 @@ def test_mlp_policy_matches_the_trained_torch_network(store, mlp_checkpoint):
 def test_gru_live_decisions_equal_whole_episode_replay(store, gru_checkpoint):
     policy = GRUTamiyo(checkpoint=gru_checkpoint)
     ckpt = policy.checkpoint
-    net = GRUNet(ckpt.meta["hparams"]["hidden"], ckpt.meta["hparams"]["layers"])
+    net = build_net("gru", ckpt.meta["hparams"])
+    assert isinstance(net, GRUNet)
     net.load_state_dict(ckpt.tensors)
     data = load_decisions(store)
     mean, std = ckpt.normalisation
@@ -377,3 +379,11 @@ def test_cli_bad_inputs_are_one_line_exit_2(store, single_episode_store, mlp_che
     target.write_bytes(mlp_checkpoint.read_bytes())
     one_line_error(invoke("train", "--store", single_episode_store, "--allow-missing-classes", "--out", target))
     assert target.read_bytes() == mlp_checkpoint.read_bytes()
+
+
+def test_cli_plot_without_matplotlib_is_a_clear_error(store, monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    msg = one_line_error(invoke("eval", "--policy", "heuristic", "--store", store, "--plot", tmp_path / "x.png"))
+    assert "simic[plot]" in msg and not (tmp_path / "x.png").exists()

@@ -456,6 +456,23 @@ def test_kill_between_rows_and_commit(tmp_path):
         assert f["episodes/length"].shape[0] == 2 and f["decisions/actions"].shape[0] == 50
 
 
+def test_kill_right_after_open(tmp_path):
+    """A writer killed before its first append leaves a store readers and writers accept."""
+    path = tmp_path / "s.h5"
+    write(path, [make_episode(0, n=25)])
+    child = run_python(f"""
+        import os, signal
+        from esper_cli.store import EpisodeWriter
+        w = EpisodeWriter({str(path)!r})
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    child.communicate()
+    assert child.returncode == -signal.SIGKILL
+    assert _check_complete(path, 1) == 1
+    with EpisodeWriter(path) as w:
+        assert w.recovered and w.n_episodes == 1
+
+
 def test_repeated_crashes_then_resume(tmp_path):
     path = tmp_path / "crash.h5"
     n = 0

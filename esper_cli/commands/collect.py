@@ -18,6 +18,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -73,7 +74,7 @@ def collect(
     device: str = typer.Option("cpu", "--device", help="Torch device for training: cpu, cuda, cuda:1, ..."),
     threads: int = typer.Option(1, "--threads", min=1, help="Torch CPU threads per episode (1 is fastest for the small default host)."),
     workers: Optional[str] = typer.Option(None, "--workers", "-w", help="Episodes run in parallel: a number or 'auto' (= CPU cores). Default: 1 locally; every CPU of the cluster with --backend ray."),
-    backend: str = typer.Option("local", "--backend", help="Where episodes run: local (this machine) or ray (a Ray cluster; needs pip install \"simic[ray]\")."),
+    backend: str = typer.Option("local", "--backend", help="Where episodes run: local (this machine) or ray (a Ray cluster; needs the ray extra)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one. Needs --backend ray."),
     retries: int = typer.Option(DEFAULT_RETRIES, "--retries", min=0, help="Re-runs of an episode whose worker died (killed, out of memory) before it is reported as failed."),
 ) -> None:
@@ -81,9 +82,11 @@ def collect(
 
     Episodes are identified by (config, seed, index): re-running the same command after an
     interruption completes the missing episodes instead of duplicating them. Ctrl-C keeps every
-    completed episode and exits 130. With --workers N (or --backend ray) episodes run in parallel
-    worker processes; this process alone writes the store, and every episode is identical to the
-    one a single worker would produce.
+    completed episode and exits 130.
+
+    With --workers N episodes run in parallel worker processes, with --backend ray as Ray tasks
+    on a cluster; this process alone writes the store, and every episode is identical to the one
+    a single worker would produce.
     """
     reg = registry()
     choose("policy", policy, reg.policies, "--policy")
@@ -101,7 +104,7 @@ def collect(
         try:
             import_ray()
         except BackendUnavailable as exc:
-            fail(str(exc))
+            fail(escape(str(exc)))
     torch.set_num_threads(threads)
     config = EpisodeConfig(task=task, epochs=epochs, device=device,
                            data_dir=str(data_dir) if data_dir is not None else None)
@@ -138,9 +141,10 @@ def collect(
         if todo:
             try:
                 runner = make_runner(backend, n_workers, ray_address=ray_address, registry=reg, retries=retries,
-                                     on_event=lambda m: err.print(f"[yellow]Warning:[/] {m}", highlight=False))
+                                     on_event=lambda m: err.print(f"[yellow]Warning:[/] {escape(m)}", highlight=False,
+                                                                  soft_wrap=True))
             except BackendUnavailable as exc:
-                fail(str(exc))
+                fail(escape(str(exc)))
             if isinstance(runner, SerialRunner):
                 runner.context.adopt(policy, {}, agent)  # the policy just built runs the first episode
             else:
@@ -155,7 +159,7 @@ def collect(
     except JobFailed as exc:
         if exc.traceback and not exc.policy_error:
             err.print(exc.traceback.rstrip(), style="dim", highlight=False, markup=False)
-        fail(f"{exc} ({added} episodes committed before it; the store is intact)", code=1)
+        fail(f"{escape(str(exc))} ({added} episodes committed before it; the store is intact)", code=1)
     except KeyboardInterrupt:
         err.print(f"Interrupted: {added} new episodes committed to {store_path}; "
                   "re-run the same command to complete the rest.")
@@ -173,7 +177,7 @@ def collect(
         table.add_row("episodes failed", str(len(lost)))
     out.print(table)
     if lost:
-        names = ", ".join(f"{x.job.label}: {x.reason}" for x in lost)
+        names = escape(", ".join(f"{x.job.label}: {x.reason}" for x in lost))
         fail(f"{len(lost)} episode(s) failed because their worker died on every attempt ({names}); "
              f"{added} episodes committed, the store is intact; re-run the same command to retry them",
              code=1)

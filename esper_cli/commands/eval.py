@@ -127,7 +127,7 @@ def evaluate(
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            fail("--plot needs matplotlib, which is not installed: pip install 'simic[plot]'")
+            fail("--plot needs matplotlib, which is not installed: pip install 'simic\\[plot]'")  # '\\[' escapes Rich markup
         if plot.suffix.lower() != ".png":
             fail(f"--plot {plot}: the file name must end in .png")
     reg = registry()

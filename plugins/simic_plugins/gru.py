@@ -51,8 +51,13 @@ class GRUTamiyo:
                 if w_hh.shape != (3 * self.hidden, self.hidden) or w_ih.shape[0] != 3 * self.hidden:
                     raise ValueError("GRU sizes")
                 self._layers.append((np.ascontiguousarray(w_ih.T), b_ih, np.ascontiguousarray(w_hh.T), b_hh))
-            self._head_w, self._head_b = np.ascontiguousarray(a["head.weight"].T), a["head.bias"]
-            if self._layers[0][0].shape[0] != N_FEATURES or self._head_w.shape != (self.hidden, len(Action)):
+            # Head: [h, x] -> hidden -> 4. Its x part gets the normalisation folded in, like layer 0.
+            w1, b1 = a["head.0.weight"], a["head.0.bias"]
+            w1x, b1 = folded_input_layer(w1[:, self.hidden :], b1, self.checkpoint)
+            self._head_h, self._head_x = np.ascontiguousarray(w1[:, : self.hidden].T), np.ascontiguousarray(w1x.T)
+            self._head_b1 = b1
+            self._head_w2, self._head_b2 = np.ascontiguousarray(a["head.2.weight"].T), a["head.2.bias"]
+            if self._layers[0][0].shape[0] != N_FEATURES or self._head_w2.shape[1] != len(Action):
                 raise ValueError("input/output sizes")
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {self.checkpoint.path} does not match a GRU of its hparams ({exc})") from None
@@ -67,7 +72,7 @@ class GRUTamiyo:
 
     def _step(self, x: np.ndarray, h: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One epoch through every layer: raw observation (27,) -> (logits (4,), new hidden state)."""
-        new_h, k = [], 2 * self.hidden
+        new_h, k, obs = [], 2 * self.hidden, x
         for (w_ih, b_ih, w_hh, b_hh), h_l in zip(self._layers, h):
             gi, gh = x @ w_ih + b_ih, h_l @ w_hh + b_hh
             rz = _sigmoid(gi[:k] + gh[:k])  # reset and update gates together
@@ -75,7 +80,8 @@ class GRUTamiyo:
             n = np.tanh(gi[k:] + r * gh[k:])
             x = n + z * (h_l - n)  # = (1 - z) * n + z * h
             new_h.append(x)
-        return x @ self._head_w + self._head_b, new_h
+        z = np.maximum(x @ self._head_h + obs @ self._head_x + self._head_b1, 0.0)
+        return z @ self._head_w2 + self._head_b2, new_h
 
     def decide(self, obs: TrainingSnapshot, context: EpisodeContext | None = None) -> Decision:
         """Advance the hidden state by this epoch's observation and pick the most probable action."""

@@ -1,0 +1,328 @@
+"""`simic compare`: run Tamiyo policies live on real training, shadow and closed loop, and report
+whether a learned policy can replace the heuristic (see `esper_cli.comparison`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from ..checkpoint import CheckpointError
+from ..comparison import (
+    MODES,
+    PolicyRuns,
+    PolicySpec,
+    ShadowPlan,
+    build_policy,
+    closed_loop_summary,
+    compare_job,
+    options_key,
+    parse_specs,
+    plot_curves,
+    shadow_summary,
+)
+from ..contracts import ACTION_NAMES, Episode, EpisodeConfig
+from ..plugins import Registry
+from ..runner import BACKENDS, BackendUnavailable, EpisodeJob, JobFailed, import_ray, make_runner, parse_workers
+from ..tasks import TaskError
+from .common import choose, err, fail, out, registry, resolve_device
+from .eval import confusion_table
+
+
+class CompareError(Exception):
+    """Bad input to a comparison (one line; the CLI exits 2)."""
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _fmt_ci(ci: list[float] | None) -> str:
+    return "" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def resolve_specs(values: list[str], reg: Registry, expert: str | None) -> tuple[list[PolicySpec], dict[str, str]]:
+    """Parse and check every policy (registered, buildable: checkpoint present and readable).
+
+    Returns the specs and each spec's version (the plugin's, or the built policy's own)."""
+    try:
+        specs = parse_specs(values)
+    except ValueError as exc:
+        raise CompareError(str(exc)) from None
+    names = [s.name for s in specs] + ([expert] if expert else [])
+    for name in names:
+        if name not in reg.policies:
+            known = ", ".join(sorted(reg.policies)) or "none"
+            raise CompareError(f"policy {name!r}: unknown policy (available: {known})")
+    versions: dict[str, str] = {}
+    for spec in specs + ([PolicySpec(expert, label=f"expert {expert}")] if expert else []):
+        try:
+            agent = build_policy(reg.policies[spec.name], spec)
+        except CheckpointError as exc:
+            raise CompareError(f"policy {spec.label!r}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a plugin's factory refusing its options
+            raise CompareError(f"policy {spec.label!r} could not be created: {type(exc).__name__}: {exc}") from None
+        plugin = reg.plugin_of("policy", spec.name)
+        versions[spec.label] = str(getattr(agent, "version", None) or (plugin.version if plugin else None) or "unknown")
+    return specs, versions
+
+
+def run_comparison(
+    specs: list[PolicySpec], versions: dict[str, str], reg: Registry, config: EpisodeConfig, *,
+    episodes: int, seed: int, mode: str, expert: str | None, threads: int = 1, workers: int | None = None,
+    backend: str = "local", ray_address: str | None = None,
+    on_episode: Callable[[str, Episode], None] | None = None, on_event: Callable[[str], None] | None = None,
+) -> tuple[dict[str, PolicyRuns], list[Episode]]:
+    """Run every compare episode through the episode runner; (closed-loop runs, shadow episodes)."""
+    driver = specs[0]
+    closed = mode in ("both", "closed-loop")
+    shadowing = mode in ("both", "shadow") and len(specs) > 1
+    runs = {s.label: PolicyRuns(s, is_expert=(s.name == expert and not s.options)) for s in specs}
+    by_key = {(s.name, options_key(s.options)): s.label for s in specs}
+    plan = None
+    if shadowing:
+        plan = ShadowPlan(driver.name, options_key(driver.options),
+                          tuple((s.label, s.name, options_key(s.options)) for s in specs[1:]))
+    jobs = []
+    for i in range(episodes):
+        for s in (specs if closed else [driver]):
+            labelled = closed and expert is not None and not runs[s.label].is_expert
+            jobs.append(EpisodeJob(policy=s.name, config=config, seed=seed, index=i, policy_options=s.options,
+                                   policy_version=versions[s.label], threads=threads,
+                                   expert=expert if labelled else None))
+    shadow_eps: list[Episode] = []
+    runner = make_runner(backend, workers, ray_address=ray_address, registry=reg, on_event=on_event)
+    with runner:
+        for episode in runner.run(jobs, fn=partial(compare_job, shadow=plan)):
+            label = by_key[(episode.policy, getattr(episode, "policy_options", ()))]
+            runs[label].episodes[episode.index] = episode
+            if label == driver.label and shadowing:
+                shadow_eps.append(episode)
+            if on_episode is not None:
+                on_episode(label, episode)
+    if runner.lost:
+        names = ", ".join(f"{x.job.policy} {x.job.label}: {x.reason}" for x in runner.lost)
+        raise JobFailed(runner.lost[0].job, f"{len(runner.lost)} compare episode(s) lost ({names})",
+                        policy_error=False)
+    shadow_eps.sort(key=lambda e: e.index)
+    return runs, shadow_eps
+
+
+def build_report(specs: list[PolicySpec], runs: dict[str, PolicyRuns], shadow_eps: list[Episode], *,
+                 mode: str, expert: str | None, config: EpisodeConfig, episodes: int, seed: int) -> dict[str, Any]:
+    closed = mode in ("both", "closed-loop")
+    shadow = None
+    if mode in ("both", "shadow"):
+        shadow = shadow_summary(specs[0].label, shadow_eps, [s.label for s in specs[1:]])
+    return {
+        "mode": mode,
+        "episodes": episodes,
+        "seed": seed,
+        "expert": expert,
+        "config": config.to_dict(),
+        "policies": [s.label for s in specs],
+        "closed_loop": closed_loop_summary(runs, specs[0].label) if closed else None,
+        "shadow": shadow,
+    }
+
+
+def live_table(specs: list[PolicySpec], runs: dict[str, PolicyRuns], episodes: int, closed: bool) -> Table:
+    table = Table(title="simic compare (live)", title_justify="left")
+    for col in ("policy", "episodes", "final acc", f"Δ vs {specs[0].label}", "seeds c/f/x", "expert agree"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    ref = runs[specs[0].label].episodes
+    for s in specs if closed else specs[:1]:
+        eps = runs[s.label].episodes
+        if not eps:
+            table.add_row(s.label, f"0/{episodes}", "-", "-", "-", "-")
+            continue
+        finals = [e.final_accuracy for e in eps.values()]
+        diffs = [eps[i].final_accuracy - ref[i].final_accuracy for i in eps if i in ref]
+        pairs = [(d.action, d.expert_action) for e in eps.values() for d in e.decisions if d.expert_action >= 0]
+        agree = sum(a == y for a, y in pairs) / len(pairs) if pairs else None
+        seeds = (sum(e.seeds_created for e in eps.values()), sum(e.seeds_fossilized for e in eps.values()),
+                 sum(e.seeds_culled for e in eps.values()))
+        table.add_row(s.label, f"{len(eps)}/{episodes}", f"{sum(finals) / len(finals):.2f}",
+                      f"{sum(diffs) / len(diffs):+.2f}" if diffs else "-", "/".join(map(str, seeds)), _pct(agree))
+    return table
+
+
+def closed_loop_tables(report: dict[str, Any]) -> list[Table]:
+    """Accuracy (paired against the first policy) and behaviour, one row per policy each."""
+    cl = report["closed_loop"]
+    ref = report["policies"][0]
+    acc = Table(title=f"Closed loop: {report['episodes']} paired episodes (seed {report['seed']}), "
+                      "accuracy % (mean, 95% t-interval)", title_justify="left")
+    for col in ("policy", "final", "95% CI", "best", f"Δ final vs {ref}", "Δ 95% CI"):
+        acc.add_column(col, justify="left" if col == "policy" else "right", no_wrap=col == "policy")
+    beh = Table(title="Closed loop: behaviour (totals over the episodes)", title_justify="left")
+    for col in ("policy", "seeds created/fossil/culled", "actions W/G/A/C", "invalid", "expert agreement"):
+        beh.add_column(col, justify="left" if col == "policy" else "right", no_wrap=col == "policy")
+    for label, r in cl.items():
+        ci = _fmt_ci(r["final_accuracy_ci95"]).strip() or "-"
+        if label == ref:
+            diff, dci = "-", "-"
+        else:
+            diff = f"{r['final_accuracy_diff_mean']:+.2f}"
+            dci = _fmt_ci(r["final_accuracy_diff_ci95"]).strip() or "-"
+        acc.add_row(label, _fmt(r["final_accuracy_mean"]), ci, _fmt(r["best_accuracy_mean"]), diff, dci)
+        agree = "(the expert)" if r["expert_agreement"] is None and report["expert"] == r["policy"] \
+            else (f"{_pct(r['expert_agreement'])} of {r['expert_labelled_decisions']}"
+                  if r["expert_agreement"] is not None else "-")
+        beh.add_row(label, f"{r['seeds_created']}/{r['seeds_fossilized']}/{r['seeds_culled']}",
+                    "/".join(str(r["action_counts"][a]) for a in ACTION_NAMES), str(r["invalid_actions"]), agree)
+    return [acc, beh]
+
+
+def shadow_table(report: dict[str, Any]) -> Table:
+    sh = report["shadow"]
+    stages = sorted({st for lab in report["policies"][1:] for st in sh[lab]["by_stage"]})
+    table = Table(title=f"Shadow: {sh['driver']} drives {sh['n_episodes']} episodes; the others are asked on "
+                        "the same observations", title_justify="left")
+    table.add_column("policy")
+    table.add_column("agreement", justify="right")
+    table.add_column("disagreements", justify="right")
+    for st in stages:
+        table.add_column(f"{st.lower()} (disagree/decisions)", justify="right")
+    for label in report["policies"][1:]:
+        r = sh[label]
+        cells = [f"{r['by_stage'][st]['disagreements']}/{r['by_stage'][st]['decisions']}" if st in r["by_stage"] else "-"
+                 for st in stages]
+        table.add_row(label, _pct(r["agreement"]), f"{r['disagreements']}/{r['n_decisions']}", *cells)
+    return table
+
+
+def compare(
+    policies: list[str] = typer.Argument(..., metavar="POLICY...",
+                                         help="Policies by plugin name (a learned one uses the checkpoint `simic train "
+                                              "--policy NAME` wrote), or NAME=PATH for a specific checkpoint. The "
+                                              "first drives in shadow mode and is the reference for paired differences."),
+    episodes: int = typer.Option(5, "--episodes", "-n", min=1, help="Paired episodes per policy (indices 0..N-1)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Run seed; episode i of every policy uses the seed derived from (seed, i)."),
+    mode: str = typer.Option("both", "--mode", help="both | shadow | closed-loop."),
+    epochs: int = typer.Option(25, "--epochs", min=1, help="Training epochs (= decisions) per episode."),
+    task: str = typer.Option("digits", "--task", help="Training task: digits (bundled) or cifar10 (needs --data-dir)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder holding cifar-10-batches-py (for --task cifar10)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for training: cpu, cuda, ..."),
+    expert: str = typer.Option("heuristic", "--expert",
+                               help="Expert asked at every state a non-expert policy visits (on-policy agreement); 'none' to skip."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Torch CPU threads per episode."),
+    workers: Optional[str] = typer.Option(None, "--workers", "-w", help="Episodes run in parallel: a number or 'auto'."),
+    backend: str = typer.Option("local", "--backend", help="Where episodes run: local or ray."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (needs --backend ray)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the tables."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw accuracy curves per policy (seed stages shaded, actions marked) to this PNG."),
+) -> None:
+    """Compare Tamiyo policies live on real morphogenetic training runs.
+
+    Shadow: the first policy drives; the others are asked on the same observations (agreement,
+    confusion, where they disagree). Closed loop: each policy drives its own episodes from the
+    same seeds (paired: same initial weights, same data order); final and best accuracy with 95%
+    intervals, paired differences against the first policy, seed counts, action mix, invalid
+    actions, and agreement with the expert on the states each policy visited.
+    """
+    if mode not in MODES:
+        fail(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    if plot is not None and plot.suffix.lower() != ".png":
+        fail(f"--plot {plot}: expected a .png path")
+    if plot is not None and mode == "shadow":
+        fail("--plot draws closed-loop curves: use it with --mode both or closed-loop")
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            fail('--plot needs matplotlib: pip install "simic[plot]"')
+    reg = registry()
+    choose("task", task, reg.tasks, "--task")
+    resolve_device(device)
+    try:
+        n_workers = parse_workers(workers)
+    except ValueError as exc:
+        fail(str(exc))
+    if backend not in BACKENDS:
+        fail(f"--backend {backend!r}: unknown backend (available: {', '.join(BACKENDS)})")
+    if ray_address and backend != "ray":
+        fail(f"--ray-address {ray_address!r} needs --backend ray")
+    if backend == "ray":
+        try:
+            import_ray()
+        except BackendUnavailable as exc:
+            fail(escape(str(exc)))
+    expert_name = None if expert.lower() == "none" else expert
+    try:
+        specs, versions = resolve_specs(policies, reg, expert_name)
+    except CompareError as exc:
+        fail(escape(str(exc)))
+    torch.set_num_threads(threads)
+    config = EpisodeConfig(task=task, epochs=epochs, device=device,
+                           data_dir=str(data_dir) if data_dir is not None else None)
+    try:
+        reg.tasks[task].load(config.data_dir, 0)
+    except TaskError as exc:
+        fail(str(exc))
+
+    closed = mode in ("both", "closed-loop")
+    per_episode = len(specs) if closed else 1
+    progress = Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                        console=err)
+    bar = progress.add_task(f"compare {' '.join(s.label for s in specs)}", total=episodes * per_episode)
+    runs_live = {s.label: PolicyRuns(s, is_expert=False) for s in specs}
+
+    def render() -> Group:
+        return Group(progress, live_table(specs, runs_live, episodes, closed))
+
+    try:
+        with Live(render(), console=err, refresh_per_second=4, transient=True) as live:
+            def on_episode(label: str, episode: Episode) -> None:
+                runs_live[label].episodes[episode.index] = episode
+                progress.advance(bar)
+                live.update(render())
+
+            runs, shadow_eps = run_comparison(
+                specs, versions, reg, config, episodes=episodes, seed=seed, mode=mode, expert=expert_name,
+                threads=threads, workers=n_workers, backend=backend, ray_address=ray_address,
+                on_episode=on_episode,
+                on_event=lambda m: err.print(f"[yellow]Warning:[/] {escape(m)}", highlight=False, soft_wrap=True))
+    except BackendUnavailable as exc:
+        fail(escape(str(exc)))
+    except JobFailed as exc:
+        fail(escape(str(exc)), code=1)
+    except KeyboardInterrupt:
+        err.print("Interrupted: no comparison report (episodes are not stored).")
+        raise typer.Exit(130)
+
+    report = build_report(specs, runs, shadow_eps, mode=mode, expert=expert_name, config=config,
+                          episodes=episodes, seed=seed)
+    if plot is not None:
+        path = plot_curves(plot, runs)
+        err.print(f"Accuracy curves written to {path}", highlight=False)
+        report["plot"] = str(path)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    if report["closed_loop"] is not None:
+        for table in closed_loop_tables(report):
+            out.print(table)
+    if report["shadow"] is not None and len(specs) > 1:
+        out.print(shadow_table(report))
+        for label in report["policies"][1:]:
+            cm = report["shadow"][label]["confusion"]
+            table = confusion_table({"labels": list(ACTION_NAMES), "confusion_matrix": cm})
+            table.title = f"Shadow confusion: rows {report['shadow']['driver']} (driver), columns {label}; % of row"
+            out.print(table)

@@ -1,0 +1,311 @@
+"""Live comparison of Tamiyo policies: shadow mode, closed-loop paired runs, on-policy agreement.
+
+Can a learned Tamiyo replace the heuristic? Two ways to ask, both on real morphogenetic training:
+
+- **Shadow**: the first policy (the *driver*) drives each episode; every other policy is asked on
+  the very same observations, each with its own state (a GRU's hidden state follows the driver's
+  trajectory), and never acts. Per-decision agreement, a confusion matrix driver x other, and
+  where they disagree (by seed stage).
+- **Closed loop**: each policy drives its own episodes from the same seeds. Episode `i` of every
+  policy starts from the same initial weights and sees the same data order (the environment draws
+  both from the episode's rng seed, never from the actions), so the runs are *paired*: the
+  difference of final accuracies on episode `i` is the effect of the policy alone. For every
+  policy other than the expert, the expert is asked at every state that policy visited (DAgger's
+  on-policy labels, `run_episode(expert=...)`), so on-policy agreement is measured too.
+
+`compare_job` is the module-level job function the episode runner executes (in this process, in
+worker processes or as Ray tasks); `summarise` turns finished episodes into the report
+(`simic compare --json` prints it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .contracts import ACTION_NAMES, N_ACTIONS, Action, Episode, SeedStage
+from .episode import PolicyError, run_episode
+
+MODES = ("both", "shadow", "closed-loop")
+
+
+# ================================================================================ policy specs
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy named on the command line: `NAME` or `NAME=PATH` (a specific checkpoint)."""
+
+    name: str  # registered policy name
+    checkpoint: str | None = None
+    label: str = ""  # how reports name it (unique among the compared policies)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint} if self.checkpoint is not None else {}
+
+
+def parse_specs(values: Sequence[str]) -> list[PolicySpec]:
+    """Parse `NAME` / `NAME=PATH`; labels are the names, or `NAME=PATH` where a name repeats."""
+    raw: list[tuple[str, str | None, str]] = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        name = name.strip()
+        if not name:
+            raise ValueError(f"policy {value!r}: expected NAME or NAME=PATH")
+        if sep and not path.strip():
+            raise ValueError(f"policy {value!r}: NAME=PATH needs a checkpoint path after '='")
+        raw.append((name, path.strip() if sep else None, value))
+    counts: dict[str, int] = {}
+    for name, _, _ in raw:
+        counts[name] = counts.get(name, 0) + 1
+    specs = [PolicySpec(name, path, name if counts[name] == 1 else value) for name, path, value in raw]
+    labels = [s.label for s in specs]
+    dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dupes:
+        raise ValueError(f"policy {dupes[0]!r} is named twice")
+    return specs
+
+
+def build_policy(factory: Any, spec: PolicySpec) -> Any:
+    """A fresh instance of a spec's policy (the checkpoint, if any, passed as `checkpoint=`)."""
+    options = dict(spec.options)
+    if "checkpoint" in options:
+        options["checkpoint"] = str(Path(options["checkpoint"]).expanduser())
+    return factory(**options)
+
+
+# ================================================================================ the job
+@dataclass(frozen=True)
+class ShadowPlan:
+    """Which closed-loop job also carries the shadow policies (label, name, options)."""
+
+    driver: str  # registered name of the driver
+    driver_options: tuple[tuple[str, Any], ...]
+    observers: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...]
+
+
+def compare_job(job: Any, context: Any, shadow: ShadowPlan | None = None) -> Episode:
+    """Run one compare episode (module-level, so worker processes and Ray import it by name).
+
+    The job's policy drives; its `expert` (if any) labels every state without acting (beta 0);
+    when the job is the driver's and a shadow plan is given, the shadow policies observe.
+    """
+    import torch
+
+    if torch.get_num_threads() != job.threads:
+        torch.set_num_threads(job.threads)
+    reg = context.registry
+    task = reg.tasks.get(job.config.task)
+    if task is None:
+        raise PolicyError(f"task '{job.config.task}' is not registered in this worker")
+    policy = context.policy(job.policy, job.policy_options)
+    expert = context.policy(job.expert, job.expert_options) if job.expert is not None else None
+    observers = None
+    if shadow is not None and job.policy == shadow.driver \
+            and options_key(job.policy_options) == shadow.driver_options:
+        observers = {label: context.policy(name, dict(options)) for label, name, options in shadow.observers}
+    episode = run_episode(policy, job.config, job.seed, job.index, task=task, blueprints=reg.blueprints,
+                          policy_name=job.policy, policy_version=job.policy_version, expert=expert,
+                          expert_name=job.expert, observers=observers)
+    episode.policy_options = options_key(job.policy_options)  # type: ignore[attr-defined]
+    return episode
+
+
+def options_key(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """A hashable, order-free form of a policy's factory options (which compared spec ran)."""
+    return tuple(sorted(dict(options).items()))
+
+
+# ================================================================================ statistics
+def mean_ci95(values: Sequence[float]) -> tuple[float | None, list[float] | None]:
+    """(mean, [low, high]) with a Student-t 95% interval; the interval is None for n < 2."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        return None, None
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, None
+    from scipy.stats import t  # scikit-learn depends on scipy
+
+    half = float(t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return mean, [mean - half, mean + half]
+
+
+def _confusion(rows: np.ndarray, cols: np.ndarray) -> list[list[int]]:
+    m = np.zeros((N_ACTIONS, N_ACTIONS), dtype=np.int64)
+    np.add.at(m, (rows, cols), 1)
+    return m.tolist()
+
+
+def _stage_of(observations: np.ndarray) -> np.ndarray:
+    """The managed seed's stage at each decision (DORMANT where no seed is active)."""
+    from .contracts import FEATURE_NAMES
+
+    has = observations[:, FEATURE_NAMES.index("has_active_seed")] > 0.5
+    stage = observations[:, FEATURE_NAMES.index("seed_stage")].astype(np.int64)
+    return np.where(has, stage, int(SeedStage.DORMANT))
+
+
+@dataclass
+class PolicyRuns:
+    """The closed-loop episodes of one compared policy, by episode index."""
+
+    spec: PolicySpec
+    is_expert: bool
+    episodes: dict[int, Episode] = field(default_factory=dict)
+
+
+def closed_loop_summary(runs: Mapping[str, PolicyRuns], reference: str) -> dict[str, Any]:
+    """Per policy: accuracies with 95% intervals, paired differences against `reference`, seed
+    counts, action mix, invalid actions, and agreement with the expert on the states it visited."""
+    ref = runs[reference].episodes
+    out: dict[str, Any] = {}
+    for label, r in runs.items():
+        eps = [r.episodes[i] for i in sorted(r.episodes)]
+        finals = [e.final_accuracy for e in eps]
+        bests = [e.best_accuracy for e in eps]
+        fm, fci = mean_ci95(finals)
+        bm, bci = mean_ci95(bests)
+        paired = sorted(set(r.episodes) & set(ref))
+        d_final = [r.episodes[i].final_accuracy - ref[i].final_accuracy for i in paired]
+        d_best = [r.episodes[i].best_accuracy - ref[i].best_accuracy for i in paired]
+        dm, dci = mean_ci95(d_final)
+        dbm, dbci = mean_ci95(d_best)
+        counts = dict.fromkeys(ACTION_NAMES, 0)
+        invalid = dict.fromkeys(ACTION_NAMES, 0)
+        acted, labels = [], []
+        for e in eps:
+            for d in e.decisions:
+                counts[Action(d.action).name] += 1
+                if not d.valid:
+                    invalid[Action(d.action).name] += 1
+                if d.expert_action >= 0:
+                    acted.append(int(d.action))
+                    labels.append(int(d.expert_action))
+        n_dec = sum(counts.values())
+        entry: dict[str, Any] = {
+            "policy": r.spec.name,
+            "checkpoint": r.spec.checkpoint,
+            "policy_version": eps[0].policy_version if eps else None,
+            "n_episodes": len(eps),
+            "final_accuracy_mean": fm,
+            "final_accuracy_ci95": fci,
+            "final_accuracies": finals,
+            "best_accuracy_mean": bm,
+            "best_accuracy_ci95": bci,
+            "best_accuracies": bests,
+            "test_accuracy_mean": mean_ci95([e.test_accuracy for e in eps])[0],
+            "paired_against": reference,
+            "final_accuracy_diff_mean": dm,
+            "final_accuracy_diff_ci95": dci,
+            "final_accuracy_diffs": d_final,
+            "best_accuracy_diff_mean": dbm,
+            "best_accuracy_diff_ci95": dbci,
+            "seeds_created": sum(e.seeds_created for e in eps),
+            "seeds_fossilized": sum(e.seeds_fossilized for e in eps),
+            "seeds_culled": sum(e.seeds_culled for e in eps),
+            "n_decisions": n_dec,
+            "action_counts": counts,
+            "action_mix": {a: (c / n_dec if n_dec else 0.0) for a, c in counts.items()},
+            "invalid_actions": sum(invalid.values()),
+            "invalid_action_counts": invalid,
+            "expert_agreement": None,
+            "expert_labelled_decisions": 0,
+            "expert_confusion": None,
+        }
+        if not r.is_expert and labels:
+            a, y = np.asarray(acted), np.asarray(labels)
+            entry["expert_agreement"] = float((a == y).mean())
+            entry["expert_labelled_decisions"] = len(y)
+            entry["expert_confusion"] = _confusion(y, a)  # rows: expert, columns: this policy
+        out[label] = entry
+    return out
+
+
+def shadow_summary(driver: str, episodes: Iterable[Episode], observers: Sequence[str]) -> dict[str, Any]:
+    """Agreement of each observer with the driver on the driver's own trajectories."""
+    eps = list(episodes)
+    out: dict[str, Any] = {"driver": driver, "n_episodes": len(eps)}
+    if not eps:
+        return out
+    acted = np.concatenate([[int(d.action) for d in e.decisions] for e in eps]).astype(np.int64)
+    obs = np.concatenate([np.stack([d.observation for d in e.decisions]) for e in eps])
+    stages = _stage_of(obs)
+    for label in observers:
+        other = np.concatenate([getattr(e, "shadow", {})[label] for e in eps]).astype(np.int64)
+        agree = acted == other
+        by_stage = {}
+        for s in np.unique(stages):
+            m = stages == s
+            by_stage[SeedStage(int(s)).name] = {"decisions": int(m.sum()), "disagreements": int((~agree[m]).sum())}
+        out[label] = {
+            "agreement": float(agree.mean()),
+            "n_decisions": int(len(agree)),
+            "disagreements": int((~agree).sum()),
+            "confusion": _confusion(acted, other),  # rows: driver, columns: this policy
+            "by_stage": by_stage,
+        }
+    return out
+
+
+# ================================================================================ the plot
+def plot_curves(path: Path, runs: Mapping[str, PolicyRuns], max_episodes: int = 3) -> Path:
+    """Validation accuracy per epoch, one row per policy, one column per episode (first few):
+    seed stages shaded, non-WAIT actions marked (invalid ones hollow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(runs)
+    indices = sorted(set().union(*(r.episodes for r in runs.values())))[:max_episodes]
+    fig, axes = plt.subplots(len(labels), max(1, len(indices)), squeeze=False, sharey=True,
+                             figsize=(4.2 * max(1, len(indices)), 2.8 * len(labels)))
+    colours = {"GERMINATED": "#fde68a", "TRAINING": "#bfdbfe", "BLENDING": "#c7d2fe",
+               "FOSSILIZED": "#bbf7d0", "CULLED": "#fecaca"}
+    markers = {Action.GERMINATE: ("^", "tab:green"), Action.ADVANCE: (">", "tab:blue"),
+               Action.CULL: ("x", "tab:red")}
+    for row, label in enumerate(labels):
+        for col, i in enumerate(indices):
+            ax = axes[row][col]
+            e = runs[label].episodes.get(i)
+            if e is None:
+                ax.set_axis_off()
+                continue
+            # Epoch 0 is the untrained host; the decision at epoch t is marked on the curve at t.
+            acc = [float(e.decisions[0].observation[6])] + [d.outcome.val_accuracy for d in e.decisions]
+            epochs = np.arange(len(acc))
+            end = len(acc) - 1
+            for s in e.seeds:
+                spans = list(s.stages) + [("END", end)]
+                for (stage, start), (_, stop) in zip(spans, spans[1:]):
+                    if stage in colours and stop > start:
+                        ax.axvspan(start, stop, color=colours[stage], alpha=0.6, lw=0)
+            ax.plot(epochs, acc, color="black", lw=1.2)
+            for t, d in enumerate(e.decisions):
+                a = Action(d.action)
+                if a in markers:
+                    m, c = markers[a]
+                    y = d.observation[6]  # val accuracy when the action was taken
+                    ax.scatter([t], [y], marker=m, s=40, zorder=3, color=c if d.valid else "none",
+                               edgecolors=c)
+            ax.set_title(f"{label}: episode {i}  final {e.final_accuracy:.1f}%", fontsize=9)
+            ax.set_xlabel("epoch", fontsize=8)
+            if col == 0:
+                ax.set_ylabel("val accuracy (%)", fontsize=8)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=c, alpha=0.6, label=s.lower()) for s, c in colours.items()]
+    handles += [Line2D([], [], marker=m, color=c, ls="", label=a.name) for a, (m, c) in markers.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
