@@ -14,8 +14,8 @@ Can a learned Tamiyo replace the heuristic? Two ways to ask, both on real morpho
   on-policy labels, `run_episode(expert=...)`), so on-policy agreement is measured too.
 
 `compare_job` is the module-level job function the episode runner executes (in this process, in
-worker processes or as Ray tasks); `summarise` turns finished episodes into the report
-(`simic compare --json` prints it).
+worker processes or as Ray tasks); `closed_loop_summary` and `shadow_summary` turn finished episodes into
+the report (`simic compare --json` prints it).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,15 @@ def _stage_of(observations: np.ndarray) -> np.ndarray:
     return np.where(has, stage, int(SeedStage.DORMANT))
 
 
+def _by_stage(agree: np.ndarray, stages: np.ndarray) -> dict[str, dict[str, int]]:
+    """Decisions and disagreements per seed stage (where do two policies part ways?)."""
+    out = {}
+    for s in np.unique(stages):
+        m = stages == s
+        out[SeedStage(int(s)).name] = {"decisions": int(m.sum()), "disagreements": int((~agree[m]).sum())}
+    return out
+
+
 @dataclass
 class PolicyRuns:
     """The closed-loop episodes of one compared policy, by episode index."""
@@ -177,7 +187,7 @@ def closed_loop_summary(runs: Mapping[str, PolicyRuns], reference: str) -> dict[
         dbm, dbci = mean_ci95(d_best)
         counts = dict.fromkeys(ACTION_NAMES, 0)
         invalid = dict.fromkeys(ACTION_NAMES, 0)
-        acted, labels = [], []
+        acted, labels, visited = [], [], []
         for e in eps:
             for d in e.decisions:
                 counts[Action(d.action).name] += 1
@@ -186,6 +196,7 @@ def closed_loop_summary(runs: Mapping[str, PolicyRuns], reference: str) -> dict[
                 if d.expert_action >= 0:
                     acted.append(int(d.action))
                     labels.append(int(d.expert_action))
+                    visited.append(d.observation)
         n_dec = sum(counts.values())
         entry: dict[str, Any] = {
             "policy": r.spec.name,
@@ -216,12 +227,14 @@ def closed_loop_summary(runs: Mapping[str, PolicyRuns], reference: str) -> dict[
             "expert_agreement": None,
             "expert_labelled_decisions": 0,
             "expert_confusion": None,
+            "expert_by_stage": None,
         }
         if not r.is_expert and labels:
             a, y = np.asarray(acted), np.asarray(labels)
             entry["expert_agreement"] = float((a == y).mean())
             entry["expert_labelled_decisions"] = len(y)
             entry["expert_confusion"] = _confusion(y, a)  # rows: expert, columns: this policy
+            entry["expert_by_stage"] = _by_stage(a == y, _stage_of(np.stack(visited)))
         out[label] = entry
     return out
 
@@ -238,13 +251,10 @@ def shadow_summary(driver: str, episodes: Iterable[Episode], observers: Sequence
     for label in observers:
         other = np.concatenate([getattr(e, "shadow", {})[label] for e in eps]).astype(np.int64)
         agree = acted == other
-        by_stage = {}
-        for s in np.unique(stages):
-            m = stages == s
-            by_stage[SeedStage(int(s)).name] = {"decisions": int(m.sum()), "disagreements": int((~agree[m]).sum())}
+        by_stage = _by_stage(agree, stages)
         out[label] = {
             "agreement": float(agree.mean()),
-            "n_decisions": int(len(agree)),
+            "n_decisions": len(agree),
             "disagreements": int((~agree).sum()),
             "confusion": _confusion(acted, other),  # rows: driver, columns: this policy
             "by_stage": by_stage,
@@ -255,7 +265,7 @@ def shadow_summary(driver: str, episodes: Iterable[Episode], observers: Sequence
 # ================================================================================ the plot
 def plot_curves(path: Path, runs: Mapping[str, PolicyRuns], max_episodes: int = 3) -> Path:
     """Validation accuracy per epoch, one row per policy, one column per episode (first few):
-    seed stages shaded, non-WAIT actions marked (invalid ones hollow)."""
+    seed stages shaded, non-WAIT actions marked (invalid ones faded)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,7 +292,7 @@ def plot_curves(path: Path, runs: Mapping[str, PolicyRuns], max_episodes: int = 
             end = len(acc) - 1
             for s in e.seeds:
                 spans = list(s.stages) + [("END", end)]
-                for (stage, start), (_, stop) in zip(spans, spans[1:]):
+                for (stage, start), (_, stop) in pairwise(spans):
                     if stage in colours and stop > start:
                         ax.axvspan(start, stop, color=colours[stage], alpha=0.6, lw=0)
             ax.plot(epochs, acc, color="black", lw=1.2)
@@ -291,8 +301,7 @@ def plot_curves(path: Path, runs: Mapping[str, PolicyRuns], max_episodes: int = 
                 if a in markers:
                     m, c = markers[a]
                     y = d.observation[6]  # val accuracy when the action was taken
-                    ax.scatter([t], [y], marker=m, s=40, zorder=3, color=c if d.valid else "none",
-                               edgecolors=c)
+                    ax.scatter([t], [y], marker=m, s=40, zorder=3, color=c, alpha=1.0 if d.valid else 0.35)
             ax.set_title(f"{label}: episode {i}  final {e.final_accuracy:.1f}%", fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
             if col == 0:

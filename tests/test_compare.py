@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from simic_plugins.heuristic import HeuristicTamiyo
+from simic_plugins.mlp import MLPTamiyo
 from typer.testing import CliRunner
 
 from esper_cli import hookimpl
@@ -23,8 +25,6 @@ from esper_cli.episode import run_episode
 from esper_cli.learning import train_policy
 from esper_cli.paths import default_checkpoint_path
 from esper_cli.plugins import build_registry, registered_plugin
-from simic_plugins.heuristic import HeuristicTamiyo
-from simic_plugins.mlp import MLPTamiyo
 
 runner = CliRunner()
 EPOCHS = 12
@@ -150,6 +150,7 @@ def test_bad_input_is_one_line_and_exit_2(mlp_checkpoint, tmp_path):
     one_line_error(invoke("compare", "heuristic", "nope"), "'nope'", "unknown policy", "available:")
     one_line_error(invoke("compare", "heuristic", "--episodes", 0), "--episodes")
     one_line_error(invoke("compare", "heuristic", "--mode", "sideways"), "--mode")
+    one_line_error(invoke("compare", "heuristic", "--mode", "shadow"), "at least two policies")
     one_line_error(invoke("compare", "heuristic", f"gru={mlp_checkpoint}"), "'mlp' checkpoint, not 'gru'")
     one_line_error(invoke("compare", "heuristic", f"mlp={tmp_path / 'none.safetensors'}"),
                    "no checkpoint at", "simic train --policy mlp")
@@ -160,7 +161,7 @@ def test_bad_input_is_one_line_and_exit_2(mlp_checkpoint, tmp_path):
 
     with safe_open(str(other), framework="pt") as f:
         meta = json.loads(f.metadata()["simic"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
     meta["feature_schema"]["version"] = 99
     blob = json.dumps(meta, sort_keys=True)
     save_file(tensors, str(other), metadata={"simic": blob, "sha256": digest(blob, tensors)})

@@ -10,15 +10,16 @@ import json
 
 import numpy as np
 import pytest
+from simic_plugins.heuristic import HeuristicTamiyo
 from typer.testing import CliRunner
 
+from esper_cli import hookimpl
 from esper_cli.cli import app
 from esper_cli.contracts import Action, Decision, EpisodeConfig, TrainingSnapshot
 from esper_cli.episode import run_episode
 from esper_cli.learning import load_decisions
-from esper_cli.plugins import build_registry
+from esper_cli.plugins import build_registry, registered_plugin
 from esper_cli.store import EpisodeReader, EpisodeWriter
-from simic_plugins.heuristic import HeuristicTamiyo
 
 runner = CliRunner()
 EPOCHS = 12
@@ -118,6 +119,35 @@ def test_dagger_episodes_keep_both_actions_in_the_store_and_train_on_the_labels(
     labels = np.concatenate([[int(d.action) for d in plain.decisions], [d.expert_action for d in dagger.decisions]])
     assert data.labels.tolist() == labels.tolist()  # expert labels where recorded, else the action taken
     assert (data.labels[EPOCHS:] != np.array([int(d.action) for d in dagger.decisions])).any()
+
+
+class LearnerPlugin:
+    @hookimpl
+    def register_policies(self, register):
+        register("always-germinate", AlwaysGerminate)
+
+
+def test_simic_collect_with_an_expert_stores_labels_and_is_a_run_of_its_own(tmp_path):
+    store = tmp_path / "s.h5"
+    args = ["collect", "--policy", "always-germinate", "--episodes", "2", "--epochs", str(EPOCHS), "--seed", str(SEED),
+            "--store", str(store)]
+    with registered_plugin(LearnerPlugin(), name="learner"):
+        result = runner.invoke(app, [*args, "--expert", "heuristic", "--beta", "0.5"])
+        assert result.exit_code == 0, result.output
+        assert "heuristic / 0.5" in result.stdout
+        again = runner.invoke(app, [*args, "--expert", "heuristic", "--beta", "0.5", "--episodes", "1"])
+        assert again.exit_code == 0 and "1 of 1 episodes already in" in again.stderr  # resumable, as before
+        bad = runner.invoke(app, [*args, "--beta", "0.5"])
+        assert bad.exit_code == 2 and "--beta" in bad.stderr and "--expert" in bad.stderr
+    with EpisodeReader(store) as reader:
+        eps = [reader.episode(i) for i in range(reader.n_episodes)]
+    assert len(eps) == 2 and all(e.expert == "heuristic" and e.config.beta == 0.5 for e in eps)
+    fresh = HeuristicTamiyo()
+    for e in eps:
+        assert [d.expert_action for d in e.decisions] == [
+            int(fresh.decide(TrainingSnapshot.from_vector(d.observation)).action) for d in e.decisions]
+    acted = [int(d.action) for e in eps for d in e.decisions]
+    assert Action.GERMINATE in acted and acted != [d.expert_action for e in eps for d in e.decisions]
 
 
 def test_simic_dagger_runs_a_round_end_to_end(tmp_path):

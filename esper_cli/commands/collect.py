@@ -77,6 +77,8 @@ def collect(
     backend: str = typer.Option("local", "--backend", help="Where episodes run: local (this machine) or ray (a Ray cluster; needs the ray extra)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one. Needs --backend ray."),
     retries: int = typer.Option(DEFAULT_RETRIES, "--retries", min=0, help="Re-runs of an episode whose worker died (killed, out of memory) before it is reported as failed."),
+    expert: Optional[str] = typer.Option(None, "--expert", help="DAgger: a policy asked at every state; its action is stored as the label (the acting policy's action is kept too)."),
+    beta: Optional[float] = typer.Option(None, "--beta", min=0.0, max=1.0, help="DAgger: probability that the expert's action is applied instead of the policy's (default 0.5 with --expert)."),
 ) -> None:
     """Run morphogenetic training episodes driven by a policy and record every decision.
 
@@ -87,9 +89,18 @@ def collect(
     With --workers N episodes run in parallel worker processes, with --backend ray as Ray tasks
     on a cluster; this process alone writes the store, and every episode is identical to the one
     a single worker would produce.
+
+    DAgger (Ross et al., 2011): with --expert NAME the policy acts (mixed with the expert: each
+    decision applies the expert's action with probability --beta, drawn from the episode's seed)
+    while the expert's action at every state is stored as the label; `simic train` then learns
+    from the expert labels of the aggregated store.
     """
     reg = registry()
     choose("policy", policy, reg.policies, "--policy")
+    if expert is not None:
+        choose("policy", expert, reg.policies, "--expert")
+    elif beta is not None:
+        fail("--beta mixes in an expert's actions: it needs --expert NAME")
     choose("task", task, reg.tasks, "--task")
     resolve_device(device)
     try:
@@ -107,7 +118,8 @@ def collect(
             fail(escape(str(exc)))
     torch.set_num_threads(threads)
     config = EpisodeConfig(task=task, epochs=epochs, device=device,
-                           data_dir=str(data_dir) if data_dir is not None else None)
+                           data_dir=str(data_dir) if data_dir is not None else None,
+                           expert=expert, beta=(0.5 if beta is None else beta) if expert is not None else 0.0)
     try:
         reg.tasks[task].load(config.data_dir, 0)  # bad data is a usage error, found before any work
     except TaskError as exc:
@@ -136,8 +148,13 @@ def collect(
         except Exception as exc:  # noqa: BLE001 - e.g. a learned policy with no checkpoint yet
             fail(f"policy {policy!r} could not be created: {exc}")
         version = str(getattr(agent, "version", None) or version)
+        if expert is not None:
+            try:
+                reg.policies[expert]()
+            except Exception as exc:  # noqa: BLE001 - e.g. a learned expert with no checkpoint yet
+                fail(f"expert {expert!r} could not be created: {exc}")
         jobs = [EpisodeJob(policy=policy, config=config, seed=seed, index=i, policy_version=version,
-                           threads=threads) for i in todo]
+                           threads=threads, expert=expert) for i in todo]
         if todo:
             try:
                 runner = make_runner(backend, n_workers, ray_address=ray_address, registry=reg, retries=retries,
@@ -170,6 +187,8 @@ def collect(
     table = Table(title="simic collect", show_header=False)
     table.add_row("store", str(store_path))
     table.add_row("policy", f"{policy} {version}")
+    if expert is not None:
+        table.add_row("expert (labels) / beta", f"{expert} / {config.beta:g}")
     table.add_row("task / epochs / seed", f"{task} / {epochs} / {seed}")
     table.add_row("episodes added", str(added))
     table.add_row("episodes already present", str(episodes - len(todo)))

@@ -14,9 +14,16 @@ import typer
 from rich.console import Group
 from rich.live import Live
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
-from rich.text import Text
 
 from ..checkpoint import CheckpointError
 from ..comparison import (
@@ -170,8 +177,9 @@ def closed_loop_tables(report: dict[str, Any]) -> list[Table]:
                       "accuracy % (mean, 95% t-interval)", title_justify="left")
     for col in ("policy", "final", "95% CI", "best", f"Δ final vs {ref}", "Δ 95% CI"):
         acc.add_column(col, justify="left" if col == "policy" else "right", no_wrap=col == "policy")
-    beh = Table(title="Closed loop: behaviour (totals over the episodes)", title_justify="left")
-    for col in ("policy", "seeds created/fossil/culled", "actions W/G/A/C", "invalid", "expert agreement"):
+    beh = Table(title="Closed loop: behaviour (totals; seeds created/fossilized/culled; agreement with the "
+                      "expert on the states each policy visited)", title_justify="left")
+    for col in ("policy", "seeds c/f/x", "actions W/G/A/C", "invalid", "expert agreement"):
         beh.add_column(col, justify="left" if col == "policy" else "right", no_wrap=col == "policy")
     for label, r in cl.items():
         ci = _fmt_ci(r["final_accuracy_ci95"]).strip() or "-"
@@ -191,19 +199,17 @@ def closed_loop_tables(report: dict[str, Any]) -> list[Table]:
 
 def shadow_table(report: dict[str, Any]) -> Table:
     sh = report["shadow"]
-    stages = sorted({st for lab in report["policies"][1:] for st in sh[lab]["by_stage"]})
     table = Table(title=f"Shadow: {sh['driver']} drives {sh['n_episodes']} episodes; the others are asked on "
                         "the same observations", title_justify="left")
-    table.add_column("policy")
+    table.add_column("policy", no_wrap=True)
     table.add_column("agreement", justify="right")
     table.add_column("disagreements", justify="right")
-    for st in stages:
-        table.add_column(f"{st.lower()} (disagree/decisions)", justify="right")
+    table.add_column("where (seed stage: disagreements/decisions)")
     for label in report["policies"][1:]:
         r = sh[label]
-        cells = [f"{r['by_stage'][st]['disagreements']}/{r['by_stage'][st]['decisions']}" if st in r["by_stage"] else "-"
-                 for st in stages]
-        table.add_row(label, _pct(r["agreement"]), f"{r['disagreements']}/{r['n_decisions']}", *cells)
+        where = ", ".join(f"{st.lower()} {c['disagreements']}/{c['decisions']}" for st, c in r["by_stage"].items()
+                          if c["disagreements"]) or "-"
+        table.add_row(label, _pct(r["agreement"]), f"{r['disagreements']}/{r['n_decisions']}", where)
     return table
 
 
@@ -263,6 +269,8 @@ def compare(
             import_ray()
         except BackendUnavailable as exc:
             fail(escape(str(exc)))
+    if mode == "shadow" and len(policies) < 2:
+        fail("--mode shadow needs at least two policies: the first drives, the others are asked")
     expert_name = None if expert.lower() == "none" else expert
     try:
         specs, versions = resolve_specs(policies, reg, expert_name)

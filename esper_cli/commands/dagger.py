@@ -69,9 +69,9 @@ def collect_into(store: Path, reg: Registry, config: EpisodeConfig, *, policy: s
 
 
 def round_table(rounds: list[dict[str, Any]], policy: str, expert: str) -> Table:
-    table = Table(title=f"simic dagger: {policy} learning from {expert}", title_justify="left")
-    for col in ("round", "beta", "store episodes", "val bal-acc", "on-policy agreement",
-                f"Δ final vs {expert}", "95% CI", f"{policy} final"):
+    table = Table(title=f"simic dagger: {policy} learning from {expert} (episodes in the store; on-policy agreement "
+                        f"with {expert}; final accuracy difference {policy} - {expert}, paired)", title_justify="left")
+    for col in ("round", "beta", "episodes", "val bal-acc", "agreement", "Δ final", "Δ 95% CI", f"{policy} final"):
         table.add_column(col, justify="right")
     for r in rounds:
         ci = r["final_accuracy_diff_ci95"]
@@ -145,6 +145,7 @@ def dagger(
     results: list[dict[str, Any]] = []
     expert_spec = PolicySpec(expert, label=expert)
     expert_runs: PolicyRuns | None = None
+    ckpt = final_ckpt  # each round trains its own checkpoint; round r >= 1 collects with round r-1's
     try:
         with progress:
             if n_eps == 0:
