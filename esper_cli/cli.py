@@ -33,7 +33,7 @@ class SimicGroup(TyperGroup):
             hint = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
             click.echo(f"Error: {exc.format_message()}{hint}", err=True)
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except typer.Abort:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -42,8 +42,10 @@ class SimicGroup(TyperGroup):
 app = typer.Typer(
     cls=SimicGroup,
     help="Simic: learn Tamiyo controllers for morphogenetic training.\n\n"
-    "Collect episodes driven by a policy into an HDF5 store, inspect them, list plugins.",
+    "Collect episodes driven by a policy into an HDF5 store, train MLP/GRU policies to imitate "
+    "them, score them, and compare policies live. Policies, blueprints and tasks are plugins.",
     no_args_is_help=True,
+    rich_markup_mode="markdown",  # reflow docstring paragraphs to the terminal width
     add_completion=False,
     pretty_exceptions_enable=False,
 )

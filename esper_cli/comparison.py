@@ -112,7 +112,6 @@ def compare_job(job: Any, context: Any, shadow: ShadowPlan | None = None) -> Epi
     episode = run_episode(policy, job.config, job.seed, job.index, task=task, blueprints=reg.blueprints,
                           policy_name=job.policy, policy_version=job.policy_version, expert=expert,
                           expert_name=job.expert, observers=observers)
-    episode.policy_options = options_key(job.policy_options)  # type: ignore[attr-defined]
     return episode
 
 
@@ -249,7 +248,7 @@ def shadow_summary(driver: str, episodes: Iterable[Episode], observers: Sequence
     obs = np.concatenate([np.stack([d.observation for d in e.decisions]) for e in eps])
     stages = _stage_of(obs)
     for label in observers:
-        other = np.concatenate([getattr(e, "shadow", {})[label] for e in eps]).astype(np.int64)
+        other = np.concatenate([e.shadow[label] for e in eps]).astype(np.int64)
         agree = acted == other
         by_stage = _by_stage(agree, stages)
         out[label] = {

@@ -302,6 +302,8 @@ class Episode:
     test_accuracy: float
     seeds: list[SeedLifecycle]
     expert: str | None = None
+    #: Transient, never stored: shadow-mode observers' actions at each decision (name -> actions).
+    shadow: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:

@@ -116,5 +116,5 @@ def run_episode(
         best_accuracy=best, test_accuracy=test, seeds=env.seeds, expert=expert_name,
     )
     if observers:
-        episode.shadow = shadow  # type: ignore[attr-defined]
+        episode.shadow = shadow
     return episode

@@ -108,8 +108,12 @@ def dagger(
     threads: int = typer.Option(1, "--threads", min=1, help="Torch CPU threads per episode."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (one entry per round)."),
 ) -> None:
-    """Run DAgger: the learner acts (mixed with the expert by beta), the expert labels every state,
-    the learner is retrained on the aggregated store, and each round is compared closed loop."""
+    """Run DAgger rounds: the learner acts, the expert labels, retrain, compare closed loop.
+
+    Each round the learner (mixed with the expert by beta) drives new episodes while the expert's
+    action at every state is stored as the label; the learner is retrained on the aggregated
+    store and compared closed loop on held-out seeds.
+    """
     if policy not in ARCHITECTURES:
         fail(f"--policy {policy!r}: not a learned policy type (trainable: {', '.join(ARCHITECTURES)})")
     reg = registry()
