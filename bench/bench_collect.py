@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from simic_plugins.heuristic import HeuristicTamiyo
 
 from esper_cli.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.contracts import Action, Decision, EpisodeConfig, episode_rng_seed
 from esper_cli.episode import run_episode
 from esper_cli.store import EpisodeWriter
 from esper_cli.tasks import BUILTIN_TASKS
-from simic_plugins.heuristic import HeuristicTamiyo
 
 
 class WaitOnly:

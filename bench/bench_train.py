@@ -27,6 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from simic_plugins.gru import GRUTamiyo
+from simic_plugins.heuristic import HeuristicTamiyo
+from simic_plugins.mlp import MLPTamiyo
 
 from esper_cli.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.contracts import EpisodeConfig, TrainingSnapshot
@@ -42,9 +45,6 @@ from esper_cli.learning import (
 )
 from esper_cli.store import EpisodeWriter
 from esper_cli.tasks import BUILTIN_TASKS
-from simic_plugins.gru import GRUTamiyo
-from simic_plugins.heuristic import HeuristicTamiyo
-from simic_plugins.mlp import MLPTamiyo
 
 CONTINUOUS = [2, 3, 4, 5, 6, 7, 9, 10, *range(11, 21), 25]  # losses, accuracies, histories, improvement
 LOSSES = [2, 3, 10, *range(11, 16)]

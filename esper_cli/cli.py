@@ -17,9 +17,8 @@ try:  # typer >= 0.2x vendors its own click; older releases use the click packag
 except ImportError:  # pragma: no cover
     import click  # type: ignore[no-redef]
 
-from .commands import collect, compare, dagger, info, plugins
+from .commands import collect, compare, dagger, info, plugins, train
 from .commands import eval as eval_cmd
-from .commands import train
 
 
 class SimicGroup(TyperGroup):

@@ -112,6 +112,7 @@ def compare_job(job: Any, context: Any, shadow: ShadowPlan | None = None) -> Epi
     episode = run_episode(policy, job.config, job.seed, job.index, task=task, blueprints=reg.blueprints,
                           policy_name=job.policy, policy_version=job.policy_version, expert=expert,
                           expert_name=job.expert, observers=observers)
+    episode.policy_options = options_key(job.policy_options)
     return episode
 
 

@@ -21,7 +21,7 @@ class PolicyError(Exception):
 def _ask(policy: Policy, name: str, obs: Any, context: EpisodeContext, where: str) -> Decision:
     try:
         decision = policy.decide(obs, context)
-    except Exception as exc:  # noqa: BLE001 - any policy bug becomes one clear message
+    except Exception as exc:
         raise PolicyError(f"policy '{name}' raised in decide() {where}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(decision, Decision):
         try:
@@ -79,7 +79,7 @@ def run_episode(
     for label, p in [(f"policy '{policy_name}'", policy), *others.items()]:
         try:
             p.reset(context)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise PolicyError(f"{label} raised in reset(): {type(exc).__name__}: {exc}") from exc
     # The coin of DAgger's mixture: its own stream of the episode's seed (the environment uses 0-2).
     coin = np.random.default_rng(np.random.SeedSequence([rng_seed, 3]))

@@ -115,7 +115,7 @@ class SimicPluginManager(pluggy.PluginManager):
         self.modules[name] = module
         try:
             self.register(plugin, name=name)
-        except Exception as exc:  # noqa: BLE001 - pluggy validation errors, odd objects
+        except Exception as exc:
             self.load_failures[name] = f"failed to register: {type(exc).__name__}: {exc}"
             return False
         warnings: list[str] = []
@@ -189,7 +189,7 @@ def load_entry_point_plugins(pm: SimicPluginManager, allowed: set[str] | None = 
             continue
         try:
             plugin = ep.load()
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken plugin must not take the CLI down
+        except (Exception, SystemExit) as exc:
             pm.load_failures[ep.name] = f"failed to import {ep.value}: {type(exc).__name__}: {exc}"
             pm.dist_info[ep.name] = (dname, dversion)
             pm.modules[ep.name] = ep.value
@@ -309,7 +309,7 @@ def build_registry(pm: SimicPluginManager | None = None) -> Registry:
 
             try:
                 impl.function(*_call_args(impl, register))
-            except Exception as exc:  # noqa: BLE001 - a plugin bug must not take the CLI down
+            except Exception as exc:
                 info.errors.append(f"{hook_name} failed: {type(exc).__name__}: {exc}; plugin skipped")
                 failed.add(plugin_name)
                 continue

@@ -133,7 +133,7 @@ class WorkerContext:
                               "(is its plugin installed on every machine?)")
         try:
             return factory(**dict(options))
-        except Exception as exc:  # noqa: BLE001 - e.g. a checkpoint missing on this machine
+        except Exception as exc:
             raise PolicyError(f"policy '{name}' could not be created: {exc}") from exc
 
 
@@ -180,7 +180,7 @@ def _execute(fn: JobFn, job: EpisodeJob, context: WorkerContext) -> tuple:
         return ("ok", fn(job, context))
     except PolicyError as exc:
         return ("policy", str(exc), None)
-    except Exception as exc:  # noqa: BLE001 - reported to the main process, which decides
+    except Exception as exc:
         return ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc())
 
 
@@ -201,7 +201,7 @@ def _worker_main(conn: Any) -> None:
             conn.send(outcome)
         except (BrokenPipeError, OSError):
             return
-        except Exception as exc:  # noqa: BLE001 - e.g. an episode that does not pickle
+        except Exception as exc:
             conn.send(("error", f"could not send the result back: {type(exc).__name__}: {exc}",
                        traceback.format_exc()))
 
@@ -438,7 +438,7 @@ class RayRunner(BaseRunner):
                     ray.init(address=address, **common)
                 else:  # a private local cluster, offline, no dashboard
                     ray.init(num_cpus=workers or available_cpus(), include_dashboard=False, **common)
-            except Exception as exc:  # noqa: BLE001 - connection refused, bad address, ...
+            except Exception as exc:
                 where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
                 raise BackendUnavailable(f"could not start or reach {where}: {type(exc).__name__}: {exc}") from None
             self._owns = True
@@ -492,7 +492,7 @@ class RayRunner(BaseRunner):
         for ref in refs:
             try:
                 ray.cancel(ref, force=True)
-            except Exception:  # noqa: BLE001 - already finished or gone
+            except Exception:
                 pass
         if self._owns and ray.is_initialized():
             ray.shutdown()

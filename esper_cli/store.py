@@ -394,7 +394,7 @@ def _encode(episodes: list[Episode], counts: _Counts, blueprints: list[str]) -> 
         n_dec, n_reason, n_meta = n_dec + n, n_reason + len(reason_blob), n_meta + len(meta)
 
     out: dict[str, np.ndarray] = {}
-    for name, (dtype, tail) in _DECISION_COLUMNS.items():
+    for name, (dtype, _tail) in _DECISION_COLUMNS.items():
         out[f"decisions/{name}"] = np.concatenate([p[name] for p in decision_parts]).astype(dtype)
     for name, (dtype, _tail) in _EPISODE_COLUMNS.items():
         out[f"episodes/{name}"] = np.array(episode_rows[name], dtype=dtype)

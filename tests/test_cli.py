@@ -143,7 +143,7 @@ def _committed(store: Path) -> int:
     try:
         with EpisodeReader(store) as r:
             return r.n_episodes
-    except Exception:  # noqa: BLE001 - not created yet
+    except Exception:
         return 0
 
 

@@ -161,7 +161,7 @@ def test_bad_input_is_one_line_and_exit_2(mlp_checkpoint, tmp_path):
 
     with safe_open(str(other), framework="pt") as f:
         meta = json.loads(f.metadata()["simic"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     meta["feature_schema"]["version"] = 99
     blob = json.dumps(meta, sort_keys=True)
     save_file(tensors, str(other), metadata={"simic": blob, "sha256": digest(blob, tensors)})

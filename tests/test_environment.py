@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from simic_plugins.heuristic import HeuristicTamiyo
 
 from esper_cli.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.contracts import (
@@ -22,7 +23,6 @@ from esper_cli.contracts import (
 from esper_cli.environment import MorphogeneticEnv
 from esper_cli.episode import run_episode
 from esper_cli.tasks import BUILTIN_TASKS
-from simic_plugins.heuristic import HeuristicTamiyo
 
 W, G, A, C = Action.WAIT, Action.GERMINATE, Action.ADVANCE, Action.CULL
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from simic_plugins.heuristic import HeuristicTamiyo
 
 from esper_cli.contracts import HISTORY_LEN, Action, SeedStage, TrainingSnapshot
-from simic_plugins.heuristic import HeuristicTamiyo
 
 
 def snap(**kw) -> TrainingSnapshot:

@@ -294,7 +294,7 @@ def test_ctrl_c_stops_the_workers_and_keeps_committed_episodes(tmp_path):
             with EpisodeReader(store) as reader:
                 if reader.n_episodes >= 2:
                     break
-        except Exception:  # noqa: BLE001 - not created yet
+        except Exception:
             pass
         time.sleep(0.05)
     workers = _children(proc.pid)

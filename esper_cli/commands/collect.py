@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,26 +18,20 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..contracts import EpisodeConfig
 from ..paths import default_store_path
 from ..runner import (
-    BACKENDS,
     DEFAULT_RETRIES,
     BackendUnavailable,
     EpisodeJob,
     JobFailed,
     SerialRunner,
-    import_ray,
     make_runner,
-    parse_workers,
 )
 from ..store import EpisodeWriter, StoreError
-from ..tasks import TaskError
-from .common import choose, err, fail, out, registry, resolve_device
+from .common import choose, episode_config, err, fail, out, registry, workers_and_backend
 
 
 class RateColumn(ProgressColumn):
@@ -101,29 +95,9 @@ def collect(
         choose("policy", expert, reg.policies, "--expert")
     elif beta is not None:
         fail("--beta mixes in an expert's actions: it needs --expert NAME")
-    choose("task", task, reg.tasks, "--task")
-    resolve_device(device)
-    try:
-        n_workers = parse_workers(workers)
-    except ValueError as exc:
-        fail(str(exc))
-    if backend not in BACKENDS:
-        fail(f"--backend {backend!r}: unknown backend (available: {', '.join(BACKENDS)})")
-    if ray_address and backend != "ray":
-        fail(f"--ray-address {ray_address!r} needs --backend ray")
-    if backend == "ray":
-        try:
-            import_ray()
-        except BackendUnavailable as exc:
-            fail(escape(str(exc)))
-    torch.set_num_threads(threads)
-    config = EpisodeConfig(task=task, epochs=epochs, device=device,
-                           data_dir=str(data_dir) if data_dir is not None else None,
-                           expert=expert, beta=(0.5 if beta is None else beta) if expert is not None else 0.0)
-    try:
-        reg.tasks[task].load(config.data_dir, 0)  # bad data is a usage error, found before any work
-    except TaskError as exc:
-        fail(str(exc))
+    n_workers = workers_and_backend(workers, backend, ray_address)
+    config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads,
+                            expert=expert, beta=(0.5 if beta is None else beta) if expert is not None else 0.0)
     plugin = reg.plugin_of("policy", policy)
     version = (plugin.version if plugin else None) or "unknown"
     store_path = store or default_store_path()
@@ -145,13 +119,13 @@ def collect(
             err.print(f"{episodes - len(todo)} of {episodes} episodes already in {store_path}; running the rest.")
         try:
             agent = reg.policies[policy]()
-        except Exception as exc:  # noqa: BLE001 - e.g. a learned policy with no checkpoint yet
+        except Exception as exc:
             fail(f"policy {policy!r} could not be created: {exc}")
         version = str(getattr(agent, "version", None) or version)
         if expert is not None:
             try:
                 reg.policies[expert]()
-            except Exception as exc:  # noqa: BLE001 - e.g. a learned expert with no checkpoint yet
+            except Exception as exc:
                 fail(f"expert {expert!r} could not be created: {exc}")
         jobs = [EpisodeJob(policy=policy, config=config, seed=seed, index=i, policy_version=version,
                            threads=threads, expert=expert) for i in todo]
@@ -180,7 +154,7 @@ def collect(
     except KeyboardInterrupt:
         err.print(f"Interrupted: {added} new episodes committed to {store_path}; "
                   "re-run the same command to complete the rest.")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     finally:
         writer.close()
 

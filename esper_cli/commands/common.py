@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from ..contracts import EpisodeConfig
 from ..plugins import Registry, build_registry
+from ..tasks import TaskError
 
 out = Console()  # data: tables and JSON
 err = Console(stderr=True)  # progress and diagnostics
@@ -43,3 +47,41 @@ def choose(kind: str, name: str, table: dict, option: str) -> None:
     if name not in table:
         known = ", ".join(sorted(table)) or "none"
         fail(f"{option} {name!r}: unknown {kind} (available: {known})")
+
+
+def workers_and_backend(workers: str | None, backend: str = "local", ray_address: str | None = None) -> int | None:
+    """Validate --workers/--backend/--ray-address (exit 2 on nonsense); the parsed worker count."""
+    from ..runner import BACKENDS, BackendUnavailable, import_ray, parse_workers
+
+    try:
+        n_workers = parse_workers(workers)
+    except ValueError as exc:
+        fail(str(exc))
+    if backend not in BACKENDS:
+        fail(f"--backend {backend!r}: unknown backend (available: {', '.join(BACKENDS)})")
+    if ray_address and backend != "ray":
+        fail(f"--ray-address {ray_address!r} needs --backend ray")
+    if backend == "ray":
+        try:
+            import_ray()
+        except BackendUnavailable as exc:
+            fail(escape(str(exc)))
+    return n_workers
+
+
+def episode_config(reg: Registry, *, task: str, epochs: int, device: str, data_dir: Path | None,
+                   threads: int, **extra: Any) -> EpisodeConfig:
+    """The episode config of a command's options, with the task's data checked before any work."""
+    choose("task", task, reg.tasks, "--task")
+    resolve_device(device)
+    torch.set_num_threads(threads)
+    try:
+        config = EpisodeConfig(task=task, epochs=epochs, device=device,
+                               data_dir=str(data_dir) if data_dir is not None else None, **extra)
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        reg.tasks[task].load(config.data_dir, 0)  # bad data is a usage error, found before any work
+    except TaskError as exc:
+        fail(str(exc))
+    return config

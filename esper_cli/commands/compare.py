@@ -9,7 +9,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import typer
 from rich.console import Group
 from rich.live import Live
@@ -41,9 +40,8 @@ from ..comparison import (
 )
 from ..contracts import ACTION_NAMES, Episode, EpisodeConfig
 from ..plugins import Registry
-from ..runner import BACKENDS, BackendUnavailable, EpisodeJob, JobFailed, import_ray, make_runner, parse_workers
-from ..tasks import TaskError
-from .common import choose, err, fail, out, registry, resolve_device
+from ..runner import BackendUnavailable, EpisodeJob, JobFailed, make_runner
+from .common import episode_config, err, fail, out, registry, workers_and_backend
 from .eval import confusion_table
 
 
@@ -82,7 +80,7 @@ def resolve_specs(values: list[str], reg: Registry, expert: str | None) -> tuple
             agent = build_policy(reg.policies[spec.name], spec)
         except CheckpointError as exc:
             raise CompareError(f"policy {spec.label!r}: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - a plugin's factory refusing its options
+        except Exception as exc:
             raise CompareError(f"policy {spec.label!r} could not be created: {type(exc).__name__}: {exc}") from None
         plugin = reg.plugin_of("policy", spec.name)
         versions[spec.label] = str(getattr(agent, "version", None) or (plugin.version if plugin else None) or "unknown")
@@ -116,7 +114,7 @@ def run_comparison(
     runner = make_runner(backend, workers, ray_address=ray_address, registry=reg, on_event=on_event)
     with runner:
         for episode in runner.run(jobs, fn=partial(compare_job, shadow=plan)):
-            label = by_key[(episode.policy, getattr(episode, "policy_options", ()))]
+            label = by_key[(episode.policy, episode.policy_options)]
             runs[label].episodes[episode.index] = episode
             if label == driver.label and shadowing:
                 shadow_eps.append(episode)
@@ -254,21 +252,7 @@ def compare(
         except ImportError:
             fail('--plot needs matplotlib: pip install "simic[plot]"')
     reg = registry()
-    choose("task", task, reg.tasks, "--task")
-    resolve_device(device)
-    try:
-        n_workers = parse_workers(workers)
-    except ValueError as exc:
-        fail(str(exc))
-    if backend not in BACKENDS:
-        fail(f"--backend {backend!r}: unknown backend (available: {', '.join(BACKENDS)})")
-    if ray_address and backend != "ray":
-        fail(f"--ray-address {ray_address!r} needs --backend ray")
-    if backend == "ray":
-        try:
-            import_ray()
-        except BackendUnavailable as exc:
-            fail(escape(str(exc)))
+    n_workers = workers_and_backend(workers, backend, ray_address)
     if mode == "shadow" and len(policies) < 2:
         fail("--mode shadow needs at least two policies: the first drives, the others are asked")
     expert_name = None if expert.lower() == "none" else expert
@@ -276,13 +260,7 @@ def compare(
         specs, versions = resolve_specs(policies, reg, expert_name)
     except CompareError as exc:
         fail(escape(str(exc)))
-    torch.set_num_threads(threads)
-    config = EpisodeConfig(task=task, epochs=epochs, device=device,
-                           data_dir=str(data_dir) if data_dir is not None else None)
-    try:
-        reg.tasks[task].load(config.data_dir, 0)
-    except TaskError as exc:
-        fail(str(exc))
+    config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads)
 
     closed = mode in ("both", "closed-loop")
     per_episode = len(specs) if closed else 1
@@ -313,7 +291,7 @@ def compare(
         fail(escape(str(exc)), code=1)
     except KeyboardInterrupt:
         err.print("Interrupted: no comparison report (episodes are not stored).")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
     report = build_report(specs, runs, shadow_eps, mode=mode, expert=expert_name, config=config,
                           episodes=episodes, seed=seed)

@@ -19,7 +19,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -31,10 +30,9 @@ from ..contracts import EpisodeConfig
 from ..learning import ARCHITECTURES, DataError, train_policy
 from ..paths import default_checkpoint_path, default_store_path
 from ..plugins import Registry
-from ..runner import EpisodeJob, JobFailed, make_runner, parse_workers
+from ..runner import EpisodeJob, JobFailed, make_runner
 from ..store import EpisodeReader, EpisodeWriter, StoreError
-from ..tasks import TaskError
-from .common import choose, err, fail, out, registry, resolve_device
+from .common import choose, episode_config, err, fail, out, registry, workers_and_backend
 from .compare import CompareError, resolve_specs, run_comparison
 
 
@@ -119,19 +117,8 @@ def dagger(
     reg = registry()
     choose("policy", policy, reg.policies, "--policy")
     choose("policy", expert, reg.policies, "--expert")
-    choose("task", task, reg.tasks, "--task")
-    resolve_device(device)
-    try:
-        n_workers = parse_workers(workers)
-    except ValueError as exc:
-        fail(str(exc))
-    torch.set_num_threads(threads)
-    config = EpisodeConfig(task=task, epochs=epochs, device=device,
-                           data_dir=str(data_dir) if data_dir is not None else None)
-    try:
-        reg.tasks[task].load(config.data_dir, 0)
-    except TaskError as exc:
-        fail(str(exc))
+    n_workers = workers_and_backend(workers)
+    config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads)
     store_path = store or default_store_path()
     final_ckpt = out_path or default_checkpoint_path(policy)
     if final_ckpt.exists() and final_ckpt.is_dir():
@@ -207,7 +194,7 @@ def dagger(
         fail(escape(str(exc)), code=1)
     except KeyboardInterrupt:
         err.print(f"Interrupted after {len(results)} completed round(s); collected episodes are kept in {store_path}.")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
     final_ckpt.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(results[-1]["checkpoint"], final_ckpt)

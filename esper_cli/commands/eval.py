@@ -146,7 +146,7 @@ def evaluate(
         agent = reg.policies[policy](**options)
     except CheckpointError as exc:
         fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 - a plugin's constructor is outside our control
+    except Exception as exc:
         fail(f"policy {policy!r} could not be created: {type(exc).__name__}: {exc}")
     ckpt = getattr(agent, "checkpoint", None)
     trained = ckpt.meta.get("split") if ckpt is not None else None
@@ -160,7 +160,7 @@ def evaluate(
         fail(str(exc))
     try:
         pred = replay(agent, part, tuple(reg.blueprints))
-    except Exception as exc:  # noqa: BLE001 - the policy failed, not the input: exit 1
+    except Exception as exc:
         fail(f"policy '{policy}' failed while replaying {store_path}: {type(exc).__name__}: {exc}", code=1)
     report = classification_metrics(part.labels, pred)
     version = getattr(agent, "version", "unknown")

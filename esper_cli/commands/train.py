@@ -114,7 +114,7 @@ def train(
         fail(str(exc))
     except KeyboardInterrupt:
         err.print("Interrupted before the first epoch finished; no checkpoint written.")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
     if metrics["epochs_run"] < epochs and not metrics["interrupted"]:
         err.print(f"Early stop: no better validation score for {patience} epochs; kept epoch {metrics['best_epoch']}.")
@@ -124,4 +124,4 @@ def train(
         out.print(summary_table(policy, metrics, store_path))
     if metrics["interrupted"]:
         err.print(f"Interrupted: the best epoch so far was saved to {path}.")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
