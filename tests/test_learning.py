@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from simic_plugins.gru import GRUTamiyo
+from simic_plugins.heuristic import HeuristicTamiyo
+from simic_plugins.mlp import MLPTamiyo
 from sklearn.utils.class_weight import compute_class_weight
 from typer.testing import CliRunner
 
@@ -34,9 +37,6 @@ from esper_cli.learning import (
     split_episodes,
     train_policy,
 )
-from simic_plugins.gru import GRUTamiyo
-from simic_plugins.heuristic import HeuristicTamiyo
-from simic_plugins.mlp import MLPTamiyo
 
 runner = CliRunner()
 TINY = {"epochs": 4, "allow_missing_classes": True}  # a 12-epoch episode rarely culls a seed
@@ -202,6 +202,23 @@ def test_gru_live_decisions_equal_whole_episode_replay(store, gru_checkpoint):
     first = policy.decide(TrainingSnapshot.from_vector(data.observations[0]))
     policy.reset(None)
     assert policy.decide(TrainingSnapshot.from_vector(data.observations[0])) == first
+
+
+def test_gru_defaults_and_old_checkpoints_without_dropout(store, mlp_checkpoint, gru_checkpoint, tmp_path):
+    gru = load_checkpoint(gru_checkpoint).meta
+    assert gru["hparams"] == {"hidden": 16, "layers": 1, "head": 64, "dropout": 0.5, "batch_size": 1}
+    assert gru["train_config"]["lr"] == 3e-3
+    mlp = load_checkpoint(mlp_checkpoint).meta  # the MLP's defaults are its own
+    assert mlp["hparams"] == {"hidden": [64, 32], "batch_size": 32} and mlp["train_config"]["lr"] == 1e-3
+    # A checkpoint from before dropout was a hyper-parameter loads as dropout 0 (inactive at inference anyway).
+    ckpt = load_checkpoint(gru_checkpoint)
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("format", "format_version", "feature_schema", "versions")}
+    meta["hparams"] = {k: v for k, v in meta["hparams"].items() if k != "dropout"}
+    old = save_checkpoint(tmp_path / "old.safetensors", ckpt.tensors, meta)
+    net = build_net("gru", load_checkpoint(old).meta["hparams"])
+    assert isinstance(net, GRUNet) and net.dropout == 0.0
+    obs = load_decisions(store).observations[:12]
+    assert (GRUTamiyo(checkpoint=old).decide_episode(obs) == GRUTamiyo(checkpoint=gru_checkpoint).decide_episode(obs)).all()
 
 
 def test_heuristic_replay_scores_100_percent(store):
