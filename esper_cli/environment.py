@@ -230,7 +230,7 @@ class MorphogeneticEnv:
                 slot.alpha = min(1.0, self._blend_steps[slot.index] / ramp)
             logits, probes = model.forward_train(x)
             loss = F.cross_entropy(logits, y)
-            objective = loss + sum((F.cross_entropy(p, y) for p in probes), loss.new_zeros(()))
+            objective = loss + sum(F.cross_entropy(p, y) for p in probes) if probes else loss
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
             self.optimizer.step()

@@ -117,7 +117,9 @@ class HostCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage, slot in zip(self.stages, self.slots):
-            x = slot(stage(x))
+            x = stage(x)
+            if slot.seed is not None:  # an empty slot is the identity: skip the module call
+                x = slot(x)
         return self.head(x)
 
     def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -129,7 +131,9 @@ class HostCNN(nn.Module):
             if slot.stage == SeedStage.TRAINING:
                 p = slot.isolated(h)
                 for j in range(i + 1, n):
-                    p = _frozen_call(self.slots[j], _frozen_call(self.stages[j], p))
+                    p = _frozen_call(self.stages[j], p)
+                    if self.slots[j].seed is not None:
+                        p = _frozen_call(self.slots[j], p)
                 probes.append(_frozen_call(self.head, p))
-            x = slot(h)
+            x = slot(h) if slot.seed is not None else h
         return self.head(x), probes
