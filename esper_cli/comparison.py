@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .contracts import ACTION_NAMES, N_ACTIONS, Action, Episode, SeedStage
-from .episode import PolicyError, run_episode
+from .runner import run_job
 
 MODES = ("both", "shadow", "closed-loop")
 
@@ -95,23 +95,11 @@ def compare_job(job: Any, context: Any, shadow: ShadowPlan | None = None) -> Epi
     The job's policy drives; its `expert` (if any) labels every state without acting (beta 0);
     when the job is the driver's and a shadow plan is given, the shadow policies observe.
     """
-    import torch
-
-    if torch.get_num_threads() != job.threads:
-        torch.set_num_threads(job.threads)
-    reg = context.registry
-    task = reg.tasks.get(job.config.task)
-    if task is None:
-        raise PolicyError(f"task '{job.config.task}' is not registered in this worker")
-    policy = context.policy(job.policy, job.policy_options)
-    expert = context.policy(job.expert, job.expert_options) if job.expert is not None else None
     observers = None
     if shadow is not None and job.policy == shadow.driver \
             and options_key(job.policy_options) == shadow.driver_options:
         observers = {label: context.policy(name, dict(options)) for label, name, options in shadow.observers}
-    episode = run_episode(policy, job.config, job.seed, job.index, task=task, blueprints=reg.blueprints,
-                          policy_name=job.policy, policy_version=job.policy_version, expert=expert,
-                          expert_name=job.expert, observers=observers)
+    episode = run_job(job, context, observers=observers)
     episode.policy_options = options_key(job.policy_options)
     return episode
 

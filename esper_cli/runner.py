@@ -152,8 +152,12 @@ def process_context() -> WorkerContext:
     return _PROCESS_CONTEXT
 
 
-def run_job(job: EpisodeJob, context: WorkerContext | None = None) -> Episode:
-    """Run one episode: a pure function of the job (same job, same episode, on any worker)."""
+def run_job(job: EpisodeJob, context: WorkerContext | None = None, *,
+            observers: Mapping[str, Any] | None = None) -> Episode:
+    """Run one episode: a pure function of the job (same job, same episode, on any worker).
+
+    `observers` (shadow mode) are policies asked on the same observations, never applied.
+    """
     context = context or process_context()
     if torch.get_num_threads() != job.threads:
         torch.set_num_threads(job.threads)
@@ -168,7 +172,7 @@ def run_job(job: EpisodeJob, context: WorkerContext | None = None) -> Episode:
         extra["expert"] = context.policy(job.expert, job.expert_options)
         extra["expert_name"] = job.expert
     return run_episode(policy, job.config, job.seed, job.index, task=task, blueprints=reg.blueprints,
-                       policy_name=job.policy, policy_version=job.policy_version, **extra)
+                       policy_name=job.policy, policy_version=job.policy_version, observers=observers, **extra)
 
 
 JobFn = Callable[[EpisodeJob, WorkerContext], Episode]

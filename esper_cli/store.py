@@ -490,6 +490,10 @@ class EpisodeWriter:
         """(config key, seed, index) of every committed episode: what a resumed collect skips."""
         return set(self._keys)
 
+    def missing(self, key: str, seed: int, episodes: int) -> list[int]:
+        """Indices 0..episodes-1 of run (key, seed) not committed yet: what a resumed run still owes."""
+        return [i for i in range(episodes) if (key, seed, i) not in self._keys]
+
     def append(self, episode: Episode) -> None:
         """Commit one episode atomically. Raises ValueError (nothing written) on NaN/inf data."""
         self.append_many([episode])

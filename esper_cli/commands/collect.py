@@ -113,8 +113,7 @@ def collect(
     try:
         if writer.recovered:
             err.print(f"[yellow]Recovered[/] {store_path} after an interrupted write; committed episodes kept.")
-        done = writer.existing_keys()
-        todo = [i for i in range(episodes) if (key, seed, i) not in done]
+        todo = writer.missing(key, seed, episodes)
         if len(todo) < episodes:
             err.print(f"{episodes - len(todo)} of {episodes} episodes already in {store_path}; running the rest.")
         try:

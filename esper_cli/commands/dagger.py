@@ -49,9 +49,7 @@ def collect_into(store: Path, reg: Registry, config: EpisodeConfig, *, policy: s
                  threads: int, progress: Progress, description: str) -> tuple[int, int]:
     """Run episodes 0..N-1 of `seed` (those not in the store yet) and commit them; (added, present)."""
     with EpisodeWriter(store) as writer:
-        key = config.key(policy)
-        done = writer.existing_keys()
-        todo = [i for i in range(episodes) if (key, seed, i) not in done]
+        todo = writer.missing(config.key(policy), seed, episodes)
         jobs = [EpisodeJob(policy=policy, config=config, seed=seed, index=i, policy_options=options,
                            policy_version=version, threads=threads, expert=expert) for i in todo]
         bar = progress.add_task(description, total=len(todo), info="")
