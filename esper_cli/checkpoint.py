@@ -7,10 +7,18 @@ A checkpoint is one `.safetensors` file. Its string->string metadata header hold
 - `sha256`: a digest of that JSON *and* every tensor (name, dtype, shape, bytes), so an edited
   weight or an edited normalisation statistic is detected.
 
-Loading never unpickles: the file's header is checked by hand first (a pickle or a zip written by
-`torch.save` is refused before any parser sees it), then read with `safetensors`, which only
-decodes raw arrays. Every problem is a `CheckpointError` with a one-line message; the CLI turns it
-into exit code 2.
+Loading never unpickles: the file's header is checked by hand first (it must be a well-formed
+safetensors header: a plausible length, then a JSON object; only a file that is *not* one and
+starts like a pickle or a zip written by `torch.save` is called one), then read with
+`safetensors`, which only decodes raw arrays. Every problem is a `CheckpointError` with a
+one-line message; the CLI turns it into exit code 2.
+
+Writing never clobbers: `check_writable_checkpoint` (called before training starts, and again by
+`save_checkpoint`) only lets a checkpoint create a file that is absent or replace a regular file
+that is recognisably a Simic checkpoint (a parseable safetensors header whose metadata has a
+`simic` entry; its integrity is not required, so a damaged checkpoint can be retrained in place).
+Anything else (a store, a text file, a device, a directory) is refused; symlinks are resolved
+first, so the check and the write apply to the real file.
 """
 
 from __future__ import annotations
@@ -18,19 +26,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .contracts import FEATURE_NAMES, SCHEMA_NAME, SCHEMA_VERSION
+
+if TYPE_CHECKING:  # torch takes seconds to import; loading a plugin module must not pay for it
+    import torch
 
 FORMAT = "simic-checkpoint"
 FORMAT_VERSION = 1
@@ -89,20 +99,28 @@ def digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write a checkpoint atomically (temp file + rename): a crash never leaves half a file."""
+    """Write a checkpoint atomically (temp file + rename): a crash never leaves half a file.
+
+    Refuses (`CheckpointError`) to replace anything but an existing Simic checkpoint; through a
+    symlink, the real file is replaced and the link kept. Returns `path` as given.
+    """
+    from safetensors.torch import save_file
+
     path = Path(path)
+    real = _real_path(path)
+    _check_replaceable(real, path)  # again at write time: the file may have appeared since the check
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "feature_schema": feature_schema(),
             "versions": package_versions(), **meta}
     meta_json = json.dumps(meta, sort_keys=True)
     header = {"simic": meta_json, "sha256": digest(meta_json, tensors)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        real.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
+            os.replace(tmp, real)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -111,22 +129,110 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
     return path
 
 
+def _safetensors_header(f: Any, size: int) -> dict[str, Any] | None:
+    """The parsed JSON header of an open file if it is a well-formed safetensors one, else None.
+
+    The structure decides, not the first byte: the 8-byte little-endian header length of a
+    genuine checkpoint can begin with 0x80 or "PK" (about 1 in 256 files), like a pickle or zip.
+    """
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        return None
+    (n,) = struct.unpack("<Q", head)
+    if n < 2 or n > min(_MAX_HEADER, size - 8):
+        return None
+    raw = f.read(n)
+    if len(raw) != n or raw[:1] != b"{":
+        return None
+    try:
+        header = json.loads(raw)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        return None
+    return header if isinstance(header, dict) else None
+
+
 def _check_container(path: Path) -> None:
     """Refuse anything that is not a plain safetensors file before a parser touches it."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
-            head = f.read(8)
-            if head[:1] == b"\x80" or head[:2] == b"PK":
-                raise CheckpointError(f"checkpoint {path} is a pickle/torch.save file, not safetensors; "
-                                      "Simic never unpickles (retrain with `simic train`)")
-            if len(head) < 8:
-                raise CheckpointError(f"checkpoint {path} is truncated or empty")
-            (n,) = struct.unpack("<Q", head)
-            if n < 2 or n > min(_MAX_HEADER, size - 8) or f.read(1) != b"{":
-                raise CheckpointError(f"checkpoint {path} is not a safetensors file (bad header)")
+            if _safetensors_header(f, size) is not None:
+                return
+            f.seek(0)
+            head = f.read(9)
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    # Not safetensors: name what it looks like (0x80 opens pickle protocol 2+, a zip is torch.save's).
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        raise CheckpointError(f"checkpoint {path} is a pickle/torch.save file, not safetensors; "
+                              "Simic never unpickles (retrain with `simic train`)")
+    if len(head) < 9 or (head[8:9] == b"{" and size - 8 < struct.unpack("<Q", head[:8])[0] <= _MAX_HEADER):
+        raise CheckpointError(f"checkpoint {path} is truncated or empty")
+    raise CheckpointError(f"checkpoint {path} is not a safetensors file (bad header)")
+
+
+def _real_path(path: Path) -> Path:
+    """`path` with every symlink resolved: the file a write would really replace."""
+    return Path(os.path.realpath(path))
+
+
+def _is_simic_checkpoint(path: Path) -> bool:
+    """A safetensors file whose metadata has a `simic` entry (integrity not checked)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            header = _safetensors_header(f, size)
+    except OSError:
+        return False
+    meta = header.get("__metadata__") if header is not None else None
+    return isinstance(meta, dict) and "simic" in meta
+
+
+def _check_replaceable(real: Path, given: Path) -> None:
+    """Refuse when `real` exists and is anything but a regular file holding a Simic checkpoint."""
+    where = str(given) if real == Path(os.path.abspath(given)) else f"{given} (a link to {real})"
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise CheckpointError(f"cannot write checkpoint {where}: a folder in its path is not a directory") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {where}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"checkpoint path {where} is a directory; give a file path inside it")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"refusing to write a checkpoint over {where}: it is not a regular file")
+    if not _is_simic_checkpoint(real):
+        raise CheckpointError(f"refusing to overwrite {where}: it exists and is not a Simic checkpoint "
+                              "(remove it or choose another path)")
+
+
+def check_writable_checkpoint(path: str | Path) -> Path:
+    """Check, before any work, that a checkpoint may be written at `path`; return the real path.
+
+    Allowed: an absent file whose directory exists and is writable, or can be created; or a
+    regular file that already is a Simic checkpoint (see the module docstring). Symlinks are
+    resolved first, so a link to a store is refused like the store itself. Anything else raises
+    `CheckpointError` with a one-line message.
+    """
+    given = Path(path)
+    real = _real_path(given)
+    _check_replaceable(real, given)
+    folder = real.parent
+    while not folder.exists() and folder != folder.parent:  # the first folder that would be created in
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CheckpointError(f"cannot write checkpoint {given}: {folder} is not a directory")
+    try:  # permissions alone do not tell (root, read-only mounts, /proc): try it
+        fd, probe = tempfile.mkstemp(prefix=".simic-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {given}: directory {folder} is not writable "
+                              f"(creating a file there failed: {exc.strerror or exc})") from None
+    return real
 
 
 def load_checkpoint(path: str | Path, expect_policy: str | None = None) -> Checkpoint:

@@ -21,7 +21,8 @@ the report (`simic compare --json` prints it).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .contracts import ACTION_NAMES, N_ACTIONS, Action, Episode, SeedStage
+from .contracts import ACTION_NAMES, MAX_SEED, N_ACTIONS, Action, Episode, SeedStage, episode_rng_seed
 from .runner import run_job
 
 MODES = ("both", "shadow", "closed-loop")
@@ -77,6 +78,54 @@ def build_policy(factory: Any, spec: PolicySpec) -> Any:
     if "checkpoint" in options:
         options["checkpoint"] = str(Path(options["checkpoint"]).expanduser())
     return factory(**options)
+
+
+# ================================================================================ held-out seeds
+#: An episode id as `Episode.id` writes it: POLICY-TASK-sSEED-iINDEX-KEY8 (policy and task may
+#: hold hyphens themselves, so the fields are read from the right).
+_EPISODE_ID = re.compile(r"^(?P<prefix>.+)-s(?P<seed>\d+)-i(?P<index>\d+)-(?P<key>[0-9a-f]+)$")
+
+
+def trained_rng_seeds(split: Mapping[str, Any] | None, task: str) -> set[int]:
+    """RNG seeds of the `task` episodes a checkpoint was trained or validated on.
+
+    `split` is the checkpoint's `split` record: its `episodes` list ([task, run seed, index, rng
+    seed] per episode) where present, else the episode ids of older checkpoints, parsed.
+    """
+    if not split:
+        return set()
+    listed = split.get("episodes")
+    if listed is not None:
+        return {int(e[3]) for e in listed if str(e[0]) == task}
+    seeds = set()
+    for episode_id in [*split.get("train_ids", []), *split.get("val_ids", [])]:
+        m = _EPISODE_ID.match(str(episode_id))
+        # An old id cannot say where the policy name ends: any prefix ending in the task counts,
+        # erring on the side of calling an episode seen.
+        if m and (m["prefix"] == task or m["prefix"].endswith(f"-{task}")):
+            seeds.add(episode_rng_seed(int(m["seed"]), int(m["index"])))
+    return seeds
+
+
+def overlapping_indices(trained: Collection[int], seed: int, episodes: int) -> list[int]:
+    """Indices i < `episodes` whose episode (run `seed`, index i) has an RNG seed in `trained`:
+    the same host initialisation and data order as an episode a checkpoint learned from."""
+    if not trained:
+        return []
+    return [i for i in range(episodes) if episode_rng_seed(seed, i) in trained]
+
+
+def held_out_seed(trained: Collection[int], episodes: int, start: int = 0) -> int:
+    """The smallest run seed >= `start` whose episodes 0..episodes-1 are none of `trained`.
+
+    Terminates quickly: each trained episode can rule out at most one candidate seed per index.
+    """
+    seed = start
+    while seed <= MAX_SEED and overlapping_indices(trained, seed, episodes):
+        seed += 1
+    if seed > MAX_SEED:
+        raise ValueError(f"no run seed from {start} to {MAX_SEED} has {episodes} held-out episodes")
+    return seed
 
 
 # ================================================================================ the job

@@ -281,8 +281,15 @@ class EpisodeConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+#: The largest run seed (and episode index): the store keeps both as signed 64-bit integers, so a
+#: larger one would only fail once its first episode had run, when the episode is committed.
+MAX_SEED = 2**63 - 1
+
+
 def episode_rng_seed(seed: int, index: int) -> int:
     """The RNG seed of episode `index` of a run seeded `seed`: independent of worker and order."""
+    if not (0 <= seed <= MAX_SEED and 0 <= index <= MAX_SEED):
+        raise ValueError(f"run seed {seed} / episode index {index} outside 0..{MAX_SEED}")
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0])
 
 

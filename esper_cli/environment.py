@@ -83,6 +83,9 @@ class MorphogeneticEnv:
 
         train_loss, train_acc = self._evaluate(self.data.train_x, self.data.train_y)
         val_loss, val_acc = self._evaluate(self.data.val_x, self.data.val_y)
+        # The same boundary rule as `step`: an untrained host can diverge too, and epoch 0's
+        # losses seed the histories and best_val_loss that every later observation carries.
+        train_loss, val_loss = sanitize_loss(train_loss), sanitize_loss(val_loss)
         self.train_loss, self.train_acc = train_loss, train_acc
         self.val_loss, self.val_acc = val_loss, val_acc
         self.prev_val_loss, self.prev_val_acc = val_loss, val_acc

@@ -4,13 +4,15 @@ Reads top to bottom, like the training loop it is:
 
 1. `load_decisions`   - every decision of a store in a few columnar reads, grouped by episode.
 2. `split_episodes`   - a seeded train/validation split *by episode* (never by decision: decisions
-                         of one episode are correlated, so a per-decision split leaks).
+                         of one episode are correlated, so a per-decision split leaks); every
+                         class in two or more episodes gets one on each side.
 3. `fit_normaliser`   - feature mean/std fitted on the training episodes only.
 4. `class_weights`    - sklearn's balanced weights (WAIT is ~94% of decisions).
 5. `train_policy`     - Adam + weighted cross-entropy on shuffled mini-batches (MLP) or whole
                          episodes in order (GRU); the epoch with the best validation balanced
                          accuracy is kept (early stopping) and saved as a safetensors checkpoint.
-6. `classification_metrics` - accuracy, balanced accuracy, per-class P/R/F1, confusion matrix.
+6. `classification_metrics` - accuracy, balanced accuracy, per-class P/R/F1, confusion matrix,
+                         and the classes without support (a score that leaves them out says so).
 
 `train_policy(store, policy="mlp") -> (checkpoint_path, metrics)` is the reusable entry point
 (DAgger loops call it); `simic train` is a thin CLI around it.
@@ -33,7 +35,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
-from .checkpoint import CheckpointError, save_checkpoint
+from .checkpoint import CheckpointError, check_writable_checkpoint, save_checkpoint
 from .contracts import ACTION_NAMES, N_ACTIONS, N_FEATURES
 from .paths import default_checkpoint_path
 
@@ -131,7 +133,8 @@ def load_decisions(store_path: str | Path) -> DecisionData:
 
 # ================================================================================ 2. the split
 def split_episodes(n_episodes: int, val_fraction: float, seed: int,
-                   strata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   strata: np.ndarray | None = None,
+                   classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A seeded split of episode positions into (train, val); at least one episode on each side.
 
     With `strata` (one label per episode, e.g. the rarest action it contains) the split is
@@ -139,7 +142,61 @@ def split_episodes(n_episodes: int, val_fraction: float, seed: int,
     keeps at least one for training, and the remaining validation places are filled from the
     most common strata first. So a rare class (CULL appears in a handful of episodes) is never
     left out of training by an unlucky shuffle. Same inputs, same split.
+
+    With `classes` (an (episodes, classes) boolean matrix: which classes each episode contains)
+    the split is then repaired class by class, rarest first: every class keeps an episode in
+    training, and every class found in at least two episodes also gets one in validation (a
+    validation score over a missing class would silently leave it out). See `cover_classes`.
     """
+    train, val = _split_stratified(n_episodes, val_fraction, seed, strata)
+    if classes is None:
+        return train, val
+    in_val = np.zeros(n_episodes, dtype=bool)
+    in_val[val] = True
+    order = np.random.default_rng(seed).permutation(n_episodes)
+    in_val = cover_classes(np.asarray(classes, dtype=bool), in_val, order)
+    return np.flatnonzero(~in_val), np.flatnonzero(in_val)
+
+
+def cover_classes(classes: np.ndarray, in_val: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Move episodes across a split so every class is on both sides where the data allows.
+
+    `classes`: (episodes, classes) boolean; `in_val`: the split to repair; `order`: the seeded
+    order in which episodes are considered. First each class without a training episode gets one
+    back from validation; then each class (rarest first) in two or more episodes but none in
+    validation gets one moved there, never taking a class's last training episode, and, to keep
+    the validation size, one validation episode whose every class is also elsewhere in
+    validation goes back to training. Returns the new `in_val`.
+    """
+    in_val = in_val.copy()
+    rank = {int(e): i for i, e in enumerate(order)}
+    n_with = classes.sum(axis=0)
+
+    def ordered(mask: np.ndarray) -> list[int]:
+        return sorted(np.flatnonzero(mask).tolist(), key=rank.__getitem__)
+
+    for c in np.argsort(n_with, kind="stable"):  # every class keeps a training episode
+        if n_with[c] and not (classes[:, c] & ~in_val).any() and in_val.sum() > 1:
+            in_val[ordered(classes[:, c] & in_val)[0]] = False
+    for c in np.argsort(n_with, kind="stable"):
+        if n_with[c] < 2 or (classes[:, c] & in_val).any():
+            continue
+        train_count = (classes & ~in_val[:, None]).sum(axis=0)
+        movable = [e for e in ordered(classes[:, c] & ~in_val)
+                   if (train_count[classes[e]] >= 2).all() and (~in_val).sum() > 1]
+        if not movable:
+            continue  # each episode with c holds some class's last training example
+        in_val[movable[0]] = True
+        val_count = (classes & in_val[:, None]).sum(axis=0)
+        back = [e for e in ordered(in_val) if e != movable[0] and (val_count[classes[e]] >= 2).all()]
+        if back:
+            in_val[back[-1]] = False
+    return in_val
+
+
+def _split_stratified(n_episodes: int, val_fraction: float, seed: int,
+                      strata: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded (train, val) split of `split_episodes`, before any class coverage repair."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if n_episodes < 2:
@@ -173,6 +230,13 @@ def rarest_action_per_episode(data: DecisionData) -> np.ndarray:
     rarest = np.full(data.n_episodes, N_ACTIONS, dtype=np.int64)
     np.minimum.at(rarest, data.episode, per_row)
     return rarest
+
+
+def classes_per_episode(data: DecisionData) -> np.ndarray:
+    """(episodes, actions) boolean: which actions occur among each episode's labels."""
+    present = np.zeros((data.n_episodes, N_ACTIONS), dtype=bool)
+    present[data.episode, data.labels] = True
+    return present
 
 
 # ================================================================================ 3. normalisation
@@ -303,7 +367,12 @@ def build_net(policy: str, hparams: dict[str, Any]) -> nn.Module:
 # ================================================================================ 6. metrics
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
     """Accuracy, balanced accuracy (mean recall over the classes present in y_true), per-class
-    precision/recall/F1/support and the confusion matrix (rows actual, columns predicted)."""
+    precision/recall/F1/support and the confusion matrix (rows actual, columns predicted).
+
+    `classes_without_support` names the classes absent from y_true: the balanced accuracy is
+    then over `balanced_accuracy_classes` only and says nothing about the others (a 1.0 over
+    three classes is not a perfect score over four); `balanced_accuracy_label` words it so.
+    """
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     if len(y_true) == 0:
         raise DataError("no decisions to score")
@@ -311,15 +380,28 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, 
         warnings.simplefilter("ignore")
         bal = float(balanced_accuracy_score(y_true, y_pred))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, zero_division=0)
+    scored = [name for i, name in enumerate(ACTION_NAMES) if s[i] > 0]
     return {
         "accuracy": float((y_true == y_pred).mean()),
         "balanced_accuracy": bal,
+        "balanced_accuracy_classes": scored,
+        "classes_without_support": [name for i, name in enumerate(ACTION_NAMES) if s[i] == 0],
         "per_class": {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                              "support": int(s[i])} for i, name in enumerate(ACTION_NAMES)},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=LABELS).tolist(),
         "labels": list(ACTION_NAMES),
         "n_decisions": int(len(y_true)),
     }
+
+
+def balanced_accuracy_label(metrics: dict[str, Any], where: str) -> str:
+    """How to name `metrics`' balanced accuracy: plainly when every class had support, else e.g.
+    "balanced accuracy (3 of 4 classes; no CULL in validation)" (`where` names the decisions)."""
+    missing = metrics.get("classes_without_support") or []
+    if not missing:
+        return "balanced accuracy"
+    n_scored = len(metrics.get("labels", ACTION_NAMES)) - len(missing)
+    return f"balanced accuracy ({n_scored} of {n_scored + len(missing)} classes; no {'/'.join(missing)} in {where})"
 
 
 # ================================================================================ 7. evaluation
@@ -454,17 +536,32 @@ def logits_of(model: nn.Module, x: torch.Tensor, sequence: bool) -> torch.Tensor
     return model(x)[0] if sequence else model(x)
 
 
+def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                           zero_weights: bool = True) -> torch.Tensor:
+    """Class-weighted mean cross-entropy (padding ignored) that is 0, not NaN, on a batch whose
+    every label has weight 0 (torch's mean divides by the batch's total weight: 0/0 there).
+
+    `zero_weights=False` promises every weight is positive: torch's own mean is then safe, and
+    about twice as fast on the small batches of the training loop.
+    """
+    if not zero_weights:
+        return F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE)
+    total = F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE, reduction="sum")
+    norm = weight[y[y != IGNORE]].sum()
+    return total / norm if norm > 0 else total * 0.0
+
+
 def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: Tensors, weight: torch.Tensor,
                     batch_size: int, gen: torch.Generator, sequence: bool) -> float:
     """One pass over shuffled mini-batches (of decisions, or of whole episodes for a GRU)."""
     model.train()
     perm = torch.randperm(len(data.x), generator=gen)
     total, count = 0.0, 0
+    zero_weights = bool((weight == 0).any())
     for i in range(0, len(perm), batch_size):
         idx = perm[i : i + batch_size]
         logits = logits_of(model, data.x[idx], sequence)
-        loss = F.cross_entropy(logits.reshape(-1, N_ACTIONS), data.y[idx].reshape(-1),
-                               weight=weight, ignore_index=IGNORE)
+        loss = weighted_cross_entropy(logits.reshape(-1, N_ACTIONS), data.y[idx].reshape(-1), weight, zero_weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -479,7 +576,7 @@ def predict(model: nn.Module, data: Tensors, weight: torch.Tensor, sequence: boo
     model.eval()
     logits = logits_of(model, data.x, sequence).reshape(-1, N_ACTIONS)
     y = data.y.reshape(-1)
-    loss = float(F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE))
+    loss = float(weighted_cross_entropy(logits, y, weight))
     pred = logits.argmax(dim=1).numpy()
     if sequence:  # drop the padding, back to flat row order
         keep = data.rows.reshape(-1) >= 0
@@ -539,6 +636,7 @@ def prepare_training(
         raise DataError("--epochs, the batch size and the learning rate must be positive")
     weight_spec = parse_class_weights(cfg.class_weights)
     out_path = Path(out) if out is not None else default_checkpoint_path(policy)
+    check_writable_checkpoint(out_path)  # before any work: never train for a file we may not write
 
     data = load_decisions(store_path)
     missing = [ACTION_NAMES[c] for c in LABELS if not (data.labels == c).any()]
@@ -546,14 +644,26 @@ def prepare_training(
         raise DataError(f"store {data.store} has no {'/'.join(missing)} decisions, so the policy could never learn "
                         f"{'it' if len(missing) == 1 else 'them'}; collect more episodes (or allow missing classes)")
     train_pos, val_pos = split_episodes(data.n_episodes, cfg.val_fraction, cfg.seed,
-                                        rarest_action_per_episode(data))
+                                        rarest_action_per_episode(data), classes_per_episode(data))
     train, val = data.select(train_pos), data.select(val_pos)
     absent = [ACTION_NAMES[c] for c in LABELS if (data.labels == c).any() and not (train.labels == c).any()]
     if absent and log is not None:
         log(f"no {'/'.join(absent)} decision fell in the training episodes (split seed {cfg.seed}); "
             "it cannot be learned from this split")
+    unscored = [ACTION_NAMES[c] for c in LABELS if (data.labels == c).any() and not (val.labels == c).any()]
+    if unscored and log is not None:
+        log(f"no {'/'.join(unscored)} decision is in the validation episodes (it occurs in too few episodes); "
+            f"validation balanced accuracy covers {len(np.unique(val.labels))} of {N_ACTIONS} classes")
     mean, std = fit_normaliser(train.observations)  # training episodes only: no peeking at val
     weights = class_weights(train.labels, weight_spec)
+    present = np.unique(train.labels)
+    if not (weights[present] > 0).any():
+        raise DataError(f"--class-weights {cfg.class_weights}: every class in the training episodes "
+                        f"({'/'.join(ACTION_NAMES[c] for c in present)}) has weight 0, so the loss is "
+                        "identically zero and nothing can be learned")
+    if log is not None and (weights[present] == 0).any():
+        log(f"--class-weights {cfg.class_weights}: {'/'.join(ACTION_NAMES[c] for c in present if weights[c] == 0)} "
+            "get weight 0, so the policy is not trained to predict them")
     return Prepared(cfg, arch, hp, out_path, data, train, val, mean, std, weights)
 
 
@@ -642,7 +752,11 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
                           "mean": mean.tolist(), "std": std.tolist()},
         "split": {"by": "episode", "stratified_by": "rarest action", "seed": cfg.seed,
                   "val_fraction": cfg.val_fraction, "store": str(prep.data.store),
-                  "train_ids": list(train.episode_ids), "val_ids": list(val.episode_ids)},
+                  "train_ids": list(train.episode_ids), "val_ids": list(val.episode_ids),
+                  # [task, run seed, index, rng seed] of every train and val episode: `simic compare`
+                  # keeps its episodes off these (same rng seed = same host init and data order).
+                  "episodes": [[m["config"]["task"], int(m["seed"]), int(m["index"]), int(m["rng_seed"])]
+                               for m in (train.episode_meta or []) + (val.episode_meta or [])]},
         "class_weights": {"spec": cfg.class_weights, "values": weights.tolist(), "labels": list(ACTION_NAMES),
                           "train_counts": np.bincount(train.labels, minlength=N_ACTIONS).tolist()},
         "metrics": metrics,
@@ -656,7 +770,8 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
 
 __all__ = [
     "ARCHITECTURES", "DataError", "DecisionData", "EpochStats", "GRUNet", "MLPNet", "TrainConfig",
-    "Prepared", "build_net", "class_weights", "classification_metrics", "fit", "fit_normaliser",
+    "Prepared", "balanced_accuracy_label", "build_net", "class_weights", "classes_per_episode",
+    "classification_metrics", "cover_classes", "fit", "fit_normaliser",
     "imitation_labels", "load_decisions", "parse_class_weights", "prepare_training", "replay",
     "select_split", "split_episodes", "train_policy",
 ]

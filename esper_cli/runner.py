@@ -6,7 +6,7 @@ workers and yields finished `Episode`s back to the caller, in completion order, 
 The caller (the main process) is the one writer: it commits each episode to the store, so crash
 safety and the store lock are the same whatever the backend.
 
-    jobs = [EpisodeJob(policy="heuristic", config=config, seed=0, index=i) for i in todo]
+    jobs = (EpisodeJob(policy="heuristic", config=config, seed=0, index=i) for i in todo)  # drawn lazily
     with make_runner(workers=4) as runner:          # or backend="ray", ray_address=...
         for episode in runner.run(jobs):
             writer.append(episode)
@@ -296,6 +296,38 @@ class SerialRunner(BaseRunner):
                 raise JobFailed(job, str(exc), policy_error=True) from exc
 
 
+class _JobQueue:
+    """The caller's jobs, numbered and drawn lazily; a job to re-run goes to the front.
+
+    Never lists the whole iterable: a run of a billion episodes holds only the jobs in flight
+    (and the few drawn ahead), so memory does not grow with the size of the plan.
+    """
+
+    def __init__(self, jobs: Iterable[EpisodeJob]) -> None:
+        self._source = enumerate(jobs)
+        self._ready: deque[tuple[int, EpisodeJob]] = deque()
+
+    def available(self, n: int) -> int:
+        """How many jobs are left, counted up to `n` (draws at most `n` ahead)."""
+        while len(self._ready) < n:
+            item = next(self._source, None)
+            if item is None:
+                break
+            self._ready.append(item)
+        return len(self._ready)
+
+    def __bool__(self) -> bool:
+        return self.available(1) > 0
+
+    def pop(self) -> tuple[int, EpisodeJob]:
+        """The next job (a re-run first); IndexError when none is left."""
+        self.available(1)
+        return self._ready.popleft()
+
+    def retry(self, item: tuple[int, EpisodeJob]) -> None:
+        self._ready.appendleft(item)
+
+
 @dataclass
 class _Slot:
     proc: Any
@@ -340,14 +372,14 @@ class ProcessRunner(BaseRunner):
 
     def run(self, jobs: Iterable[EpisodeJob], fn: JobFn = run_job) -> Iterator[Episode]:
         tracker = self._tracker
-        pending: deque[tuple[int, EpisodeJob]] = deque(enumerate(jobs))
-        while len(self._slots) < min(self.parallelism, len(pending)):
+        pending = _JobQueue(jobs)
+        while len(self._slots) < pending.available(self.parallelism):
             self._slots.append(self._start_worker())
 
         def dispatch() -> None:
             for slot in self._slots:
                 if slot.job is None and pending and tracker.failure is None:
-                    slot.job = pending.popleft()
+                    slot.job = pending.pop()
                     try:
                         slot.conn.send((fn, slot.job[1]))
                     except (BrokenPipeError, OSError):
@@ -382,7 +414,7 @@ class ProcessRunner(BaseRunner):
                     slot.job = None
                     self._replace(slot)
                     if tracker.died(n, job, reason):
-                        pending.appendleft((n, job))
+                        pending.retry((n, job))
                     continue
                 slot.job = None
                 if outcome[0] == "ok":
@@ -456,12 +488,12 @@ class RayRunner(BaseRunner):
 
     def run(self, jobs: Iterable[EpisodeJob], fn: JobFn = run_job) -> Iterator[Episode]:
         ray, tracker = self._ray, self._tracker
-        pending: deque[tuple[int, EpisodeJob]] = deque(enumerate(jobs))
+        pending = _JobQueue(jobs)
         in_flight = self._in_flight
 
         def submit() -> None:
             while pending and len(in_flight) < self.parallelism and tracker.failure is None:
-                n, job = pending.popleft()
+                n, job = pending.pop()
                 ref = self._remote.options(num_cpus=job.threads, max_retries=0).remote(fn, job)
                 in_flight[ref] = (n, job)
 
@@ -479,7 +511,7 @@ class RayRunner(BaseRunner):
                 except ray.exceptions.RayError as exc:  # worker or node died, object lost, ...
                     reason = f"Ray worker lost ({type(exc).__name__})"
                     if tracker.died(n, job, reason):
-                        pending.appendleft((n, job))
+                        pending.retry((n, job))
                     continue
                 if outcome[0] == "ok":
                     finished.append(outcome[1])

@@ -23,10 +23,14 @@ One writer at a time (a lock file next to the store); any number of readers, eve
 
 from __future__ import annotations
 
+import bisect
+import ctypes
+import errno
 import json
 import os
+import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -133,7 +137,15 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 class StoreError(Exception):
-    """One-line, user-facing message (the CLI prints str(e), exits 2)."""
+    """One-line, user-facing message (the CLI prints str(e) and exits with `exit_code`)."""
+
+    exit_code = 2  # bad input: a missing, damaged or foreign file
+
+
+class StoreWriteError(StoreError):
+    """Writing failed (disk full, I/O error): the job failed, every committed episode is kept."""
+
+    exit_code = 1
 
 
 class StoreLockedError(StoreError):
@@ -145,52 +157,103 @@ class NotAStoreError(StoreError):
 
 
 # ----------------------------------------------------------------------------- opening files
-def _check_file(path: Path) -> None:
+def _check_file(path: Path, shown: Path | None = None) -> None:
     """Cheap checks before HDF5 touches the file: exists, is HDF5, not truncated.
 
     The truncation check matters: in SWMR-read mode HDF5 skips its own end-of-file check, reads
     past the end as zeros and, on a badly truncated file, retries checksum failures for minutes.
     A SWMR writer never lets the superblock's end-of-file address run ahead of the real size
     (checked under a live writer and after kill -9), so a larger address means a truncated file.
+    Messages name `shown` (the path as the user gave it), default `path`.
     """
+    name = path if shown is None else shown
     if not path.exists():
-        raise StoreError(f"episode store {path} does not exist; run `simic collect` first")
+        raise StoreError(f"episode store {name} does not exist; run `simic collect` first")
     if not path.is_file():
-        raise NotAStoreError(f"{path} is not a Simic episode store (not a regular file)")
+        raise NotAStoreError(f"{name} is not a Simic episode store (not a regular file)")
     try:
         with open(path, "rb") as fh:
             head = fh.read(48)
             size = os.fstat(fh.fileno()).st_size
     except OSError as exc:
-        raise StoreError(f"cannot read episode store {path}: {exc.strerror or exc}") from None
+        raise StoreError(f"cannot read episode store {name}: {exc.strerror or exc}") from None
     if head[:8] != _HDF5_SIGNATURE:
-        raise NotAStoreError(f"{path} is not a Simic episode store (not an HDF5 file)")
+        raise NotAStoreError(f"{name} is not a Simic episode store (not an HDF5 file)")
+    # No HDF5 superblock is shorter than 48 bytes: an HDF5 signature followed by less is a cut file.
+    if len(head) < 48:
+        raise StoreError(f"episode store {name} is truncated ({size} bytes; its HDF5 superblock "
+                         "alone needs 48); restore it from a copy or collect into a new store")
     # Superblock v2/v3: signature, version, offset size, length size, flags, then base address,
     # extension address, end-of-file address, root address (8 bytes each in files h5py writes).
-    if len(head) < 48 or head[8] < 3 or head[9] != 8:
-        raise NotAStoreError(f"{path} is an HDF5 file but not a Simic episode store")
+    if head[8] < 3 or head[9] != 8:
+        raise NotAStoreError(f"{name} is an HDF5 file but not a Simic episode store")
     base, _ext, eof, _root = struct.unpack("<4Q", head[12:44])
     if base + eof > size:
-        raise StoreError(f"episode store {path} is truncated ({size} of {base + eof} bytes); "
+        raise StoreError(f"episode store {name} is truncated ({size} of {base + eof} bytes); "
                          "restore it from a copy or collect into a new store")
 
 
-def _open_swmr(path: Path) -> h5py.File:
+# How often a SWMR reader re-reads a piece of metadata whose checksum fails. HDF5 retries because
+# a live writer may be rewriting that piece, sleeping 1 ns, 2 ns, 4 ns, ... between tries; its
+# default of 100 tries sums to centuries of sleep, so one flipped byte in a store hung every reader
+# (uninterruptibly, inside HDF5) for as long as anyone waited. 24 tries sleep at most ~17 ms per
+# piece: ample for a torn read of a write in flight, and a damaged store fails in milliseconds.
+_SWMR_READ_ATTEMPTS = 24
+
+
+def _read_attempts_setter() -> Any:
+    """HDF5's H5Pset_metadata_read_attempts, which h5py does not wrap; None where not found.
+
+    Looked up through an h5py extension module's handle, so it is the very HDF5 library that
+    h5py uses (its own copy in a wheel, or the system one), whatever its file name.
+    """
+    try:
+        setter = ctypes.CDLL(h5p.__file__).H5Pset_metadata_read_attempts
+    except (OSError, AttributeError):  # e.g. a platform whose loader keeps dependencies private
+        return None
+    setter.argtypes = [ctypes.c_int64, ctypes.c_uint]  # (hid_t, unsigned), HDF5 >= 1.10
+    setter.restype = ctypes.c_int
+    return setter
+
+
+_SET_READ_ATTEMPTS = _read_attempts_setter()
+
+
+def _file_access(name: Path) -> h5p.PropFAID:
+    """File access settings of every SWMR open, read or write: both retry failed checksums."""
+    fapl = h5p.create(h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5f.LIBVER_LATEST, h5f.LIBVER_LATEST)
+    fapl.set_file_locking(False, True)
+    if _SET_READ_ATTEMPTS is not None and _SET_READ_ATTEMPTS(fapl.id, _SWMR_READ_ATTEMPTS) < 0:
+        raise StoreError(f"cannot open episode store {name}: HDF5 refused a read setting")
+    return fapl
+
+
+def _open_swmr(path: Path, shown: Path | None = None) -> h5py.File:
     """Open a store for reading; works while a writer is live and after a writer crashed.
 
     HDF5's own file locking is off: it would make a reader block the writer (and vice versa);
-    the lock file serialises writers and SWMR makes concurrent reads safe.
+    the lock file serialises writers and SWMR makes concurrent reads safe. Errors name `shown`
+    (the path as the user gave it) if given.
     """
-    _check_file(path)
+    name = path if shown is None else shown
+    _check_file(path, name)
     try:
-        f = h5py.File(path, "r", libver="latest", swmr=True, locking=False)
-    except OSError as exc:
+        f = h5py.File(h5f.open(os.fsencode(path), h5f.ACC_RDONLY | h5f.ACC_SWMR_READ,
+                               fapl=_file_access(name)))
+    except (OSError, RuntimeError) as exc:
         # Left by a program that wrote the file without SWMR (never by Simic) and crashed.
-        hint = (f"; if no program is writing it, `h5clear -s {path}` clears the flag"
+        hint = (f"; if no program is writing it, `h5clear -s {name}` clears the flag"
                 if "not already open for SWMR" in str(exc) else "")
-        raise StoreError(f"cannot open episode store {path}: {_hdf5_reason(exc)}{hint}") from None
+        raise StoreError(f"cannot open episode store {name}: {_hdf5_reason(exc)}{hint}") from None
     try:
-        _check_header(f, path)
+        _check_header(f, name)
+    except StoreError:
+        f.close()
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:  # a damaged header
+        f.close()
+        raise StoreError(f"episode store {name} is damaged: {_hdf5_reason(exc)}") from None
     except BaseException:
         f.close()
         raise
@@ -199,7 +262,28 @@ def _open_swmr(path: Path) -> h5py.File:
 
 def _hdf5_reason(exc: BaseException) -> str:
     """The useful part of an h5py error, on one line."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # str() would quote it
+    reason = " ".join(str(text).split()) or type(exc).__name__
+    if "checksum" in reason:  # HDF5 found a flipped byte in its own bookkeeping
+        reason = f"HDF5 checksum mismatch, the file is corrupted ({reason})"
+    return reason
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The OS error number behind an h5py error (HDF5 buries it in its message as "errno = 28")."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int):
+        return code
+    found = re.search(r"errno = (\d+)", str(exc))
+    return int(found.group(1)) if found else None
+
+
+def _io_reason(exc: BaseException) -> str:
+    """Why a write failed, on one line: the OS error when there is one, else HDF5's words."""
+    code = _errno_of(exc)
+    if code:
+        return os.strerror(code) + (" (free some space, then re-run)" if code == errno.ENOSPC else "")
+    return _hdf5_reason(exc)
 
 
 def _attr_str(value: Any) -> str:
@@ -231,21 +315,38 @@ def _open_swmr_write(path: Path) -> h5py.File:
     Not `h5py.File(path, "r+")` then `swmr_mode = True`: a kill between the two leaves the file
     flagged "open for write, not SWMR", which SWMR readers refuse and no recovery can read.
     """
-    fapl = h5p.create(h5p.FILE_ACCESS)
-    fapl.set_libver_bounds(h5f.LIBVER_LATEST, h5f.LIBVER_LATEST)
-    fapl.set_file_locking(False, True)  # see _open_swmr; the lock file guards writers
+    fapl = _file_access(path)  # no HDF5 file locking: see _open_swmr; the lock file guards writers
+    fapl.set_cache(0, 0, 0, 0.75)  # no chunk cache: see _NO_CHUNK_CACHE
     fid = h5f.open(os.fsencode(path), h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE, fapl=fapl)
     return h5py.File(fid)
+
+
+# Writers keep no chunk cache: a full disk then fails the write call itself, and no dataset holds
+# unwritten rows. With a cache, the rows failed later in a flush and stayed pending; closing the
+# dataset retried, failed again, and HDF5's exit handler then crashed the process (exit 139).
+# Unfiltered chunks lose nothing by it: HDF5 writes a partial chunk in place, without reading it.
+_NO_CHUNK_CACHE = {"rdcc_nbytes": 0, "rdcc_nslots": 0}
 
 
 def _create_store(path: Path, tmp: Path, arrays: dict[str, np.ndarray] | None = None) -> None:
     """Write a complete store to `tmp`, then atomically move it to `path`.
 
-    A kill at any moment leaves either no store or a whole one, never a half-made file.
+    A kill at any moment leaves either no store or a whole one, never a half-made file; any
+    other failure (a full disk) removes `tmp` and leaves `path` as it was.
     `arrays` (recovery) holds the committed rows of every dataset; None makes an empty store.
     """
-    arrays = arrays or {}
-    with h5py.File(tmp, "w", libver="latest") as f:
+    try:
+        _write_new_store(tmp, arrays or {})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_new_store(tmp: Path, arrays: dict[str, np.ndarray]) -> None:
+    with h5py.File(tmp, "w", libver="latest", **_NO_CHUNK_CACHE) as f:
         f.attrs["format"] = STORE_FORMAT
         f.attrs["store_version"] = STORE_VERSION
         f.attrs["schema_name"] = SCHEMA_NAME
@@ -258,9 +359,24 @@ def _create_store(path: Path, tmp: Path, arrays: dict[str, np.ndarray] | None = 
                              chunks=(chunk, *tail))
             counts[field] = len(data)
         f.create_dataset("commit", data=np.array(_Counts(**counts), dtype=np.int64))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+
+
+def _real_path(path: Path) -> Path:
+    """The file `path` names, through any symlinks (the path itself when nothing exists there)."""
+    real = Path(os.path.realpath(path))
+    if real.is_symlink():  # realpath stops at a loop or an unreadable link
+        raise StoreError(f"episode store {path} is a symlink that leads nowhere (a loop?)")
+    return real
+
+
+_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS}
+
+
+def _write_error(what: str, exc: BaseException, tail: str = "") -> StoreError:
+    """A one-line error for a failed write: StoreWriteError (exit 1) when the job failed for want
+    of space or I/O, StoreError (exit 2) when the path cannot be written at all (permissions)."""
+    failed = _errno_of(exc) in _WRITE_FAILURES or isinstance(exc, RuntimeError)
+    return (StoreWriteError if failed else StoreError)(f"{what}: {_io_reason(exc)}{tail}")
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -420,6 +536,47 @@ def _put_rows(ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:
         ds.id.write(h5s.create_simple(rows.shape), file_space, np.ascontiguousarray(rows))
 
 
+class MissingIndices:
+    """Episode indices 0..n-1 except the done ones, produced lazily.
+
+    A run may ask for a billion episodes: a plan listing them would take gigabytes before the
+    first episode starts, so only the done indices are held and the rest are walked on demand.
+    """
+
+    def __init__(self, n: int, done: Iterable[int] = ()) -> None:
+        self.n = max(0, int(n))
+        self._done = sorted({int(i) for i in done if 0 <= int(i) < self.n})
+
+    def __len__(self) -> int:
+        return self.n - len(self._done)
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def __iter__(self) -> Iterator[int]:
+        start = 0
+        for d in self._done:
+            yield from range(start, d)
+            start = d + 1
+        yield from range(start, self.n)
+
+    def __contains__(self, i: object) -> bool:
+        if not isinstance(i, int) or not 0 <= i < self.n:
+            return False
+        k = bisect.bisect_left(self._done, i)
+        return not (k < len(self._done) and self._done[k] == i)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, MissingIndices):
+            return (self.n, self._done) == (other.n, other._done)
+        if isinstance(other, (list, tuple, range)):  # small plans compare like the list they stand for
+            return len(other) == len(self) and list(other) == list(self)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"MissingIndices(n={self.n}, done={len(self._done)})"
+
+
 class EpisodeWriter:
     """Appends episodes to a store, one atomic commit per `append`; one writer at a time.
 
@@ -429,47 +586,65 @@ class EpisodeWriter:
 
     def __init__(self, path: str | os.PathLike[str], *, lock_timeout: float = 0.0) -> None:
         self.path = Path(path)
+        # The file a symlink points to is the store: its lock, its recovery, its replacement.
+        # Locking the link's name let a second writer in through the link, and recovery replaced
+        # the link with a copy, splitting the store in two.
+        self.real_path = _real_path(self.path)
         self.recovered = False
         self._file: h5py.File | None = None
+        self._datasets: dict[str, h5py.Dataset] = {}
+        self._commit: h5py.Dataset | None = None
+        if self.real_path.exists():
+            # Refuse what is plainly not a store before a lock file appears next to it.
+            _check_file(self.real_path)
+        lock_path = self._sibling("lock")
+        made_lock = not lock_path.exists()
         # thread_local=False: the writer may be closed from another thread than the one that opened it.
-        self._lock = FileLock(self._sibling("lock"), thread_local=False)
+        self._lock = FileLock(lock_path, thread_local=False)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.real_path.parent.mkdir(parents=True, exist_ok=True)
             self._lock.acquire(timeout=lock_timeout)
         except Timeout:  # before OSError: filelock's Timeout is one
             raise StoreLockedError(f"episode store {self.path} is locked: another process is "
                                    "writing it (wait for it to finish)") from None
         except OSError as exc:
-            raise StoreError(f"cannot write episode store {self.path}: {_hdf5_reason(exc)}") from None
+            raise _write_error(f"cannot write episode store {self.path}", exc) from None
         try:
             self._open()
-        except OSError as exc:  # permissions, disk full, ... while creating or recovering
+        except BaseException as exc:
+            self._close_file()
+            if made_lock:  # a refused or failed store keeps no lock file of ours
+                lock_path.unlink(missing_ok=True)
             self._lock.release()
-            raise StoreError(f"cannot write episode store {self.path}: {_hdf5_reason(exc)}") from None
-        except BaseException:
-            self._lock.release()
+            if isinstance(exc, (OSError, RuntimeError)):  # permissions, disk full, ...
+                raise _write_error(f"cannot write episode store {self.path}", exc) from None
             raise
 
     def _sibling(self, suffix: str) -> Path:
-        return self.path.with_name(f"{self.path.name}.{suffix}")
+        return self.real_path.with_name(f"{self.real_path.name}.{suffix}")
 
     def _open(self) -> None:
         # We hold the lock, so leftovers of an interrupted create/recover are ours and stale.
         for tmp in (self._sibling("create.tmp"), self._sibling("recover.tmp")):
             tmp.unlink(missing_ok=True)
-        if not self.path.exists():
-            _create_store(self.path, self._sibling("create.tmp"))
+        path = self.real_path
+        if not path.exists():
+            _create_store(path, self._sibling("create.tmp"))
         # Validate read-only first: a file that is not a readable store is never opened for writing.
-        with EpisodeReader(self.path) as reader:
+        with EpisodeReader(path) as reader:
             # HDF5's "open for write" flag is set, yet we hold the lock: the last writer crashed,
             # and a normal open would refuse the file. Keep its committed data, drop the rest.
-            crashed = _superblock_flags(self.path) != 0
+            crashed = _superblock_flags(path) != 0
             arrays = reader._committed_arrays() if crashed else None
         if arrays is not None:
-            _create_store(self.path, self._sibling("recover.tmp"), arrays)
+            try:
+                _create_store(path, self._sibling("recover.tmp"), arrays)
+            except (OSError, RuntimeError) as exc:
+                raise _write_error(f"recovering episode store {self.path} after an interrupted "
+                                   "write failed", exc, "; the store is unchanged") from None
             self.recovered = True
         try:
-            self._file = _open_swmr_write(self.path)
+            self._file = _open_swmr_write(path)
         except OSError as exc:
             hint = (" (an EpisodeReader in this process has it open; close it first)"
                     if "already open for read-only" in str(exc) else "")
@@ -490,9 +665,13 @@ class EpisodeWriter:
         """(config key, seed, index) of every committed episode: what a resumed collect skips."""
         return set(self._keys)
 
-    def missing(self, key: str, seed: int, episodes: int) -> list[int]:
-        """Indices 0..episodes-1 of run (key, seed) not committed yet: what a resumed run still owes."""
-        return [i for i in range(episodes) if (key, seed, i) not in self._keys]
+    def missing(self, key: str, seed: int, episodes: int) -> Iterable[int]:
+        """Indices 0..episodes-1 of run (key, seed) not committed yet: what a resumed run still owes.
+
+        A lazy, sized `MissingIndices` (len, iteration, `in`): the plan of a huge run
+        costs memory for the committed episodes only, never one entry per index.
+        """
+        return MissingIndices(episodes, (i for k, s, i in self._keys if k == key and s == seed))
 
     def append(self, episode: Episode) -> None:
         """Commit one episode atomically. Raises ValueError (nothing written) on NaN/inf data."""
@@ -508,8 +687,12 @@ class EpisodeWriter:
         batch = _encode(episodes, self._counts, self._blueprints)
         try:
             self._write(batch)
-        except OSError as exc:  # e.g. disk full: the last commit still stands
-            raise StoreError(f"writing episode store {self.path} failed: {_hdf5_reason(exc)}") from None
+        except (OSError, RuntimeError) as exc:  # h5py raises either, e.g. for a full disk
+            # The last commit still stands on disk. HDF5 is left half-failed, so close the file
+            # now rather than leave it to the exit handlers, which could crash the process.
+            self.close(quiet=True)
+            raise _write_error(f"writing episode store {self.path} failed", exc,
+                               f"; its {self.n_episodes} committed episodes are kept") from None
         self._counts, self._blueprints = batch.counts, batch.blueprints
         self._keys |= batch.keys
 
@@ -526,21 +709,42 @@ class EpisodeWriter:
         """Committed episodes."""
         return self._counts.n_episodes
 
-    def close(self) -> None:
-        """Close the file (clearing its "open for write" flag) and release the lock."""
-        if self._file is not None:
-            try:
-                self._file.close()
-            finally:
-                self._file = None
-                self._lock.release()
+    def close(self, *, quiet: bool = False) -> None:
+        """Close the file (clearing its "open for write" flag) and release the lock. Idempotent.
+
+        Raises StoreWriteError when HDF5 cannot finish the file (e.g. disk full), unless `quiet`;
+        every committed episode is kept either way, and the next writer recovers the file.
+        """
+        if self._file is None:
+            return
+        try:
+            problem = self._close_file()
+        finally:
+            self._lock.release()
+        if problem is not None and not quiet:
+            raise _write_error(f"closing episode store {self.path} failed", problem,
+                               f"; its {self.n_episodes} committed episodes are kept")
+
+    def _close_file(self) -> BaseException | None:
+        """Close the HDF5 file now, whatever state a failed write left; the error, if any."""
+        f, self._file = self._file, None
+        # Dataset handles go first, while their file is whole: one that outlived a failed file
+        # close was destroyed by HDF5's exit handler after the file, a segfault.
+        self._datasets, self._commit = {}, None
+        if f is None:
+            return None
+        try:
+            f.close()
+        except (OSError, RuntimeError) as exc:
+            return exc
+        return None
 
     def __enter__(self) -> EpisodeWriter:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.close()
+        self.close(quiet=exc is not None)  # an error in flight says more than a failed close
 
 
 # ----------------------------------------------------------------------------- the reader
@@ -556,21 +760,29 @@ class EpisodeReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._file: h5py.File | None = _open_swmr(self.path)
+        self.real_path = _real_path(self.path)  # the same file a writer through this path locks
+        self._file: h5py.File | None = _open_swmr(self.real_path, self.path)
         try:
             self._load()
         except StoreError:
             self.close()
             raise
-        except (OSError, KeyError, ValueError, TypeError) as exc:
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
             self.close()
-            raise StoreError(f"episode store {self.path} is damaged: {_hdf5_reason(exc)}") from None
+            raise self._damaged(_hdf5_reason(exc)) from None
+
+    def _damaged(self, what: str) -> StoreError:
+        return StoreError(f"episode store {self.path} is damaged: {what}")
 
     def _load(self) -> None:
         f = self._file
         commit = f["commit"]
         commit.refresh()  # SWMR: the writer's latest commit, not a cached one
-        self._counts = _Counts(*(int(x) for x in commit[()]))
+        values = commit[()]
+        if values.shape != (len(_Counts._fields),) or (values < 0).any():
+            raise self._damaged(f"impossible commit record {values.tolist()}")
+        self._counts = _Counts(*(int(x) for x in values))
+        self._check_datasets()
         self.schema_name = _attr_str(f.attrs["schema_name"])
         self.schema_version = int(f.attrs["schema_version"])
         self.feature_names = tuple(_attr_str(x) for x in f.attrs["feature_names"])
@@ -581,17 +793,41 @@ class EpisodeReader:
         self._check_index()
         self._meta_blob: bytes | None = None
 
+    def _check_datasets(self) -> None:
+        """Open every dataset's header now. A damaged one is refused here, at open, rather than
+        met by a writer mid-append or by a command after its work; a reader alone touched only
+        the datasets it read, so a writer went on to open the damaged one for writing."""
+        for name, (dtype, tail, _chunk, _field) in _LAYOUT.items():
+            try:
+                ds = self._file[name]
+                found = (ds.dtype, ds.shape[1:])
+            except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+                raise self._damaged(f"{name}: {_hdf5_reason(exc)}") from None
+            if found != (np.dtype(dtype), tail):
+                raise self._damaged(f"{name} holds {found[0]} {found[1]} rows, "
+                                    f"expected {np.dtype(dtype)} {tail}")
+
     def _read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Committed rows [start, stop) of a dataset (stop defaults to the committed count)."""
+        if self._file is None:
+            raise StoreError(f"episode store {self.path} reader is closed")
         committed = getattr(self._counts, _LAYOUT[name][3])
         stop = committed if stop is None else stop
-        ds = self._file[name]
-        if ds.shape[0] < committed:
-            ds.refresh()  # SWMR: the cached extent may predate the commit we read
+        try:
+            ds = self._file[name]
             if ds.shape[0] < committed:
-                raise StoreError(f"episode store {self.path} is damaged: {name} has "
-                                 f"{ds.shape[0]} rows, the commit record says {committed}")
-        return ds[start:stop]
+                ds.refresh()  # SWMR: the cached extent may predate the commit we read
+                if ds.shape[0] < committed:
+                    raise self._damaged(f"{name} has {ds.shape[0]} rows, the commit record "
+                                        f"says {committed}")
+            rows = ds[start:stop]
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:  # HDF5 saw damage
+            raise self._damaged(f"{name}: {_hdf5_reason(exc)}") from None
+        dtype, tail = _LAYOUT[name][:2]
+        if rows.shape[1:] != tail or rows.dtype != np.dtype(dtype):
+            raise self._damaged(f"{name} holds {rows.dtype} {rows.shape[1:]} rows, "
+                                f"expected {np.dtype(dtype)} {tail}")
+        return rows
 
     def _check_index(self) -> None:
         """Episodes must tile the decision and metadata arrays exactly (catches corruption)."""
@@ -599,13 +835,17 @@ class EpisodeReader:
                                      ("meta_offset", "meta_length", self._counts.n_meta_bytes)):
             lengths = self._index[length].astype(np.int64)
             expected = np.cumsum(lengths) - lengths
-            if not np.array_equal(self._index[first], expected) or lengths.sum() != total:
-                raise StoreError(f"episode store {self.path} is damaged: inconsistent episode index")
+            if ((lengths < 0).any() or not np.array_equal(self._index[first], expected)
+                    or lengths.sum() != total):
+                raise self._damaged("inconsistent episode index")
 
     def index(self) -> dict[str, np.ndarray]:
         """The episode index: one entry per committed episode in every column; 'key' as str."""
         out = {name: col.copy() for name, col in self._index.items()}
-        out["key"] = out["key"].astype(str)
+        try:
+            out["key"] = out["key"].astype(str)
+        except UnicodeDecodeError:
+            raise self._damaged("an episode key is not text") from None
         return out
 
     def decisions(self, episodes: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -629,9 +869,72 @@ class EpisodeReader:
             rows = np.repeat(starts - lo, counts) + within
             out = {name: self._read(f"decisions/{name}", lo, hi)[rows] for name in _DECISION_COLUMNS}
             out["episode"] = np.repeat(positions, counts)
+        self._check_decisions(out)
         for name in _BOOL_COLUMNS:
             out[name] = out[name].astype(bool)
         return out
+
+    def _check_decisions(self, cols: dict[str, np.ndarray]) -> None:
+        """Coded columns must hold codes this Simic knows: a damaged byte must not become an
+        IndexError (or a wrong class) far from the store that holds it."""
+        bounds = {"actions": (0, N_ACTIONS - 1), "expert_actions": (-1, N_ACTIONS - 1),
+                  "blueprint": (-1, len(self.blueprint_names) - 1),
+                  "stage_after": (min(SeedStage), max(SeedStage))}
+        for name, (low, high) in bounds.items():
+            col = cols[name]
+            bad = (col < low) | (col > high)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                where = f"episode {int(cols['episode'][row])}, " if "episode" in cols else ""
+                raise self._damaged(f"decisions/{name} holds {int(col[row])} ({where}"
+                                    f"expected {low}..{high})")
+        offsets = cols["reason_offset"].astype(np.int64)
+        ends = offsets + cols["reason_length"]
+        if ((offsets < 0) | (cols["reason_length"] < 0) | (ends > self._counts.n_reason_bytes)).any():
+            raise self._damaged("decisions/reason_offset points outside the reason text")
+
+    def columns(self, episodes: np.ndarray | Iterable[int] | None = None) -> dict[str, np.ndarray]:
+        """One row per decision, every column a numpy array of the same length (store order).
+
+        For analysis and offline RL; `pandas.DataFrame` takes every column but 'observation'
+        (2-D, one column per name in `feature_names`). `episodes` selects episode positions
+        (None: all). Columns:
+
+        - 'episode_id' (str), 'episode' (int64 position in the store), 'step' (0, 1, ... within
+          the episode), 'last' (bool: the episode's final decision);
+        - 'observation' (float32, N x len(feature_names));
+        - 'action' (int8, index into contracts.ACTION_NAMES), 'valid' (bool: the action was
+          applicable), 'confidence' (float64), 'expert_action' (int8, -1: no expert label);
+        - 'reward' and the outcome measured after the decision's epoch: 'accuracy_change',
+          'loss_change', 'val_accuracy_after' (float64), 'seed_alive' (bool), 'stage_after'
+          (int8, contracts.SeedStage), 'blueprint' (str; '' when the action germinated none).
+
+        Reasons (free text) are left out: `episode(i)` has them.
+        """
+        cols = self.decisions(episodes)
+        selected = np.arange(self.n_episodes) if episodes is None else self._positions(episodes)
+        counts = self._index["length"].astype(np.int64)[selected]
+        step = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        ids = np.array([self.episode_meta(i)["id"] for i in range(self.n_episodes)], dtype=str)
+        names = np.array([*self.blueprint_names, ""])  # code -1 picks the trailing ''
+        return {
+            "episode_id": ids[cols["episode"]],
+            "episode": cols["episode"],
+            "step": step,
+            "last": step == np.repeat(counts, counts) - 1,
+            "observation": cols["observations"],
+            "action": cols["actions"],
+            "valid": cols["valid"],
+            "confidence": cols["confidence"],
+            "expert_action": cols["expert_actions"],
+            "reward": cols["reward"],
+            "accuracy_change": cols["accuracy_change"],
+            "loss_change": cols["loss_change"],
+            "val_accuracy_after": cols["val_accuracy_after"],
+            "seed_alive": cols["seed_alive"],
+            "stage_after": cols["stage_after"],
+            "blueprint": names[cols["blueprint"]],
+        }
 
     def _positions(self, episodes: np.ndarray | Iterable[int]) -> np.ndarray:
         positions = np.asarray(episodes)
@@ -653,15 +956,30 @@ class EpisodeReader:
         if self._meta_blob is None:  # one read serves a loop over every episode
             self._meta_blob = self._read("meta_bytes").tobytes()
         start = int(self._index["meta_offset"][i])
-        return json.loads(self._meta_blob[start: start + int(self._index["meta_length"][i])])
+        raw = self._meta_blob[start: start + int(self._index["meta_length"][i])]
+        try:
+            meta = json.loads(raw.decode())
+        except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            raise self._damaged(f"the metadata of episode {i} is not valid JSON ({exc})") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("id"), str):
+            raise self._damaged(f"the metadata of episode {i} is not an episode record")
+        return meta
 
     def episode(self, i: int) -> Episode:
         """Episode i, reconstructed: equal to what was appended (reasons, seeds, config too)."""
         i = self._position(i)
+        try:
+            return self._episode(i)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # UnicodeDecodeError too
+            raise self._damaged(f"episode {i} cannot be rebuilt ({type(exc).__name__}: "
+                                f"{_hdf5_reason(exc)})") from None
+
+    def _episode(self, i: int) -> Episode:
         meta = self.episode_meta(i)
         start = int(self._index["offset"][i])
         stop = start + int(self._index["length"][i])
         cols = {name: self._read(f"decisions/{name}", start, stop) for name in _DECISION_COLUMNS}
+        self._check_decisions(cols)
         first, blob = 0, b""
         if stop > start:
             first = int(cols["reason_offset"][0])
@@ -706,6 +1024,9 @@ class EpisodeReader:
     def summary(self) -> dict[str, Any]:
         """Store-wide totals: episodes, decisions, action mix, seed fates, accuracy, schema."""
         actions = self._read("decisions/actions").astype(np.int64)
+        if len(actions) and (actions.min() < 0 or actions.max() >= N_ACTIONS):
+            bad = int(actions[(actions < 0) | (actions >= N_ACTIONS)][0])
+            raise self._damaged(f"decisions/actions holds {bad} (expected 0..{N_ACTIONS - 1})")
         counts = np.bincount(actions, minlength=N_ACTIONS)
         final = self._index["final_accuracy"]
         return {

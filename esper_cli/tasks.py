@@ -8,15 +8,19 @@ plateaus within a few epochs so that seeds matter. `cifar10` reads the standard 
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from .kasmina import HostCNN
+if TYPE_CHECKING:  # torch takes seconds to import: only loading data or building a host needs it
+    import torch
+
+    from .kasmina import HostCNN
 
 
 class TaskError(Exception):
@@ -50,6 +54,8 @@ def _split(x: np.ndarray, y: np.ndarray, n_val: int, n_test: int, seed: int) -> 
     order = np.random.default_rng(seed).permutation(len(x))
     test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
 
+    import torch
+
     def t(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(x[idx]).float(), torch.from_numpy(y[idx]).long()
 
@@ -68,17 +74,61 @@ def load_digits(data_dir: str | None = None, split_seed: int = 0) -> TaskData:
     return _split(x, y, n_val=n // 5, n_test=n // 5, seed=split_seed)
 
 
+#: The only globals a CIFAR-10 batch may name: what numpy needs to rebuild an array (old and new
+#: module paths, protocol 2 to 5) and `_codecs.encode`, which Python 3's protocol 2 uses for bytes.
+#: Anything else (os.system, builtins.exec, subprocess.Popen, ...) could run code when loaded.
+_CIFAR_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+_CIFAR_PIXELS = 3 * 32 * 32
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads a CIFAR-10 batch without running code: dicts, lists, bytes, str, ints and numpy
+    arrays only; any other global is refused before it is imported."""
+
+    def __init__(self, fh: Any, path: Path) -> None:
+        super().__init__(fh, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise TaskError(f"CIFAR-10 batch {self.path} names {module}.{name}, which a CIFAR-10 batch never "
+                            "holds (only dicts, lists, bytes, str, ints and numpy arrays are read); refused")
+        with warnings.catch_warnings():  # numpy 2 warns on its numpy.core alias, which real files name
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch's images (N, 3, 32, 32) uint8 and labels (N,) int64, checked here so that bad data
+    is a one-line error when the task loads, not a failure in the middle of an episode."""
     if not path.is_file():
         raise TaskError(f"CIFAR-10 batch {path} is missing (expected the standard cifar-10-batches-py files)")
     try:
         with path.open("rb") as fh:
-            # The standard CIFAR-10 distribution is pickled dicts; the user points us at it.
-            batch = pickle.load(fh, encoding="bytes")
-        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            batch = _CifarUnpickler(fh, path).load()
+        if not isinstance(batch, dict):
+            raise TypeError(f"holds a {type(batch).__name__}, not a dict")
+        raw = np.asarray(batch[b"data"])
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as exc:
-        raise TaskError(f"CIFAR-10 batch {path} is not a valid batch file: {exc}") from None
+    except TaskError:
+        raise
+    except Exception as exc:  # a malformed pickle can raise almost anything; all mean the same
+        raise TaskError(f"CIFAR-10 batch {path} is not a valid batch file: {type(exc).__name__}: {exc}") from None
+    if raw.dtype.kind not in "iu" or raw.size == 0 or raw.size % _CIFAR_PIXELS \
+            or int(raw.min()) < 0 or int(raw.max()) > 255:
+        raise TaskError(f"CIFAR-10 batch {path}: data is {raw.size} {raw.dtype} values, expected rows of "
+                        f"{_CIFAR_PIXELS} bytes (3x32x32 images)")
+    data = raw.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
+    if labels.shape != (len(data),):
+        raise TaskError(f"CIFAR-10 batch {path}: {labels.size} labels for {len(data)} images")
+    bad = labels[(labels < 0) | (labels > 9)]
+    if len(bad):
+        raise TaskError(f"CIFAR-10 batch {path}: label {int(bad[0])} outside 0..9")
     return data, labels
 
 
@@ -109,10 +159,23 @@ def load_cifar10(data_dir: str | None, split_seed: int = 0) -> TaskData:
     n_val = max(len(x) // 10, 1)
     val, train = order[:n_val], order[n_val:]
 
+    import torch
+
     def t(a: np.ndarray, b: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(norm(a)), torch.from_numpy(b)
 
     return TaskData(*t(x[train], y[train]), *t(x[val], y[val]), *t(test_x, test_y))
+
+
+def _host(in_channels: int, widths: tuple[int, ...]) -> Callable[[], HostCNN]:
+    """A host factory for a 10-class task (imports Kasmina, and torch, when a host is built)."""
+
+    def build() -> HostCNN:
+        from .kasmina import HostCNN
+
+        return HostCNN(in_channels=in_channels, widths=widths, num_classes=10)
+
+    return build
 
 
 BUILTIN_TASKS: dict[str, Task] = {
@@ -120,12 +183,12 @@ BUILTIN_TASKS: dict[str, Task] = {
         name="digits",
         description="scikit-learn's bundled 8x8 digits (no download); tiny CNN host, 2 slots",
         load=load_digits,
-        build_host=lambda: HostCNN(in_channels=1, widths=(4, 8), num_classes=10),
+        build_host=_host(1, (4, 8)),
     ),
     "cifar10": Task(
         name="cifar10",
         description="CIFAR-10 from local cifar-10-batches-py (--data-dir); 3-stage CNN host",
         load=load_cifar10,
-        build_host=lambda: HostCNN(in_channels=3, widths=(32, 64, 128), num_classes=10),
+        build_host=_host(3, (32, 64, 128)),
     ),
 }

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import invoke, one_line_error
 from simic_plugins.heuristic import HeuristicTamiyo
 from simic_plugins.mlp import MLPTamiyo
-from typer.testing import CliRunner
 
 from esper_cli import hookimpl
 from esper_cli.checkpoint import digest
-from esper_cli.cli import app
 from esper_cli.comparison import mean_ci95, parse_specs
 from esper_cli.contracts import EpisodeConfig, TrainingSnapshot
 from esper_cli.episode import run_episode
@@ -26,13 +25,9 @@ from esper_cli.learning import train_policy
 from esper_cli.paths import default_checkpoint_path
 from esper_cli.plugins import build_registry, registered_plugin
 
-runner = CliRunner()
 EPOCHS = 12
 SEED = ["--seed", 5]  # episode 1 of run seed 5 grows a seed within 12 epochs (episode 0 does not)
 
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def compare_json(*args: object) -> dict:
@@ -40,15 +35,6 @@ def compare_json(*args: object) -> dict:
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
-
-def one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

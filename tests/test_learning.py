@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import invoke, one_line_error
 from simic_plugins.gru import GRUTamiyo
 from simic_plugins.heuristic import HeuristicTamiyo
 from simic_plugins.mlp import MLPTamiyo
 from sklearn.utils.class_weight import compute_class_weight
-from typer.testing import CliRunner
 
 from esper_cli.checkpoint import CheckpointError, digest, load_checkpoint, save_checkpoint
-from esper_cli.cli import app
 from esper_cli.contracts import ACTION_NAMES, N_FEATURES, TrainingSnapshot
 from esper_cli.learning import (
     DataError,
@@ -38,21 +37,9 @@ from esper_cli.learning import (
     train_policy,
 )
 
-runner = CliRunner()
 TINY = {"epochs": 4, "allow_missing_classes": True}  # a 12-epoch episode rarely culls a seed
 
 
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result) -> str:
-    """The CLI's bad-input contract: exit 2, one line on stderr, no traceback."""
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    text = result.stderr.strip()
-    assert len(text.splitlines()) == 1, text
-    assert "Traceback" not in text
-    return text
 
 
 @pytest.fixture(scope="session")

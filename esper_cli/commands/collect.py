@@ -21,6 +21,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from ..contracts import MAX_SEED
+from ..interrupt import keep_work_on_interrupt
 from ..paths import default_store_path
 from ..runner import (
     DEFAULT_RETRIES,
@@ -58,10 +60,10 @@ def progress_bar() -> Progress:
 
 
 def collect(
-    episodes: int = typer.Option(50, "--episodes", "-n", min=1, help="Episodes the run should hold (indices 0..N-1)."),
+    episodes: int = typer.Option(50, "--episodes", "-n", min=1, max=MAX_SEED, help="Episodes the run should hold (indices 0..N-1)."),
     store: Optional[Path] = typer.Option(None, "--store", help="Episode store (default: $SIMIC_HOME/episodes.h5, SIMIC_HOME=./simic-data)."),
     policy: str = typer.Option("heuristic", "--policy", help="Tamiyo policy that drives the episodes (see `simic plugins`)."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Run seed; episode i uses a seed derived from (seed, i)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Run seed; episode i uses a seed derived from (seed, i)."),
     epochs: int = typer.Option(25, "--epochs", min=1, help="Training epochs (= decisions) per episode."),
     task: str = typer.Option("digits", "--task", help="Training task: digits (bundled) or cifar10 (needs --data-dir)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder holding cifar-10-batches-py (for --task cifar10)."),
@@ -103,11 +105,12 @@ def collect(
     store_path = store or default_store_path()
     key = config.key(policy)
 
+    keep_work_on_interrupt()
     try:
         writer = EpisodeWriter(store_path)
         writer.__enter__()
-    except StoreError as exc:
-        fail(str(exc))
+    except StoreError as exc:  # exit 1 when recovery or creation ran out of disk, 2 for a bad path
+        fail(escape(str(exc)), code=exc.exit_code)
     added = 0
     lost = []
     try:
@@ -126,8 +129,9 @@ def collect(
                 reg.policies[expert]()
             except Exception as exc:
                 fail(f"expert {expert!r} could not be created: {exc}")
-        jobs = [EpisodeJob(policy=policy, config=config, seed=seed, index=i, policy_version=version,
-                           threads=threads, expert=expert) for i in todo]
+        # A generator, like `todo`: the runner draws jobs as workers free up, never all at once.
+        jobs = (EpisodeJob(policy=policy, config=config, seed=seed, index=i, policy_version=version,
+                           threads=threads, expert=expert) for i in todo)
         if todo:
             try:
                 runner = make_runner(backend, n_workers, ray_address=ray_address, registry=reg, retries=retries,
@@ -154,8 +158,13 @@ def collect(
         err.print(f"Interrupted: {added} new episodes committed to {store_path}; "
                   "re-run the same command to complete the rest.")
         raise typer.Exit(130) from None
+    except StoreError as exc:  # writing failed (disk full): every committed episode stands
+        fail(f"{escape(str(exc))} ({added} added by this run)", code=exc.exit_code)
     finally:
-        writer.close()
+        try:
+            writer.close()
+        except StoreError as exc:  # finishing the file failed; the commits are on disk
+            fail(f"{escape(str(exc))} ({added} added by this run)", code=exc.exit_code)
 
     table = Table(title="simic collect", show_header=False)
     table.add_row("store", str(store_path))

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from ..contracts import EpisodeConfig
 from ..plugins import Registry, build_registry
-from ..tasks import TaskError
+
+if TYPE_CHECKING:
+    import torch
 
 out = Console()  # data: tables and JSON
 err = Console(stderr=True)  # progress and diagnostics
@@ -34,6 +35,8 @@ def registry() -> Registry:
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch  # seconds to import: only the commands that run episodes pay for it
+
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
@@ -72,6 +75,10 @@ def workers_and_backend(workers: str | None, backend: str = "local", ray_address
 def episode_config(reg: Registry, *, task: str, epochs: int, device: str, data_dir: Path | None,
                    threads: int, **extra: Any) -> EpisodeConfig:
     """The episode config of a command's options, with the task's data checked before any work."""
+    import torch
+
+    from ..tasks import TaskError
+
     choose("task", task, reg.tasks, "--task")
     resolve_device(device)
     torch.set_num_threads(threads)

@@ -4,7 +4,7 @@ whether a learned policy can replace the heuristic (see `esper_cli.comparison`).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional
@@ -33,12 +33,16 @@ from ..comparison import (
     build_policy,
     closed_loop_summary,
     compare_job,
+    held_out_seed,
     options_key,
+    overlapping_indices,
     parse_specs,
     plot_curves,
     shadow_summary,
+    trained_rng_seeds,
 )
-from ..contracts import ACTION_NAMES, Episode, EpisodeConfig
+from ..contracts import ACTION_NAMES, MAX_SEED, Episode, EpisodeConfig
+from ..interrupt import keep_work_on_interrupt
 from ..plugins import Registry
 from ..runner import BackendUnavailable, EpisodeJob, JobFailed, make_runner
 from .common import episode_config, err, fail, out, registry, workers_and_backend
@@ -61,10 +65,13 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def resolve_specs(values: list[str], reg: Registry, expert: str | None) -> tuple[list[PolicySpec], dict[str, str]]:
+def resolve_specs(values: list[str], reg: Registry, expert: str | None, *,
+                  splits: dict[str, Mapping[str, Any]] | None = None) -> tuple[list[PolicySpec], dict[str, str]]:
     """Parse and check every policy (registered, buildable: checkpoint present and readable).
 
-    Returns the specs and each spec's version (the plugin's, or the built policy's own)."""
+    Returns the specs and each spec's version (the plugin's, or the built policy's own). With
+    `splits`, also fills it with the `split` record of each compared policy's checkpoint (label ->
+    record; policies without a checkpoint are left out), so a comparison can avoid its episodes."""
     try:
         specs = parse_specs(values)
     except ValueError as exc:
@@ -82,9 +89,40 @@ def resolve_specs(values: list[str], reg: Registry, expert: str | None) -> tuple
             raise CompareError(f"policy {spec.label!r}: {exc}") from None
         except Exception as exc:
             raise CompareError(f"policy {spec.label!r} could not be created: {type(exc).__name__}: {exc}") from None
+        meta = getattr(getattr(agent, "checkpoint", None), "meta", None)
+        if splits is not None and spec in specs and isinstance(meta, Mapping) and meta.get("split"):
+            splits[spec.label] = meta["split"]
         plugin = reg.plugin_of("policy", spec.name)
         versions[spec.label] = str(getattr(agent, "version", None) or (plugin.version if plugin else None) or "unknown")
     return specs, versions
+
+
+def pick_seed(seed: int | None, trained: Collection[int], episodes: int, *, start: int = 0,
+              option: str = "--seed", what: str = "a compared checkpoint trained or validated on",
+              ) -> tuple[int, list[int], str | None]:
+    """The run seed to compare on: (seed, indices of its episodes in `trained`, a line for stderr).
+
+    `trained` holds the rng seeds of the episodes to stay off; `what` says what they are ("an
+    episode {what}"). None picks the smallest held-out seed from `start` (the line says which and
+    why); an explicit seed is kept, and the line is a warning when some of its episodes are in
+    `trained` (None when none is). The line is plain text (no Rich markup).
+    """
+    if seed is not None:
+        overlap = overlapping_indices(trained, seed, episodes)
+        if not overlap:
+            return seed, [], None
+        shown = ", ".join(map(str, overlap[:8])) + (", ..." if len(overlap) > 8 else "")
+        return seed, overlap, (f"Warning: {option} {seed}: episode(s) {shown} of this seed are episodes {what} "
+                               f"(same host init and data order), so this comparison is not held out; "
+                               f"omit {option} to pick a held-out seed")
+    chosen = held_out_seed(trained, episodes, start)
+    why = f"the smallest seed from {start} with no episode {what}"
+    if not trained:
+        why += " (there is none of this task)"
+    elif chosen != start:
+        why += f"; seed {start} has some"
+    last = f"0..{episodes - 1}" if episodes > 1 else "0"
+    return chosen, [], f"Comparing on run seed {chosen} (episodes {last}): {why}; {option} N picks another"
 
 
 def run_comparison(
@@ -103,17 +141,17 @@ def run_comparison(
     if shadowing:
         plan = ShadowPlan(driver.name, options_key(driver.options),
                           tuple((s.label, s.name, options_key(s.options)) for s in specs[1:]))
-    jobs = []
-    for i in range(episodes):
-        for s in (specs if closed else [driver]):
-            labelled = closed and expert is not None and not runs[s.label].is_expert
-            jobs.append(EpisodeJob(policy=s.name, config=config, seed=seed, index=i, policy_options=s.options,
-                                   policy_version=versions[s.label], threads=threads,
-                                   expert=expert if labelled else None))
+    def jobs() -> Iterator[EpisodeJob]:  # drawn by the runner as workers free up, never listed
+        for i in range(episodes):
+            for s in (specs if closed else [driver]):
+                labelled = closed and expert is not None and not runs[s.label].is_expert
+                yield EpisodeJob(policy=s.name, config=config, seed=seed, index=i, policy_options=s.options,
+                                 policy_version=versions[s.label], threads=threads,
+                                 expert=expert if labelled else None)
     shadow_eps: list[Episode] = []
     runner = make_runner(backend, workers, ray_address=ray_address, registry=reg, on_event=on_event)
     with runner:
-        for episode in runner.run(jobs, fn=partial(compare_job, shadow=plan)):
+        for episode in runner.run(jobs(), fn=partial(compare_job, shadow=plan)):
             label = by_key[(episode.policy, episode.policy_options)]
             runs[label].episodes[episode.index] = episode
             if label == driver.label and shadowing:
@@ -129,7 +167,8 @@ def run_comparison(
 
 
 def build_report(specs: list[PolicySpec], runs: dict[str, PolicyRuns], shadow_eps: list[Episode], *,
-                 mode: str, expert: str | None, config: EpisodeConfig, episodes: int, seed: int) -> dict[str, Any]:
+                 mode: str, expert: str | None, config: EpisodeConfig, episodes: int, seed: int,
+                 seed_choice: dict[str, Any] | None = None) -> dict[str, Any]:
     closed = mode in ("both", "closed-loop")
     shadow = None
     if mode in ("both", "shadow"):
@@ -138,6 +177,7 @@ def build_report(specs: list[PolicySpec], runs: dict[str, PolicyRuns], shadow_ep
         "mode": mode,
         "episodes": episodes,
         "seed": seed,
+        "seed_choice": seed_choice,
         "expert": expert,
         "config": config.to_dict(),
         "policies": [s.label for s in specs],
@@ -216,8 +256,11 @@ def compare(
                                          help="Policies by plugin name (a learned one uses the checkpoint `simic train "
                                               "--policy NAME` wrote), or NAME=PATH for a specific checkpoint. The "
                                               "first drives in shadow mode and is the reference for paired differences."),
-    episodes: int = typer.Option(5, "--episodes", "-n", min=1, help="Paired episodes per policy (indices 0..N-1)."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Run seed; episode i of every policy uses the seed derived from (seed, i)."),
+    episodes: int = typer.Option(5, "--episodes", "-n", min=1, max=MAX_SEED, help="Paired episodes per policy (indices 0..N-1)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=MAX_SEED,
+                                       help="Run seed; episode i of every policy uses the seed derived from (seed, i), "
+                                            "as `simic collect --seed` does. Default: the smallest seed none of whose "
+                                            "episodes a compared checkpoint was trained or validated on."),
     mode: str = typer.Option("both", "--mode", help="both | shadow | closed-loop."),
     epochs: int = typer.Option(25, "--epochs", min=1, help="Training epochs (= decisions) per episode."),
     task: str = typer.Option("digits", "--task", help="Training task: digits (bundled) or cifar10 (needs --data-dir)."),
@@ -257,10 +300,22 @@ def compare(
         fail("--mode shadow needs at least two policies: the first drives, the others are asked")
     expert_name = None if expert.lower() == "none" else expert
     try:
-        specs, versions = resolve_specs(policies, reg, expert_name)
+        splits: dict[str, Mapping[str, Any]] = {}
+        specs, versions = resolve_specs(policies, reg, expert_name, splits=splits)
     except CompareError as exc:
         fail(escape(str(exc)))
+    auto_seed = seed is None
     config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads)
+    # Evaluating on the episodes a checkpoint learned from flatters it (the prototype's
+    # eval-on-training-data bug): by default run seeds none of them came from.
+    trained = set().union(*(trained_rng_seeds(split, config.task) for split in splits.values()))
+    what = f"a compared checkpoint ({', '.join(splits)}) trained or validated on" if splits \
+        else "a compared policy was trained on"
+    seed, overlap, notice = pick_seed(seed, trained, episodes, what=what)
+    if notice is not None:
+        err.print(notice, markup=False, highlight=False, soft_wrap=True)
+    seed_choice = {"auto": auto_seed, "held_out": not overlap, "overlapping_indices": overlap,
+                   "checkpoints_trained_on": sorted(splits)}
 
     closed = mode in ("both", "closed-loop")
     per_episode = len(specs) if closed else 1
@@ -273,6 +328,7 @@ def compare(
     def render() -> Group:
         return Group(progress, live_table(specs, runs_live, episodes, closed))
 
+    keep_work_on_interrupt()  # the runner's workers must be stopped, not abandoned
     try:
         with Live(render(), console=err, refresh_per_second=4, transient=True) as live:
             def on_episode(label: str, episode: Episode) -> None:
@@ -294,7 +350,7 @@ def compare(
         raise typer.Exit(130) from None
 
     report = build_report(specs, runs, shadow_eps, mode=mode, expert=expert_name, config=config,
-                          episodes=episodes, seed=seed)
+                          episodes=episodes, seed=seed, seed_choice=seed_choice)
     if plot is not None:
         path = plot_curves(plot, runs)
         err.print(f"Accuracy curves written to {path}", highlight=False)

@@ -24,16 +24,17 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, check_writable_checkpoint
 from ..comparison import PolicyRuns, PolicySpec, closed_loop_summary
-from ..contracts import EpisodeConfig
+from ..contracts import MAX_SEED, EpisodeConfig, episode_rng_seed
+from ..interrupt import keep_work_on_interrupt
 from ..learning import ARCHITECTURES, DataError, train_policy
 from ..paths import default_checkpoint_path, default_store_path
 from ..plugins import Registry
 from ..runner import EpisodeJob, JobFailed, make_runner
 from ..store import EpisodeReader, EpisodeWriter, StoreError
 from .common import choose, episode_config, err, fail, out, registry, workers_and_backend
-from .compare import CompareError, resolve_specs, run_comparison
+from .compare import CompareError, pick_seed, resolve_specs, run_comparison
 
 
 def store_episodes(path: Path) -> tuple[int, int]:
@@ -44,14 +45,23 @@ def store_episodes(path: Path) -> tuple[int, int]:
         return reader.n_episodes, reader.n_decisions
 
 
+def store_rng_seeds(path: Path, task: str) -> set[int]:
+    """RNG seeds of the `task` episodes committed in a store (empty when it does not exist yet)."""
+    if not path.exists():
+        return set()
+    with EpisodeReader(path) as reader:
+        metas = (reader.episode_meta(i) for i in range(reader.n_episodes))
+        return {int(m["rng_seed"]) for m in metas if m["config"]["task"] == task}
+
+
 def collect_into(store: Path, reg: Registry, config: EpisodeConfig, *, policy: str, options: dict[str, Any],
                  version: str, expert: str | None, seed: int, episodes: int, workers: int | None,
                  threads: int, progress: Progress, description: str) -> tuple[int, int]:
     """Run episodes 0..N-1 of `seed` (those not in the store yet) and commit them; (added, present)."""
     with EpisodeWriter(store) as writer:
         todo = writer.missing(config.key(policy), seed, episodes)
-        jobs = [EpisodeJob(policy=policy, config=config, seed=seed, index=i, policy_options=options,
-                           policy_version=version, threads=threads, expert=expert) for i in todo]
+        jobs = (EpisodeJob(policy=policy, config=config, seed=seed, index=i, policy_options=options,
+                           policy_version=version, threads=threads, expert=expert) for i in todo)
         bar = progress.add_task(description, total=len(todo), info="")
         if todo:
             with make_runner("local", workers, registry=reg) as runner:
@@ -64,6 +74,11 @@ def collect_into(store: Path, reg: Registry, config: EpisodeConfig, *, policy: s
     return len(todo), episodes - len(todo)
 
 
+def round_checkpoint(final: Path, r: int) -> Path:
+    """Where round `r` keeps its checkpoint: next to the final one."""
+    return final.with_name(f"{final.stem}.dagger-r{r}{final.suffix}")
+
+
 def round_table(rounds: list[dict[str, Any]], policy: str, expert: str) -> Table:
     table = Table(title=f"simic dagger: {policy} learning from {expert} (episodes in the store; on-policy agreement "
                         f"with {expert}; final accuracy difference {policy} - {expert}, paired)", title_justify="left")
@@ -72,7 +87,7 @@ def round_table(rounds: list[dict[str, Any]], policy: str, expert: str) -> Table
     for r in rounds:
         ci = r["final_accuracy_diff_ci95"]
         table.add_row(str(r["round"]), "-" if r["beta"] is None else f"{r['beta']:.3g}", str(r["store_episodes"]),
-                      f"{r['val_balanced_accuracy']:.4f}",
+                      f"{r['val_balanced_accuracy']:.4f}" + "".join(f" (no {c})" for c in r["val_classes_without_support"]),
                       "-" if r["on_policy_agreement"] is None else f"{100 * r['on_policy_agreement']:.2f}%",
                       f"{r['final_accuracy_diff_mean']:+.2f}", "-" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]",
                       f"{r['learner_final_accuracy_mean']:.2f}")
@@ -90,8 +105,10 @@ def dagger(
     store: Optional[Path] = typer.Option(None, "--store", help="The aggregated episode store (default: $SIMIC_HOME/episodes.h5)."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Final checkpoint (default: $SIMIC_HOME/checkpoints/<policy>.safetensors); "
                                                                "each round's is kept next to it."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Run seed of the bootstrap episodes; round r collects with seed + r."),
-    eval_seed: int = typer.Option(1000, "--eval-seed", min=0, help="Run seed of the comparison episodes (held out from collection)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Run seed of the bootstrap episodes; round r collects with seed + r."),
+    eval_seed: Optional[int] = typer.Option(None, "--eval-seed", min=0, max=MAX_SEED,
+                                            help="Run seed of the comparison episodes. Default: the smallest from 1000 "
+                                                 "none of whose episodes the store holds or a round will collect."),
     compare_episodes: int = typer.Option(5, "--compare-episodes", min=1, help="Paired closed-loop episodes per comparison."),
     epochs: int = typer.Option(25, "--epochs", min=1, help="Training epochs (= decisions) per episode."),
     task: str = typer.Option("digits", "--task", help="Training task."),
@@ -112,6 +129,8 @@ def dagger(
     """
     if policy not in ARCHITECTURES:
         fail(f"--policy {policy!r}: not a learned policy type (trainable: {', '.join(ARCHITECTURES)})")
+    if seed + rounds > MAX_SEED:  # round r collects with seed + r: the last must still fit the store
+        fail(f"--seed {seed}: round {rounds} would collect with seed {seed + rounds}, over the largest run seed {MAX_SEED}")
     reg = registry()
     choose("policy", policy, reg.policies, "--policy")
     choose("policy", expert, reg.policies, "--expert")
@@ -119,15 +138,28 @@ def dagger(
     config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads)
     store_path = store or default_store_path()
     final_ckpt = out_path or default_checkpoint_path(policy)
-    if final_ckpt.exists() and final_ckpt.is_dir():
-        fail(f"--out {final_ckpt} is a directory; give a file path")
+    try:  # the final checkpoint and every round's, before collecting or training anything
+        for path in [final_ckpt, *(round_checkpoint(final_ckpt, r) for r in range(rounds + 1))]:
+            check_writable_checkpoint(path)
+    except CheckpointError as exc:
+        fail(escape(f"--out: {exc}"))
     try:
         _, expert_versions = resolve_specs([expert], reg, None)
         n_eps, _ = store_episodes(store_path)
+        # Every round trains on the whole store, so the comparison must stay off every episode in
+        # it, and off those the rounds are about to collect, or it measures training data.
+        trained = store_rng_seeds(store_path, config.task)
     except CompareError as exc:
         fail(escape(str(exc)))
     except StoreError as exc:
         fail(str(exc))
+    planned = [(seed, bootstrap_episodes)] if n_eps == 0 else []
+    planned += [(seed + r, episodes_per_round) for r in range(1, rounds + 1)]
+    trained |= {episode_rng_seed(s, i) for s, n in planned for i in range(n)}
+    eval_seed, _, notice = pick_seed(eval_seed, trained, compare_episodes, start=1000, option="--eval-seed",
+                                     what="the DAgger store holds or a round will collect")
+    if notice is not None:
+        err.print(notice, markup=False, highlight=False, soft_wrap=True)
 
     progress = Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=err)
@@ -135,6 +167,7 @@ def dagger(
     expert_spec = PolicySpec(expert, label=expert)
     expert_runs: PolicyRuns | None = None
     ckpt = final_ckpt  # each round trains its own checkpoint; round r >= 1 collects with round r-1's
+    keep_work_on_interrupt()
     try:
         with progress:
             if n_eps == 0:
@@ -151,7 +184,7 @@ def dagger(
                                  version=versions[policy], expert=expert, seed=seed + r,
                                  episodes=episodes_per_round, workers=n_workers, threads=threads,
                                  progress=progress, description=f"round {r}: collect {policy}+{expert} beta {b:.3g}")
-                ckpt = final_ckpt.with_name(f"{final_ckpt.stem}.dagger-r{r}{final_ckpt.suffix}")
+                ckpt = round_checkpoint(final_ckpt, r)
                 bar = progress.add_task(f"round {r}: train {policy}", total=train_epochs, info="")
                 ckpt, metrics = train_policy(
                     store_path, policy, out=ckpt, epochs=train_epochs, seed=train_seed,
@@ -175,6 +208,7 @@ def dagger(
                 results.append({
                     "round": r, "beta": b, "store_episodes": n_eps, "store_decisions": n_dec,
                     "checkpoint": str(ckpt), "val_balanced_accuracy": metrics["val"]["balanced_accuracy"],
+                    "val_classes_without_support": metrics["val"]["classes_without_support"],
                     "on_policy_agreement": summary["expert_agreement"],
                     "expert_labelled_decisions": summary["expert_labelled_decisions"],
                     "final_accuracy_diff_mean": summary["final_accuracy_diff_mean"],
@@ -194,8 +228,12 @@ def dagger(
         err.print(f"Interrupted after {len(results)} completed round(s); collected episodes are kept in {store_path}.")
         raise typer.Exit(130) from None
 
-    final_ckpt.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(results[-1]["checkpoint"], final_ckpt)
+    try:  # checked again: the file may have changed during the rounds
+        real = check_writable_checkpoint(final_ckpt)
+        real.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(results[-1]["checkpoint"], real)
+    except (CheckpointError, OSError) as exc:
+        fail(escape(f"--out: {exc}"))
     report = {"policy": policy, "expert": expert, "store": str(store_path), "checkpoint": str(final_ckpt),
               "eval_seed": eval_seed, "compare_episodes": compare_episodes, "rounds": results}
     if as_json:

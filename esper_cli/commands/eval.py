@@ -17,7 +17,14 @@ from rich.table import Table
 from rich.text import Text
 
 from ..checkpoint import CheckpointError, load_checkpoint
-from ..learning import DataError, classification_metrics, load_decisions, replay, select_split
+from ..learning import (
+    DataError,
+    balanced_accuracy_label,
+    classification_metrics,
+    load_decisions,
+    replay,
+    select_split,
+)
 from .common import choose, err, fail, out, registry
 
 
@@ -78,7 +85,7 @@ def write_plot(path: Path, report: dict[str, Any], history: list[dict[str, float
     ax.set_yticks(range(len(report["labels"])), report["labels"])
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    ax.set_title(f"{title}\nbalanced accuracy {report['balanced_accuracy']:.4f}")
+    ax.set_title(f"{title}\n{balanced_accuracy_label(report, 'these episodes')} {report['balanced_accuracy']:.4f}")
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
             ax.text(j, i, f"{int(cm[i, j])}\n{100 * rows[i, j]:.1f}%", ha="center", va="center",
@@ -187,7 +194,7 @@ def evaluate(
     head.add_row("split", f"{split}: {note}")
     head.add_row("episodes / decisions", f"{part.n_episodes} / {report['n_decisions']}")
     head.add_row("accuracy", f"{report['accuracy']:.4f}")
-    head.add_row("balanced accuracy", f"[bold]{report['balanced_accuracy']:.4f}[/]")
+    head.add_row(balanced_accuracy_label(report, "the scored episodes"), f"[bold]{report['balanced_accuracy']:.4f}[/]")
     out.print(head)
     out.print(per_class_table(report))
     out.print(confusion_table(report))

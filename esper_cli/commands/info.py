@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..contracts import ACTION_NAMES, N_ACTIONS
@@ -52,8 +53,8 @@ def info(
     try:
         with EpisodeReader(path) as reader:
             report = store_report(reader)
-    except StoreError as exc:
-        fail(str(exc))
+    except StoreError as exc:  # a path may hold [brackets], which Rich would read as markup
+        fail(escape(str(exc)), code=exc.exit_code)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

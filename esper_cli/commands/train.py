@@ -11,9 +11,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, check_writable_checkpoint
 from ..contracts import ACTION_NAMES
-from ..learning import ARCHITECTURES, DataError, EpochStats, fit, prepare_training
+from ..interrupt import keep_work_on_interrupt
+from ..learning import ARCHITECTURES, DataError, EpochStats, balanced_accuracy_label, fit, prepare_training
 from ..paths import default_checkpoint_path, default_store_path
 from .common import err, fail, out
 
@@ -42,9 +43,9 @@ def summary_table(policy: str, metrics: dict[str, Any], store: Path) -> Table:
     table.add_row("class weights", "  ".join(f"{a} {w:.3g}" for a, w in zip(ACTION_NAMES, metrics["class_weights"])))
     stopped = " (interrupted)" if metrics.get("interrupted") else ""
     table.add_row("best epoch / run", f"{metrics['best_epoch']} / {metrics['epochs_run']}{stopped}")
-    table.add_row("train balanced accuracy", f"{trn['balanced_accuracy']:.4f}")
+    table.add_row(f"train {balanced_accuracy_label(trn, 'training')}", f"{trn['balanced_accuracy']:.4f}")
     table.add_row("val accuracy", f"{val['accuracy']:.4f}")
-    table.add_row("val balanced accuracy", f"[bold]{val['balanced_accuracy']:.4f}[/]")
+    table.add_row(f"val {balanced_accuracy_label(val, 'validation')}", f"[bold]{val['balanced_accuracy']:.4f}[/]")
     recalls = "  ".join(f"{a} {c['recall']:.3f}" if c["support"] else f"{a} -"
                         for a, c in val["per_class"].items())
     table.add_row("val recall per class", recalls)
@@ -61,7 +62,8 @@ def train(
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the episode split, initial weights and batch order."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Fraction of episodes held out for validation."),
     out_path: Optional[Path] = typer.Option(None, "--out",
-                                            help="Checkpoint file (default: $SIMIC_HOME/checkpoints/<policy>.safetensors)."),
+                                            help="Checkpoint file (default: $SIMIC_HOME/checkpoints/<policy>.safetensors); "
+                                                 "an existing file is only replaced if it is a Simic checkpoint."),
     hidden: Optional[str] = typer.Option(None, "--hidden", help="Hidden sizes: 64,32 (mlp, default) or one size for gru (default 16)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default 1e-3 for mlp, 3e-3 for gru)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
@@ -84,8 +86,10 @@ def train(
     torch.set_num_threads(threads)
     store_path = store or default_store_path()
     target = out_path or default_checkpoint_path(policy)
-    if target.exists() and target.is_dir():
-        fail(f"--out {target} is a directory; give a file path like {target / (policy + '.safetensors')}")
+    try:  # before loading anything: a store, a text file or a device is never overwritten
+        check_writable_checkpoint(target)
+    except CheckpointError as exc:
+        fail(f"--out: {exc}")
 
     progress = Progress(
         SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
@@ -97,6 +101,7 @@ def train(
             f"loss {s.train_loss:.4f}  val loss {s.val_loss:.4f}  val bal-acc {s.val_balanced_accuracy:.4f}  "
             f"best {s.best_balanced_accuracy:.4f}@{s.best_epoch}"))
 
+    keep_work_on_interrupt()
     try:  # every input check happens here, before the progress bar appears
         prep = prepare_training(
             store_path, policy, out=target,
