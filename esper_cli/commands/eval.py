@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..checkpoint import CheckpointError, load_checkpoint
-from ..learning import DataError, classification_metrics, load_decisions, replay, select_split
+from ..learning import DataError, classification_metrics, load_decisions, replay, require_schema, select_split
 from .common import choose, err, fail, out, registry
 
 
@@ -154,6 +154,8 @@ def evaluate(
 
     try:
         data = load_decisions(store_path)
+        if ckpt is not None:  # a learned policy reads the schema it was trained on, nothing else
+            require_schema(data, int(ckpt.meta["feature_schema"]["version"]), f"checkpoint {ckpt.path}")
         positions, note = select_split(data, split, trained, policy)
         part = data.select(positions)
     except DataError as exc:
