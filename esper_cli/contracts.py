@@ -271,10 +271,12 @@ class EpisodeConfig:
     data_dir: str | None = None
     #: Tuned with the digits host (tasks.py) so that growth pays and the heuristic gets to it:
     #: 34 steps per epoch let the narrow host reach its plateau by epoch 3-8 and give a seed's
-    #: isolated probe enough steps per epoch to show its worth; a gain under 1 point (under four
-    #: of 359 validation images) is a plateau epoch; blending ramps over 3 epochs.
+    #: isolated probe enough steps per epoch to show its worth; lr 0.01 (not 0.02) because at
+    #: 0.02 the 2-channel first stage sometimes dies (every ReLU off: a host stuck at chance for
+    #: the whole episode); a gain under 1 point (under four of 359 validation images) is a
+    #: plateau epoch; blending ramps over 3 epochs.
     batch_size: int = 32
-    lr: float = 0.02
+    lr: float = 0.01
     plateau_threshold: float = 1.0
     blending_epochs: int = 3
     embargo_epochs: int = 2
