@@ -117,14 +117,17 @@ def _check_container(path: Path) -> None:
         size = path.stat().st_size
         with path.open("rb") as f:
             head = f.read(8)
+            # A safetensors header length may well start with byte 0x80 (e.g. 52608 bytes): decide
+            # "safetensors" first, and call the file a pickle only when it is not one.
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if 2 <= n <= min(_MAX_HEADER, size - 8) and f.read(1) == b"{":
+                return
             if head[:1] == b"\x80" or head[:2] == b"PK":
                 raise CheckpointError(f"checkpoint {path} is a pickle/torch.save file, not safetensors; "
                                       "Simic never unpickles (retrain with `simic train`)")
             if len(head) < 8:
                 raise CheckpointError(f"checkpoint {path} is truncated or empty")
-            (n,) = struct.unpack("<Q", head)
-            if n < 2 or n > min(_MAX_HEADER, size - 8) or f.read(1) != b"{":
-                raise CheckpointError(f"checkpoint {path} is not a safetensors file (bad header)")
+            raise CheckpointError(f"checkpoint {path} is not a safetensors file (bad header)")
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
 

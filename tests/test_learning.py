@@ -325,6 +325,18 @@ def test_checkpoints_refuse_pickles_tampering_and_other_schemas(mlp_checkpoint, 
         MLPTamiyo()  # no default checkpoint in this test's SIMIC_HOME
 
 
+def test_a_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    # The first 8 bytes are the header's length, little-endian: its low byte can be 0x80.
+    for pad in range(300):
+        path = save_checkpoint(tmp_path / "c.safetensors", {"w": torch.zeros(2)},
+                               {"policy": "mlp", "hparams": {}, "pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no padding gave a header length with low byte 0x80")
+    assert load_checkpoint(path).policy == "mlp"
+
+
 def test_save_is_atomic_and_roundtrips(tmp_path):
     path = save_checkpoint(tmp_path / "deep" / "c.safetensors", {"w": torch.arange(6.0).reshape(2, 3)},
                            {"policy": "mlp", "hparams": {}})
