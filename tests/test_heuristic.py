@@ -41,9 +41,10 @@ H = HeuristicTamiyo()
         # TRAINING: advance a seed whose probe beats the host, cull one that stays behind
         (seed(SeedStage.TRAINING, 1, improvement=5.0), Action.WAIT),  # minimum training time
         (seed(SeedStage.TRAINING, 2, improvement=0.28), Action.ADVANCE),  # one image ahead
+        (seed(SeedStage.TRAINING, 2, improvement=0.0), Action.ADVANCE),  # level with the host
         (seed(SeedStage.TRAINING, 2, improvement=-3.0), Action.WAIT),  # too early to cull
-        (seed(SeedStage.TRAINING, 2, improvement=0.0), Action.WAIT),
-        (seed(SeedStage.TRAINING, 3, improvement=0.0), Action.CULL),  # level after 3 epochs: behind
+        (seed(SeedStage.TRAINING, 2, improvement=-0.28), Action.WAIT),
+        (seed(SeedStage.TRAINING, 3, improvement=-0.28), Action.CULL),  # still behind after 3 epochs
         (seed(SeedStage.TRAINING, 3, improvement=-1.4), Action.CULL),
         (seed(SeedStage.TRAINING, 4, improvement=0.56), Action.ADVANCE),
         # BLENDING: fossilize a positive contribution, else cull
@@ -71,8 +72,8 @@ def test_thresholds_are_configurable():
     eager = HeuristicTamiyo(min_epochs_before_germinate=0, plateau_epochs_to_germinate=1, cull_after_epochs=4,
                             fossilize_above=1.0)
     assert eager.decide(snap(epoch=0, plateau_epochs=1)).action == Action.GERMINATE
-    assert eager.decide(seed(SeedStage.TRAINING, 3, improvement=0.0)).action == Action.WAIT
-    assert eager.decide(seed(SeedStage.TRAINING, 4, improvement=0.0)).action == Action.CULL
+    assert eager.decide(seed(SeedStage.TRAINING, 3, improvement=-0.5)).action == Action.WAIT
+    assert eager.decide(seed(SeedStage.TRAINING, 4, improvement=-0.5)).action == Action.CULL
     assert eager.decide(seed(SeedStage.BLENDING, 3, improvement=0.8)).action == Action.CULL
     with pytest.raises(ValueError, match="unknown heuristic option"):
         HeuristicTamiyo(no_such_threshold=1)
