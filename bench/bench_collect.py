@@ -6,6 +6,9 @@ Runs, interleaved in one process so machine noise hits both alike:
              committing the episode to a real HDF5 store -- the pure cost of the framework
   heuristic  run_episode with Heuristic Tamiyo plus the store commit (seeds add real compute)
 
+and then what measuring a seed's worth (schema v2's `seed_improvement`) adds to an epoch with a
+TRAINING or BLENDING seed: the validation pass with the counterfactual path against the plain one.
+
     python bench/bench_collect.py [--episodes 10] [--epochs 25]
 """
 
@@ -15,6 +18,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,7 +26,8 @@ import torch.nn.functional as F
 from simic_plugins.heuristic import HeuristicTamiyo
 
 from esper_cli.blueprints import BUILTIN_BLUEPRINTS
-from esper_cli.contracts import Action, Decision, EpisodeConfig, episode_rng_seed
+from esper_cli.contracts import Action, Decision, EpisodeConfig, SeedStage, episode_rng_seed
+from esper_cli.environment import MorphogeneticEnv
 from esper_cli.episode import run_episode
 from esper_cli.store import EpisodeWriter
 from esper_cli.tasks import BUILTIN_TASKS
@@ -61,6 +66,30 @@ def bare_loop(cfg: EpisodeConfig, rng_seed: int) -> float:
     return acc
 
 
+def measurement_cost(cfg: EpisodeConfig, repeats: int = 15) -> None:
+    """Epoch cost of the worth measurement, per stage (medians of interleaved timings)."""
+    task = BUILTIN_TASKS[cfg.task]
+    for stage, advances in ((SeedStage.TRAINING, 1), (SeedStage.BLENDING, 2)):
+        env = MorphogeneticEnv(EpisodeConfig(epochs=10 * repeats, blending_epochs=10 * repeats), task,
+                               BUILTIN_BLUEPRINTS)
+        env.reset(1)
+        env.step(Decision(Action.GERMINATE, blueprint="conv_enhance"))
+        for _ in range(advances):
+            env.step(Decision(Action.ADVANCE))
+        assert env.active_slot().stage == stage
+        train, plain, worth = [], [], []
+        for _ in range(repeats):
+            for out, fn in ((train, env._train_epoch), (plain, partial(env._evaluate, env.data.val_x, env.data.val_y)),
+                            (worth, env._validate)):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+        epoch = statistics.median(train) + statistics.median(plain)
+        extra = statistics.median(worth) - statistics.median(plain)
+        print(f"  worth measurement in {stage.name:<8}: +{1e3 * extra:5.2f} ms on a {1e3 * epoch:6.1f} ms epoch "
+              f"(+{100 * extra / epoch:4.1f}%)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=10)
@@ -87,6 +116,7 @@ def main() -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:<10} {med:7.3f} s/episode   ratio to bare {med / bare:5.3f}   (+{100 * (med / bare - 1):5.1f}%)")
+    measurement_cost(cfg)
 
 
 if __name__ == "__main__":

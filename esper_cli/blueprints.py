@@ -2,8 +2,14 @@
 
 A blueprint is a factory `(channels) -> nn.Module` whose module maps a feature map of shape
 (B, C, H, W) to a residual of the same shape. The slot adds `alpha * seed(h)` to the host's
-features, so every blueprint zero-initialises its last layer: a new seed starts as an identity
-change and blending it in causes no jump.
+features; alpha ramps from 0, so blending any seed in causes no jump.
+
+The built-ins differ for real, so that growing is a decision and culling one too: on the digits
+host, `conv_enhance` (depth where the host has too little) usually helps, `attention` and `norm`
+rarely change much, and `pool_mixer` (PoolFormer's token mixer, default-initialised) starts as a
+blur of the features and mostly hurts where spatial detail matters. Most zero-initialise their
+last layer, so their isolated probe starts equal to the host; `pool_mixer` does not, like a seed
+transplanted at full strength.
 """
 
 from __future__ import annotations
@@ -23,13 +29,19 @@ def _zero_init(layer: nn.Module) -> nn.Module:
     return layer
 
 
+def _expanded(channels: int) -> int:
+    """Hidden width of the blueprints that add capacity: 4x the slot's channels, at least 16."""
+    return max(4 * channels, 16)
+
+
 class ConvEnhance(nn.Module):
-    """Two 3x3 convolutions: more local capacity at the slot."""
+    """Two 3x3 convolutions through a wider hidden layer: more local capacity at the slot."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv2 = _zero_init(nn.Conv2d(channels, channels, 3, padding=1))
+        hidden = _expanded(channels)
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.conv2 = _zero_init(nn.Conv2d(hidden, channels, 3, padding=1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.conv2(torch.relu(self.conv1(h)))
@@ -62,15 +74,30 @@ class NormSeed(nn.Module):
 
 
 class DepthwiseSeed(nn.Module):
-    """Depthwise 3x3 then pointwise 1x1: cheap spatial filtering per channel."""
+    """MobileNetV2's inverted residual: 1x1 expansion, depthwise 3x3, 1x1 projection."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.depthwise = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
-        self.pointwise = _zero_init(nn.Conv2d(channels, channels, 1))
+        hidden = _expanded(channels)
+        self.expand = nn.Conv2d(channels, hidden, 1)
+        self.depthwise = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.pointwise = _zero_init(nn.Conv2d(hidden, channels, 1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.pointwise(torch.relu(self.depthwise(h)))
+        return self.pointwise(torch.relu(self.depthwise(torch.relu(self.expand(h)))))
+
+
+class PoolMixer(nn.Module):
+    """PoolFormer's token mixer (Yu et al., 2022): a 3x3 average minus the feature itself, mixed
+    by a 1x1 convolution with PyTorch's default initialisation: a full-strength blur from the start."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+        self.mix = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.pool(h) - h)
 
 
 #: Built-in blueprints in the environment's default rotation order.
@@ -79,4 +106,5 @@ BUILTIN_BLUEPRINTS: dict[str, BlueprintFactory] = {
     "attention": ChannelAttention,
     "norm": NormSeed,
     "depthwise": DepthwiseSeed,
+    "pool_mixer": PoolMixer,
 }

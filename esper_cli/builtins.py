@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 #: The built-in blueprints, in `esper_cli.blueprints.BUILTIN_BLUEPRINTS` order (a test checks).
-BUILTIN_BLUEPRINT_NAMES = ("conv_enhance", "attention", "norm", "depthwise")
+BUILTIN_BLUEPRINT_NAMES = ("conv_enhance", "attention", "norm", "depthwise", "pool_mixer")
 
 
 class LazyBlueprint:

@@ -220,8 +220,12 @@ def closed_loop_summary(runs: Mapping[str, PolicyRuns], reference: str) -> dict[
         paired = sorted(set(r.episodes) & set(ref))
         d_final = [r.episodes[i].final_accuracy - ref[i].final_accuracy for i in paired]
         d_best = [r.episodes[i].best_accuracy - ref[i].best_accuracy for i in paired]
+        d_test = [r.episodes[i].test_accuracy - ref[i].test_accuracy for i in paired]
         dm, dci = mean_ci95(d_final)
         dbm, dbci = mean_ci95(d_best)
+        tests = [e.test_accuracy for e in eps]
+        tm, tci = mean_ci95(tests)
+        dtm, dtci = mean_ci95(d_test)
         counts = dict.fromkeys(ACTION_NAMES, 0)
         invalid = dict.fromkeys(ACTION_NAMES, 0)
         acted, labels, visited = [], [], []
@@ -246,13 +250,19 @@ def closed_loop_summary(runs: Mapping[str, PolicyRuns], reference: str) -> dict[
             "best_accuracy_mean": bm,
             "best_accuracy_ci95": bci,
             "best_accuracies": bests,
-            "test_accuracy_mean": mean_ci95([e.test_accuracy for e in eps])[0],
+            # Validation accuracy is what the controller sees; test accuracy is the honest score.
+            "test_accuracy_mean": tm,
+            "test_accuracy_ci95": tci,
+            "test_accuracies": tests,
             "paired_against": reference,
             "final_accuracy_diff_mean": dm,
             "final_accuracy_diff_ci95": dci,
             "final_accuracy_diffs": d_final,
             "best_accuracy_diff_mean": dbm,
             "best_accuracy_diff_ci95": dbci,
+            "test_accuracy_diff_mean": dtm,
+            "test_accuracy_diff_ci95": dtci,
+            "test_accuracy_diffs": d_test,
             "seeds_created": sum(e.seeds_created for e in eps),
             "seeds_fossilized": sum(e.seeds_fossilized for e in eps),
             "seeds_culled": sum(e.seeds_culled for e in eps),

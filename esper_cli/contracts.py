@@ -17,8 +17,13 @@ import numpy as np
 
 #: Bumped whenever the observation's features change meaning, order or count. Stored in every
 #: episode store and every checkpoint so a mismatch is a clear error instead of silent garbage.
-SCHEMA_VERSION = 1
+#: v2 (same names and order as v1): `seed_improvement` is the seed's own measured worth; in v1 it
+#: was val accuracy now minus at the start of the seed's stage (the host's drift, in TRAINING).
+SCHEMA_VERSION = 2
 SCHEMA_NAME = "tamiyo-snapshot"
+#: Schema versions this build still reads (`simic info`, `simic eval` of a policy without a
+#: checkpoint). Training, checkpoints and appending use SCHEMA_VERSION only: never mixed.
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 HISTORY_LEN = 5
 
@@ -45,6 +50,37 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 N_FEATURES = len(FEATURE_NAMES)
 assert N_FEATURES == 27
+
+#: What every feature means in schema v2: the one place it is written. Accuracies are in percent
+#: (0-100) of the validation split, losses are mean cross-entropy; "the seed" is the managed seed
+#: (the slot whose seed is GERMINATED, TRAINING or BLENDING), if any.
+FEATURE_MEANINGS: dict[str, str] = {
+    "epoch": "epochs trained so far (0 = the untrained host)",
+    "global_step": "optimizer steps taken so far",
+    "train_loss": "mean training loss of the last epoch (clamped to [0, LOSS_CAP])",
+    "val_loss": "validation loss after the last epoch (clamped to [0, LOSS_CAP])",
+    "loss_delta": "previous val_loss minus val_loss (positive = better)",
+    "train_accuracy": "training accuracy of the last epoch (running, in train mode)",
+    "val_accuracy": "validation accuracy after the last epoch",
+    "accuracy_delta": "val_accuracy minus the previous epoch's",
+    "plateau_epochs": "consecutive epochs whose accuracy gain was under the plateau threshold",
+    "best_val_accuracy": "best val_accuracy so far",
+    "best_val_loss": "best val_loss so far",
+    **{f"loss_history_{i}": f"val_loss {HISTORY_LEN - i} epoch(s) back ... now (oldest first, left-padded)"
+       for i in range(HISTORY_LEN)},
+    **{f"accuracy_history_{i}": f"val_accuracy {HISTORY_LEN - i} epoch(s) back ... now (oldest first, left-padded)"
+       for i in range(HISTORY_LEN)},
+    "has_active_seed": "1 if a seed is GERMINATED, TRAINING or BLENDING, else 0",
+    "seed_stage": "the seed's SeedStage code (DORMANT = 0 without one)",
+    "seed_epochs_in_stage": "epochs the seed has trained in its current stage",
+    "seed_alpha": "the seed's blending weight (0 until BLENDING, ramps to 1)",
+    "seed_improvement": "the seed's own measured worth, in points, on the validation split after the last "
+                        "epoch. TRAINING: accuracy through the isolated probe (the seed at full strength on "
+                        "the detached host) minus the host's. BLENDING: accuracy at the current alpha minus "
+                        "at alpha 0 (its counterfactual contribution). GERMINATED or no seed: 0",
+    "available_slots": "empty (DORMANT) slots a GERMINATE could use",
+}
+assert tuple(FEATURE_MEANINGS) == FEATURE_NAMES
 
 #: Losses are clamped into [0, LOSS_CAP] and a non-finite loss (a diverged run) is mapped to
 #: LOSS_CAP at the environment boundary: the store never holds NaN or inf.
@@ -210,7 +246,10 @@ class SeedLifecycle:
     slot: int
     stages: list[tuple[str, int]] = field(default_factory=list)  # (stage name, epoch entered)
     fate: str = "active"  # fossilized | culled | active (still active when the episode ended)
-    contribution: float | None = None  # val acc with the seed at its alpha minus at alpha 0
+    #: Its measured worth (points): fossilized or still blending at the end, val accuracy at its
+    #: alpha minus at alpha 0 after the last epoch; culled, the `seed_improvement` last measured
+    #: before the cull (the probe's edge over the host in TRAINING); None if never measured.
+    contribution: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -230,15 +269,22 @@ class EpisodeConfig:
     epochs: int = 25
     device: str = "cpu"
     data_dir: str | None = None
-    batch_size: int = 64
-    lr: float = 0.02
-    plateau_threshold: float = 0.5
-    blending_epochs: int = 5
+    #: Tuned with the digits host (tasks.py) so that growth pays and the heuristic gets to it:
+    #: 34 steps per epoch let the narrow host reach its plateau by epoch 3-8 and give a seed's
+    #: isolated probe enough steps per epoch to show its worth; lr 0.01 (not 0.02) because at
+    #: 0.02 the 2-channel first stage sometimes dies (every ReLU off: a host stuck at chance for
+    #: the whole episode); a gain under 1 point (under four of 359 validation images) is a
+    #: plateau epoch; blending ramps over 3 epochs.
+    batch_size: int = 32
+    lr: float = 0.01
+    plateau_threshold: float = 1.0
+    blending_epochs: int = 3
     embargo_epochs: int = 2
     invalid_action_penalty: float = 0.1
-    #: GERMINATE without a named blueprint takes the next of these (DESIGN section 4's rotation);
-    #: part of the episode's identity, so installing a plugin blueprint never changes old runs.
-    rotation: tuple[str, ...] = ("conv_enhance", "attention", "norm", "depthwise")
+    #: GERMINATE without a named blueprint takes the next of these (DESIGN section 4's rotation),
+    #: starting at a point drawn from the episode's seed; part of the episode's identity, so
+    #: installing a plugin blueprint never changes old runs.
+    rotation: tuple[str, ...] = ("conv_enhance", "attention", "norm", "depthwise", "pool_mixer")
     #: DAgger (Ross et al., 2011): the expert policy asked for a label at every decision, and the
     #: probability `beta` that the expert's action is the one applied (else the learner's). Part of
     #: the episode's identity; when `expert` is None both are left out of `to_dict` and `key`, so

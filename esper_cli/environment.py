@@ -4,6 +4,12 @@ One `step(decision)` = apply Tamiyo's action, train the host (and any seed) for 
 validate, and return the new observation plus the outcome the action caused. Every random choice
 (initial weights, data order, seed initialisation) is drawn from the episode's rng seed, and data
 order never depends on the actions taken, so runs of different policies from one seed are paired.
+Streams of the episode's seed: 0 host weights, 1 seed weights, 2 data order, 4 the blueprint
+rotation's starting point (3 is the DAgger coin of `episode.run_episode`).
+
+The seed signal (schema v2's `seed_improvement`, see `contracts.FEATURE_MEANINGS`) is measured in
+the same validation pass as the host, once per epoch: the managed slot's counterfactual path (the
+TRAINING probe, or the BLENDING slot at alpha 0) runs beside the host's from that slot on.
 """
 
 from __future__ import annotations
@@ -75,9 +81,12 @@ class MorphogeneticEnv:
         self.global_step = 0
         self.seeds: list[SeedLifecycle] = []
         self._slot_record: dict[int, SeedLifecycle] = {}
-        self._rotation = 0
+        # The rotation starts at a point drawn from the episode's seed: every blueprint is grown
+        # first in some episodes, and paired runs of different policies start at the same point.
+        start_rng = np.random.default_rng(np.random.SeedSequence([rng_seed, 4]))
+        self._rotation = int(start_rng.integers(len(cfg.rotation)))
         self._stage_epochs: dict[int, int] = {}
-        self._stage_start_acc: dict[int, float] = {}
+        self._worth: dict[int, float] = {}  # per slot: the seed's measured worth (points)
         self._embargo: dict[int, int] = {}
         self._blend_steps: dict[int, int] = {}
 
@@ -131,7 +140,7 @@ class MorphogeneticEnv:
             seed_stage=slot.stage if slot else SeedStage.DORMANT,
             seed_epochs_in_stage=self._stage_epochs.get(slot.index, 0) if slot else 0,
             seed_alpha=slot.alpha if slot else 0.0,
-            seed_improvement=(self.val_acc - self._stage_start_acc[slot.index]) if slot else 0.0,
+            seed_improvement=self._worth.get(slot.index, 0.0) if slot else 0.0,
             available_slots=self.available_slots(),
         )
 
@@ -139,7 +148,6 @@ class MorphogeneticEnv:
     def _enter_stage(self, slot: SeedSlot, stage: SeedStage) -> None:
         slot.transition(stage)
         self._stage_epochs[slot.index] = 0
-        self._stage_start_acc[slot.index] = self.val_acc
         self._slot_record[slot.index].stages.append((stage.name, self.epoch))
 
     def _germinate(self, blueprint: str | None) -> tuple[bool, str | None, str]:
@@ -163,7 +171,7 @@ class MorphogeneticEnv:
         self.seeds.append(record)
         self._slot_record[slot.index] = record
         self._stage_epochs[slot.index] = 0
-        self._stage_start_acc[slot.index] = self.val_acc
+        self._worth[slot.index] = 0.0
         self._blend_steps[slot.index] = 0
         return True, blueprint, ""
 
@@ -184,8 +192,11 @@ class MorphogeneticEnv:
         if slot is None:
             return False, "CULL with no active seed"
         record = self._slot_record[slot.index]
-        if slot.stage == SeedStage.BLENDING:
-            record.contribution = self.seed_contribution(slot)
+        if slot.stage in (SeedStage.TRAINING, SeedStage.BLENDING):
+            # Its worth as last measured (nothing trained since): the probe's edge over the host in
+            # TRAINING, the counterfactual contribution in BLENDING.
+            record.contribution = self._worth.get(slot.index, 0.0)
+        self._worth.pop(slot.index, None)
         module = slot.seed
         assert module is not None
         ids = {id(p) for p in module.parameters()}
@@ -244,6 +255,30 @@ class MorphogeneticEnv:
         return float(total_loss) / n, 100.0 * float(correct) / n
 
     @torch.no_grad()
+    def _validate(self, chunk: int = 2048) -> tuple[float, float, float | None]:
+        """(val loss, val accuracy, the managed seed's worth in points or None without one).
+
+        One pass: where a TRAINING or BLENDING seed is active, `HostCNN.forward_worth` also runs
+        its counterfactual from the slot on (TRAINING: probe minus host; BLENDING: host at the
+        current alpha minus at alpha 0), on the same validation images.
+        """
+        slot = self.active_slot()
+        if slot is None or slot.stage not in (SeedStage.TRAINING, SeedStage.BLENDING):
+            return (*self._evaluate(self.data.val_x, self.data.val_y, chunk), None)
+        self.model.eval()
+        x, y = self.data.val_x, self.data.val_y
+        loss, correct, other = 0.0, 0, 0
+        for i in range(0, len(y), chunk):
+            logits, counterfactual = self.model.forward_worth(x[i : i + chunk], slot.index)
+            loss += float(F.cross_entropy(logits, y[i : i + chunk], reduction="sum"))
+            correct += int((logits.argmax(1) == y[i : i + chunk]).sum())
+            other += int((counterfactual.argmax(1) == y[i : i + chunk]).sum())
+        n = len(y)
+        acc, acc_other = 100.0 * correct / n, 100.0 * other / n
+        worth = acc_other - acc if slot.stage == SeedStage.TRAINING else acc - acc_other
+        return loss / n, acc, worth
+
+    @torch.no_grad()
     def _evaluate(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 2048) -> tuple[float, float]:
         self.model.eval()
         loss, correct = 0.0, 0
@@ -274,7 +309,9 @@ class MorphogeneticEnv:
         target_index = target.index if target else None
 
         train_loss, train_acc = self._train_epoch()
-        val_loss, val_acc = self._evaluate(self.data.val_x, self.data.val_y)
+        val_loss, val_acc, worth = self._validate()
+        if worth is not None:
+            self._worth[self.active_slot().index] = worth  # type: ignore[union-attr]
         self.epoch += 1
         self.prev_val_loss, self.prev_val_acc = self.val_loss, self.val_acc
         self.train_loss, self.train_acc = sanitize_loss(train_loss), train_acc

@@ -137,3 +137,27 @@ class HostCNN(nn.Module):
                 probes.append(_frozen_call(self.head, p))
             x = slot(h) if slot.seed is not None else h
         return self.head(x), probes
+
+    def forward_worth(self, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host logits and, for slot `index`, the counterfactual logits that measure its seed.
+
+        TRAINING: the counterfactual is the isolated probe (the seed at full strength on the host's
+        features; the host's own path is unchanged, alpha being 0). BLENDING: the counterfactual is
+        the slot at alpha 0 (the seed removed). The layers before the slot run once; only the rest
+        of the network runs twice. Call it under `torch.no_grad()` in eval mode: it changes nothing.
+        """
+        slot_k = self.slots[index]
+        assert slot_k.seed is not None and slot_k.stage in (SeedStage.TRAINING, SeedStage.BLENDING)
+        branch: torch.Tensor | None = None
+        for i, (stage, slot) in enumerate(zip(self.stages, self.slots)):
+            x = stage(x)
+            if branch is not None:  # downstream of the measured slot: the counterfactual path too
+                branch = stage(branch)
+                if slot.seed is not None:
+                    branch = slot(branch)
+            elif i == index:
+                branch = slot.isolated(x) if slot.stage == SeedStage.TRAINING else x
+            if slot.seed is not None:
+                x = slot(x)
+        assert branch is not None
+        return self.head(x), self.head(branch)

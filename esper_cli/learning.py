@@ -36,7 +36,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from .checkpoint import CheckpointError, check_writable_checkpoint, save_checkpoint
-from .contracts import ACTION_NAMES, N_ACTIONS, N_FEATURES
+from .contracts import ACTION_NAMES, N_ACTIONS, N_FEATURES, SCHEMA_NAME, SCHEMA_VERSION
 from .paths import default_checkpoint_path
 
 LABELS = list(range(N_ACTIONS))
@@ -60,6 +60,7 @@ class DecisionData:
     starts: np.ndarray  # (E,) first decision of each episode
     lengths: np.ndarray  # (E,) decisions per episode
     episode_meta: list[dict[str, Any]] | None = None  # per episode position (config, rng seed, ...)
+    schema_version: int = SCHEMA_VERSION  # of the store's observations (see `require_schema`)
 
     @property
     def n_episodes(self) -> int:
@@ -75,7 +76,7 @@ class DecisionData:
         episode = np.repeat(np.arange(len(positions)), lengths)
         metas = [self.episode_meta[p] for p in positions] if self.episode_meta is not None else None
         return DecisionData(self.store, self.observations[rows], self.labels[rows], episode,
-                            [self.episode_ids[p] for p in positions], starts, lengths, metas)
+                            [self.episode_ids[p] for p in positions], starts, lengths, metas, self.schema_version)
 
     def sequences(self) -> list[np.ndarray]:
         """Per-episode row indices, in order (for sequence models and stateful replay)."""
@@ -105,6 +106,7 @@ def load_decisions(store_path: str | Path) -> DecisionData:
                 raise DataError(f"store {store_path} holds no episodes; collect some with `simic collect --store {store_path}`")
             cols = reader.decisions()
             metas = [reader.episode_meta(i) for i in range(n)]
+            version = reader.schema_version
     except StoreError as exc:
         raise DataError(str(exc)) from None
     obs = np.asarray(cols["observations"], dtype=np.float32)
@@ -128,7 +130,14 @@ def load_decisions(store_path: str | Path) -> DecisionData:
     lengths = np.bincount(episode, minlength=n).astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     ids = [str(m["id"]) for m in metas]
-    return DecisionData(store_path, obs, labels, episode, ids, starts, lengths, metas)
+    return DecisionData(store_path, obs, labels, episode, ids, starts, lengths, metas, version)
+
+
+def require_schema(data: DecisionData, version: int, what: str) -> None:
+    """Refuse to mix observation schemas: `what` (training, a checkpoint) uses `version` only."""
+    if data.schema_version != version:
+        raise DataError(f"store {data.store} holds {SCHEMA_NAME} v{data.schema_version} observations; "
+                        f"{what} uses v{version} (the features' meaning differs): collect a new store")
 
 
 # ================================================================================ 2. the split
@@ -639,6 +648,7 @@ def prepare_training(
     check_writable_checkpoint(out_path)  # before any work: never train for a file we may not write
 
     data = load_decisions(store_path)
+    require_schema(data, SCHEMA_VERSION, "simic train")
     missing = [ACTION_NAMES[c] for c in LABELS if not (data.labels == c).any()]
     if missing and not cfg.allow_missing_classes:
         raise DataError(f"store {data.store} has no {'/'.join(missing)} decisions, so the policy could never learn "

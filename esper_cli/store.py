@@ -46,6 +46,7 @@ from .contracts import (
     FEATURE_NAMES,
     N_ACTIONS,
     N_FEATURES,
+    READABLE_SCHEMA_VERSIONS,
     SCHEMA_NAME,
     SCHEMA_VERSION,
     Action,
@@ -300,7 +301,7 @@ def _check_header(f: h5py.File, path: Path) -> None:
                          f"this Simic reads version {STORE_VERSION}")
     name = _attr_str(f.attrs.get("schema_name", ""))
     schema = int(f.attrs.get("schema_version", -1))
-    if (name, schema) != (SCHEMA_NAME, SCHEMA_VERSION):
+    if name != SCHEMA_NAME or schema not in READABLE_SCHEMA_VERSIONS:
         raise StoreError(f"episode store {path} holds observation schema {name} v{schema}; "
                          f"this Simic uses {SCHEMA_NAME} v{SCHEMA_VERSION}")
     features = tuple(_attr_str(x) for x in f.attrs.get("feature_names", ()))
@@ -632,6 +633,9 @@ class EpisodeWriter:
             _create_store(path, self._sibling("create.tmp"))
         # Validate read-only first: a file that is not a readable store is never opened for writing.
         with EpisodeReader(path) as reader:
+            if reader.schema_version != SCHEMA_VERSION:  # one store, one meaning per feature
+                raise StoreError(f"episode store {self.path} holds {SCHEMA_NAME} v{reader.schema_version} "
+                                 f"observations; this Simic writes v{SCHEMA_VERSION}: collect into a new store")
             # HDF5's "open for write" flag is set, yet we hold the lock: the last writer crashed,
             # and a normal open would refuse the file. Keep its committed data, drop the rest.
             crashed = _superblock_flags(path) != 0

@@ -118,6 +118,22 @@ def test_mlp_on_policy_agreement_is_measured_against_real_expert_labels(mlp_chec
     assert sum(map(sum, mlp["expert_confusion"])) == 2 * EPOCHS
     heur = report["closed_loop"]["heuristic"]
     assert mlp["final_accuracy_diffs"] == pytest.approx([m - h for m, h in zip(finals, heur["final_accuracies"])])
+    # Test accuracy, the honest score, is reported the same way (paired against the first policy).
+    assert mlp["test_accuracy_diffs"] == pytest.approx(
+        [m - h for m, h in zip(mlp["test_accuracies"], heur["test_accuracies"])])
+    assert mlp["test_accuracy_diff_mean"] == pytest.approx(np.mean(mlp["test_accuracy_diffs"]))
+    assert len(mlp["test_accuracy_diff_ci95"]) == 2 and len(heur["test_accuracy_ci95"]) == 2
+    assert heur["test_accuracy_mean"] == pytest.approx(np.mean(heur["test_accuracies"]))
+
+
+def test_baselines_compare_like_any_policy():
+    report = compare_json("wait", "random", "heuristic", "--episodes", 2, *SEED, "--mode", "closed-loop",
+                          "--expert", "none")
+    cl = report["closed_loop"]
+    assert cl["wait"]["seeds_created"] == 0 and cl["wait"]["action_counts"]["WAIT"] == 2 * EPOCHS
+    assert cl["random"]["invalid_actions"] == 0 and cl["random"]["paired_against"] == "wait"
+    assert all(k in cl["heuristic"] for k in ("test_accuracies", "test_accuracy_ci95", "test_accuracy_diff_mean",
+                                              "test_accuracy_diff_ci95", "test_accuracy_diffs"))
 
 
 def test_a_learned_policy_by_name_uses_the_default_checkpoint_and_prints_tables(mlp_checkpoint):

@@ -58,11 +58,13 @@ def episode(actions, epochs=12, seed=0, index=0, **kw):
 def test_full_lifecycle_is_recorded_and_counted_once_per_epoch():
     # germinate, start training, wait 2, blend, wait 5 (ramp), fossilize, germinate again, cull it
     actions = [G, A, W, W, A, W, W, W, W, W, A, G, A, C]
-    ep = episode(actions, epochs=17, embargo_epochs=2)
+    ep = episode(actions, epochs=17, embargo_epochs=2, blending_epochs=5)
     obs = [TrainingSnapshot.from_vector(d.observation) for d in ep.decisions]
     assert all(d.valid for d in ep.decisions)
     first, second = ep.seeds
-    assert first.blueprint == "conv_enhance" and second.blueprint == "attention"  # rotation
+    rotation = EpisodeConfig().rotation
+    start = rotation.index(first.blueprint)  # drawn from the episode's seed...
+    assert second.blueprint == rotation[(start + 1) % len(rotation)]  # ...then the rotation's order
     assert [s for s, _ in first.stages] == ["GERMINATED", "TRAINING", "BLENDING", "FOSSILIZED"]
     assert [e for _, e in first.stages] == [0, 1, 4, 10]
     assert first.fate == "fossilized" and first.contribution is not None
@@ -79,6 +81,20 @@ def test_full_lifecycle_is_recorded_and_counted_once_per_epoch():
     after_cull = ep.decisions[13].outcome
     assert after_cull.stage_after == SeedStage.CULLED and after_cull.seed_alive  # fossil still there
     assert ep.decisions[10].outcome.stage_after == SeedStage.FOSSILIZED
+
+
+def test_the_rotation_starts_where_the_episode_seed_says():
+    starts = set()
+    for rng_seed in range(12):
+        env = make_env(epochs=1)
+        env.reset(rng_seed)
+        env.step(Decision(G))
+        again = make_env(epochs=1)
+        again.reset(rng_seed)
+        again.step(Decision(G))
+        assert env.seeds[0].blueprint == again.seeds[0].blueprint  # paired runs grow the same first seed
+        starts.add(env.seeds[0].blueprint)
+    assert len(starts) > 2
 
 
 def test_alpha_ramps_per_step_without_jumps():

@@ -1,4 +1,4 @@
-"""Each Heuristic Tamiyo rule on crafted snapshots (DESIGN section 4)."""
+"""Each Heuristic Tamiyo v2 rule on crafted snapshots (DESIGN section 4)."""
 
 from __future__ import annotations
 
@@ -32,21 +32,27 @@ H = HeuristicTamiyo()
 @pytest.mark.parametrize(
     "obs, expected",
     [
-        (snap(epoch=4, plateau_epochs=9), Action.WAIT),  # warm-up, even on a plateau
-        (snap(epoch=5, plateau_epochs=3), Action.GERMINATE),
-        (snap(epoch=12, plateau_epochs=2), Action.WAIT),  # not a plateau yet
+        # germinate on plateau
+        (snap(epoch=1, plateau_epochs=9), Action.WAIT),  # warm-up, even on a plateau
+        (snap(epoch=2, plateau_epochs=1), Action.GERMINATE),
+        (snap(epoch=12, plateau_epochs=0), Action.WAIT),  # still improving
         (snap(epoch=12, plateau_epochs=6, available_slots=0), Action.WAIT),  # nowhere to grow
         (seed(SeedStage.GERMINATED, 0), Action.ADVANCE),
-        (seed(SeedStage.TRAINING, 2, improvement=5.0), Action.WAIT),  # minimum training time
-        (seed(SeedStage.TRAINING, 3, improvement=1.0), Action.ADVANCE),
-        (seed(SeedStage.TRAINING, 4, improvement=0.5), Action.WAIT),
-        (seed(SeedStage.TRAINING, 4, improvement=-3.0), Action.WAIT),  # too early to cull
-        (seed(SeedStage.TRAINING, 5, improvement=-2.5), Action.CULL),
-        (seed(SeedStage.TRAINING, 5, improvement=-1.5), Action.WAIT),
-        (seed(SeedStage.TRAINING, 10, improvement=0.2), Action.CULL),  # bounded stage length
-        (seed(SeedStage.BLENDING, 4, improvement=3.0), Action.WAIT),
-        (seed(SeedStage.BLENDING, 5, improvement=0.3), Action.ADVANCE),
-        (seed(SeedStage.BLENDING, 5, improvement=0.0), Action.CULL),
+        # TRAINING: advance a seed whose probe beats the host, cull one that stays behind
+        (seed(SeedStage.TRAINING, 1, improvement=5.0), Action.WAIT),  # minimum training time
+        (seed(SeedStage.TRAINING, 2, improvement=0.28), Action.ADVANCE),  # one image ahead
+        (seed(SeedStage.TRAINING, 2, improvement=0.0), Action.ADVANCE),  # level with the host
+        (seed(SeedStage.TRAINING, 2, improvement=-3.0), Action.WAIT),  # too early to cull
+        (seed(SeedStage.TRAINING, 2, improvement=-0.28), Action.WAIT),
+        (seed(SeedStage.TRAINING, 3, improvement=-0.28), Action.CULL),  # still behind after 3 epochs
+        (seed(SeedStage.TRAINING, 3, improvement=-1.4), Action.CULL),
+        (seed(SeedStage.TRAINING, 4, improvement=0.56), Action.ADVANCE),
+        # BLENDING: fossilize a positive contribution, else cull
+        (seed(SeedStage.BLENDING, 2, improvement=3.0), Action.WAIT),
+        (seed(SeedStage.BLENDING, 2, improvement=-3.0), Action.WAIT),  # judged once blended
+        (seed(SeedStage.BLENDING, 3, improvement=0.3), Action.ADVANCE),
+        (seed(SeedStage.BLENDING, 3, improvement=0.0), Action.CULL),
+        (seed(SeedStage.BLENDING, 4, improvement=-0.8), Action.CULL),
     ],
 )
 def test_rules(obs, expected):
@@ -55,10 +61,20 @@ def test_rules(obs, expected):
     assert decision.reason and 0.0 < decision.confidence <= 1.0
 
 
+def test_a_training_seed_does_not_wait_forever():
+    # A WAIT band between the thresholds exists only when they are set apart; the stage is bounded.
+    patient = HeuristicTamiyo(advance_improvement=2.0, cull_below_improvement=0.0, max_training_epochs=6)
+    assert patient.decide(seed(SeedStage.TRAINING, 5, improvement=1.0)).action == Action.WAIT
+    assert patient.decide(seed(SeedStage.TRAINING, 6, improvement=1.0)).action == Action.CULL
+
+
 def test_thresholds_are_configurable():
-    eager = HeuristicTamiyo(min_epochs_before_germinate=0, plateau_epochs_to_germinate=1, max_training_epochs=4)
-    assert eager.decide(snap(epoch=1, plateau_epochs=1)).action == Action.GERMINATE
-    assert eager.decide(seed(SeedStage.TRAINING, 4, improvement=0.0)).action == Action.CULL
+    eager = HeuristicTamiyo(min_epochs_before_germinate=0, plateau_epochs_to_germinate=1, cull_after_epochs=4,
+                            fossilize_above=1.0)
+    assert eager.decide(snap(epoch=0, plateau_epochs=1)).action == Action.GERMINATE
+    assert eager.decide(seed(SeedStage.TRAINING, 3, improvement=-0.5)).action == Action.WAIT
+    assert eager.decide(seed(SeedStage.TRAINING, 4, improvement=-0.5)).action == Action.CULL
+    assert eager.decide(seed(SeedStage.BLENDING, 3, improvement=0.8)).action == Action.CULL
     with pytest.raises(ValueError, match="unknown heuristic option"):
         HeuristicTamiyo(no_such_threshold=1)
 

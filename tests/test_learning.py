@@ -230,8 +230,10 @@ def test_select_split_val_means_not_trained_on(store, mlp_checkpoint):
 
 # ----------------------------------------------------------------------------- bad data
 def test_missing_class_and_tiny_store_are_refused(store, single_episode_store, tmp_path):
-    with pytest.raises(DataError, match="no .*CULL.* decisions"):
-        train_policy(store, "mlp", out=tmp_path / "x.safetensors", epochs=1)
+    waits = tmp_path / "wait.h5"
+    assert invoke("collect", "--policy", "wait", "--episodes", 2, "--epochs", 4, "--store", waits).exit_code == 0
+    with pytest.raises(DataError, match="no GERMINATE/ADVANCE/CULL decisions"):
+        train_policy(waits, "mlp", out=tmp_path / "x.safetensors", epochs=1)
     with pytest.raises(DataError, match="at least 2"):
         train_policy(single_episode_store, "mlp", out=tmp_path / "x.safetensors", **TINY)
     with pytest.raises(DataError):
@@ -310,6 +312,18 @@ def test_checkpoints_refuse_pickles_tampering_and_other_schemas(mlp_checkpoint, 
         MLPTamiyo()  # no default checkpoint in this test's SIMIC_HOME
 
 
+def test_a_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    # The first 8 bytes are the header's length, little-endian: its low byte can be 0x80.
+    for pad in range(300):
+        path = save_checkpoint(tmp_path / "c.safetensors", {"w": torch.zeros(2)},
+                               {"policy": "mlp", "hparams": {}, "pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no padding gave a header length with low byte 0x80")
+    assert load_checkpoint(path).policy == "mlp"
+
+
 def test_save_is_atomic_and_roundtrips(tmp_path):
     path = save_checkpoint(tmp_path / "deep" / "c.safetensors", {"w": torch.arange(6.0).reshape(2, 3)},
                            {"policy": "mlp", "hparams": {}})
@@ -362,7 +376,7 @@ def test_cli_eval_gru_checkpoint_with_plot(store, gru_checkpoint, tmp_path):
 
 def test_cli_bad_inputs_are_one_line_exit_2(store, single_episode_store, mlp_checkpoint, tmp_path):
     assert "at least 2" in one_line_error(invoke("train", "--store", single_episode_store, "--allow-missing-classes"))
-    assert "CULL" in one_line_error(invoke("train", "--store", store, "--epochs", 1))
+    assert "CULL" in one_line_error(invoke("train", "--store", single_episode_store, "--epochs", 1))  # 6 epochs: no cull
     assert "class-weights" in one_line_error(invoke("train", "--store", store, "--class-weights", "1,2"))
     assert "heuristic" in one_line_error(invoke("train", "--store", store, "--policy", "heuristic"))
     one_line_error(invoke("train", "--store", tmp_path / "missing.h5"))
@@ -391,3 +405,36 @@ def test_cli_plot_without_matplotlib_is_a_clear_error(store, monkeypatch, tmp_pa
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     msg = one_line_error(invoke("eval", "--policy", "heuristic", "--store", store, "--plot", tmp_path / "x.png"))
     assert "simic[plot]" in msg and not (tmp_path / "x.png").exists()
+
+
+# ----------------------------------------------------------------------------- schema versions
+@pytest.fixture(scope="session")
+def v1_store(store, tmp_path_factory) -> Path:
+    """A copy of the session store relabelled as observation schema v1 (the old seed signal)."""
+    import shutil
+
+    import h5py
+
+    path = tmp_path_factory.mktemp("stores") / "v1.h5"
+    shutil.copy(store, path)
+    with h5py.File(path, "r+", libver="latest") as f:
+        f.attrs["schema_version"] = 1
+    return path
+
+
+def test_v1_stores_open_in_info_and_eval_but_train_refuses_to_mix_schemas(v1_store, tmp_path):
+    result = invoke("info", "--store", v1_store, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["schema_version"] == 1
+    result = invoke("eval", "--policy", "heuristic", "--store", v1_store, "--json")
+    assert result.exit_code == 0, result.output
+    error = one_line_error(invoke("train", "--store", v1_store, "--out", tmp_path / "m.safetensors"))
+    assert "v1" in error and "v2" in error
+    assert not (tmp_path / "m.safetensors").exists()
+    with pytest.raises(DataError, match="tamiyo-snapshot v1 observations; simic train uses v2"):
+        train_policy(v1_store, "mlp", out=tmp_path / "m.safetensors", **TINY)
+
+
+def test_a_checkpoint_refuses_a_store_of_another_schema_version(v1_store, mlp_checkpoint):
+    error = one_line_error(invoke("eval", "--checkpoint", mlp_checkpoint, "--store", v1_store))
+    assert "v1" in error and "checkpoint" in error

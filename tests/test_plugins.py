@@ -164,7 +164,7 @@ class EverythingPlugin:
 def test_hookimpl_is_reexported_and_core_plugins_load_through_the_hooks():
     assert esper_cli.hookimpl is hookspecs.hookimpl
     reg = build_registry()
-    assert reg.plugins[CORE_PLUGIN].blueprints == ["conv_enhance", "attention", "norm", "depthwise"]
+    assert reg.plugins[CORE_PLUGIN].blueprints == ["conv_enhance", "attention", "norm", "depthwise", "pool_mixer"]
     assert reg.plugins[CORE_PLUGIN].tasks == ["digits", "cifar10"]
     assert reg.plugin_of("policy", "heuristic").distribution == "simic"  # an ordinary entry point
     assert all(not p.errors for p in reg.plugins.values()), reg.problems

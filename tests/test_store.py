@@ -163,7 +163,7 @@ def test_summary_and_existing_keys(tmp_path):
     assert (s["n_episodes"], s["n_decisions"]) == (4, 20)
     assert (s["seeds_created"], s["seeds_fossilized"], s["seeds_culled"]) == (8, 4, 4)
     assert s["mean_final_accuracy"] == pytest.approx(90 + 1 / 3)
-    assert (s["schema_name"], s["schema_version"]) == ("tamiyo-snapshot", 1)
+    assert (s["schema_name"], s["schema_version"]) == ("tamiyo-snapshot", 2)
     assert s["path"] == str(path)
 
 
@@ -288,12 +288,26 @@ def test_schema_version_mismatch(tmp_path):
     path = tmp_path / "s.h5"
     write(path, [make_episode(0)])
     with h5py.File(path, "r+", libver="latest") as f:
-        f.attrs["schema_version"] = 2
+        f.attrs["schema_version"] = 99
     before = path.read_bytes()
-    with pytest.raises(StoreError, match="tamiyo-snapshot v2.*tamiyo-snapshot v1"):
+    with pytest.raises(StoreError, match="tamiyo-snapshot v99.*tamiyo-snapshot v2"):
         EpisodeReader(path)
-    with pytest.raises(StoreError, match="v2"):
+    with pytest.raises(StoreError, match="v99"):
         EpisodeWriter(path)
+    assert path.read_bytes() == before
+
+
+def test_a_v1_store_still_reads_but_takes_no_v2_episode(tmp_path):
+    path = tmp_path / "v1.h5"
+    write(path, [make_episode(0)])
+    with h5py.File(path, "r+", libver="latest") as f:
+        f.attrs["schema_version"] = 1
+    before = path.read_bytes()
+    with EpisodeReader(path) as r:
+        assert r.schema_version == 1 and r.n_episodes == 1
+    with pytest.raises(StoreError, match="v1 observations; this Simic writes v2") as exc:
+        EpisodeWriter(path)
+    assert "\n" not in str(exc.value)
     assert path.read_bytes() == before
 
 

@@ -212,8 +212,10 @@ def closed_loop_tables(report: dict[str, Any]) -> list[Table]:
     cl = report["closed_loop"]
     ref = report["policies"][0]
     acc = Table(title=f"Closed loop: {report['episodes']} paired episodes (seed {report['seed']}), "
-                      "accuracy % (mean, 95% t-interval)", title_justify="left")
-    for col in ("policy", "final", "95% CI", "best", f"Δ final vs {ref}", "Δ 95% CI"):
+                      "accuracy % (mean, 95% t-interval); val is what the controller sees, test the honest score",
+                title_justify="left")
+    for col in ("policy", "final val", "95% CI", "best val", f"Δ val vs {ref}", "Δ val 95% CI",
+                "test", "test 95% CI", f"Δ test vs {ref}", "Δ test 95% CI"):
         acc.add_column(col, justify="left" if col == "policy" else "right", no_wrap=col == "policy")
     beh = Table(title="Closed loop: behaviour (totals; seeds created/fossilized/culled; agreement with the "
                       "expert on the states each policy visited)", title_justify="left")
@@ -221,12 +223,16 @@ def closed_loop_tables(report: dict[str, Any]) -> list[Table]:
         beh.add_column(col, justify="left" if col == "policy" else "right", no_wrap=col == "policy")
     for label, r in cl.items():
         ci = _fmt_ci(r["final_accuracy_ci95"]).strip() or "-"
+        tci = _fmt_ci(r["test_accuracy_ci95"]).strip() or "-"
         if label == ref:
-            diff, dci = "-", "-"
+            diff, dci, tdiff, tdci = "-", "-", "-", "-"
         else:
             diff = f"{r['final_accuracy_diff_mean']:+.2f}"
             dci = _fmt_ci(r["final_accuracy_diff_ci95"]).strip() or "-"
-        acc.add_row(label, _fmt(r["final_accuracy_mean"]), ci, _fmt(r["best_accuracy_mean"]), diff, dci)
+            tdiff = f"{r['test_accuracy_diff_mean']:+.2f}"
+            tdci = _fmt_ci(r["test_accuracy_diff_ci95"]).strip() or "-"
+        acc.add_row(label, _fmt(r["final_accuracy_mean"]), ci, _fmt(r["best_accuracy_mean"]), diff, dci,
+                    _fmt(r["test_accuracy_mean"]), tci, tdiff, tdci)
         agree = "(the expert)" if r["expert_agreement"] is None and report["expert"] == r["policy"] \
             else (f"{_pct(r['expert_agreement'])} of {r['expert_labelled_decisions']}"
                   if r["expert_agreement"] is not None else "-")

@@ -23,6 +23,7 @@ from ..learning import (
     classification_metrics,
     load_decisions,
     replay,
+    require_schema,
     select_split,
 )
 from .common import choose, err, fail, out, registry
@@ -161,6 +162,8 @@ def evaluate(
 
     try:
         data = load_decisions(store_path)
+        if ckpt is not None:  # a learned policy reads the schema it was trained on, nothing else
+            require_schema(data, int(ckpt.meta["feature_schema"]["version"]), f"checkpoint {ckpt.path}")
         positions, note = select_split(data, split, trained, policy)
         part = data.select(positions)
     except DataError as exc:

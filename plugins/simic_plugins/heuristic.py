@@ -1,8 +1,30 @@
-"""Heuristic Tamiyo: the hand-written controller whose decisions Simic learns to imitate.
+"""Heuristic Tamiyo v2: the hand-written controller whose decisions Simic learns to imitate.
 
-Every rule reads only the 27-feature observation, so a learned policy can in principle match it
-exactly. "Improvement" is `seed_improvement`: validation accuracy now minus at the start of the
-seed's current stage, in points.
+Every rule reads only the 27-feature observation (schema v2), so a learned policy can in
+principle match it exactly. "Worth" is `seed_improvement`, the seed's own measured worth in points
+of validation accuracy: in TRAINING the isolated probe's accuracy minus the host's, in BLENDING
+accuracy at the current alpha minus at alpha 0 (see `esper_cli.contracts.FEATURE_MEANINGS`).
+
+The rules, in order, with the `HeuristicConfig` field that sets each threshold:
+
+- No active seed: WAIT before epoch `min_epochs_before_germinate` (the host's first fast epochs
+  say nothing about a plateau); WAIT with no DORMANT slot; GERMINATE once `plateau_epochs` reaches
+  `plateau_epochs_to_germinate`; else WAIT.
+- GERMINATED: ADVANCE (start isolated training).
+- TRAINING: WAIT for `min_training_epochs`; then ADVANCE (start blending) when the probe beats
+  the host by at least `advance_improvement` points; CULL once the seed has trained
+  `cull_after_epochs` epochs and still stays behind, worth under `cull_below_improvement`; CULL at
+  `max_training_epochs` whatever the worth (a seed must not wait forever); else WAIT.
+- BLENDING: WAIT for `blending_epochs` (the environment's alpha ramp has the same default length);
+  then ADVANCE (fossilize) when the contribution is above `fossilize_above`, else CULL.
+
+The defaults are tuned for the default digits task (25 epochs, 2 slots). A seed that adds
+capacity helps most when grown early (the host's later layers then co-adapt with it), so growth
+starts at the first plateau epoch after epoch 2, and the TRAINING verdict comes after two or three
+epochs: a probe at least level with the host (`advance_improvement` 0) starts blending, one still
+behind it after three epochs (`cull_below_improvement` 0; one validation image is 0.28 points) is
+culled while it is isolated, where culling costs the host nothing. Blending decides on the
+counterfactual contribution.
 """
 
 from __future__ import annotations
@@ -18,23 +40,24 @@ from esper_cli.policy import EpisodeContext
 
 @dataclass(frozen=True)
 class HeuristicConfig:
-    """The original's thresholds (all configurable)."""
+    """Heuristic Tamiyo v2's thresholds (all configurable; see the module docstring's rules)."""
 
-    min_epochs_before_germinate: int = 5
-    plateau_epochs_to_germinate: int = 3
-    min_training_epochs: int = 3
-    advance_improvement: float = 1.0  # points since TRAINING started
-    cull_after_epochs: int = 5
-    cull_below_improvement: float = -2.0
-    max_training_epochs: int = 10  # a TRAINING seed must not wait forever
-    blending_epochs: int = 5
+    min_epochs_before_germinate: int = 2
+    plateau_epochs_to_germinate: int = 1
+    min_training_epochs: int = 2
+    advance_improvement: float = 0.0  # probe minus host, points
+    cull_after_epochs: int = 3
+    cull_below_improvement: float = 0.0  # probe minus host, points
+    max_training_epochs: int = 5
+    blending_epochs: int = 3
+    fossilize_above: float = 0.0  # contribution (alpha vs alpha 0), points
 
 
 class HeuristicTamiyo:
     """Rule-based Tamiyo. Stateless: each decision depends on the observation alone."""
 
     name = "heuristic"
-    version = "1.0"
+    version = "2.0"
 
     def __init__(self, **overrides: Any) -> None:
         known = {f.name for f in fields(HeuristicConfig)}
@@ -47,10 +70,10 @@ class HeuristicTamiyo:
         """Nothing to reset: the heuristic keeps no per-episode state."""
 
     def decide(self, obs: TrainingSnapshot, context: EpisodeContext | None = None) -> Decision:
-        """Apply the rules of DESIGN section 4 to one observation."""
+        """Apply the rules of the module docstring to one observation."""
         c = self.config
         stage = SeedStage(int(obs.seed_stage)) if obs.has_active_seed else SeedStage.DORMANT
-        n, imp = obs.seed_epochs_in_stage, obs.seed_improvement
+        n, worth = obs.seed_epochs_in_stage, obs.seed_improvement
         if stage == SeedStage.DORMANT:
             if obs.epoch < c.min_epochs_before_germinate:
                 return Decision(Action.WAIT, f"epoch {obs.epoch} < {c.min_epochs_before_germinate}: let the host warm up", 1.0)
@@ -65,19 +88,19 @@ class HeuristicTamiyo:
         if stage == SeedStage.TRAINING:
             if n < c.min_training_epochs:
                 return Decision(Action.WAIT, f"training {n}/{c.min_training_epochs} epochs minimum", 0.9)
-            if imp >= c.advance_improvement:
-                return Decision(Action.ADVANCE, f"improved {imp:+.2f} points: start blending", 0.9)
-            if n >= c.cull_after_epochs and imp < c.cull_below_improvement:
-                return Decision(Action.CULL, f"worse by {imp:.2f} points after {n} epochs", 0.9)
+            if worth >= c.advance_improvement:
+                return Decision(Action.ADVANCE, f"probe beats the host by {worth:+.2f} points: start blending", 0.9)
+            if n >= c.cull_after_epochs and worth < c.cull_below_improvement:
+                return Decision(Action.CULL, f"probe stays behind ({worth:+.2f} points) after {n} epochs", 0.9)
             if n >= c.max_training_epochs:
-                return Decision(Action.CULL, f"no progress after {n} epochs of training", 0.8)
-            return Decision(Action.WAIT, f"training: {imp:+.2f} points so far", 0.6)
+                return Decision(Action.CULL, f"no clear gain after {n} epochs of training", 0.8)
+            return Decision(Action.WAIT, f"training: probe {worth:+.2f} points vs the host", 0.6)
         if stage == SeedStage.BLENDING:
             if n < c.blending_epochs:
                 return Decision(Action.WAIT, f"blending {n}/{c.blending_epochs} epochs", 0.9)
-            if imp > 0:
-                return Decision(Action.ADVANCE, f"blending helped ({imp:+.2f} points): fossilize", 0.9)
-            return Decision(Action.CULL, f"blending did not help ({imp:+.2f} points)", 0.9)
+            if worth > c.fossilize_above:
+                return Decision(Action.ADVANCE, f"contributes {worth:+.2f} points: fossilize", 0.9)
+            return Decision(Action.CULL, f"contributes {worth:+.2f} points: cull", 0.9)
         return Decision(Action.WAIT, f"nothing to do in stage {stage.name}", 0.5)
 
 

@@ -1,0 +1,65 @@
+"""The policy table: heuristic, wait, random (and any named checkpoint) over paired held-out seeds.
+
+Every policy drives its own episodes from the same seeds (episode i of each starts from the same
+weights and sees the same data order), so the difference to `wait` on episode i is the effect of
+the policy's decisions alone. Validation accuracy is what the controller sees; test accuracy,
+read once at the end of each episode, is the honest score. Intervals are Student-t 95%.
+
+    python bench/bench_policies.py [--episodes 20] [--seed 1000] [--workers 2] [POLICY ...]
+
+POLICY is a registered name or NAME=PATH (a checkpoint), as for `simic compare`; the default is
+heuristic, random. `wait` is always run, first, as the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from esper_cli.commands.common import registry
+from esper_cli.commands.compare import build_report, resolve_specs, run_comparison
+from esper_cli.contracts import EpisodeConfig
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "" if ci is None else f"[{ci[0]:+6.2f}, {ci[1]:+6.2f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("policies", nargs="*", default=["heuristic", "random"])
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=1000, help="run seed (use one you did not tune on)")
+    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print the compare report as JSON")
+    args = parser.parse_args()
+    reg = registry()
+    names = ["wait"] + [p for p in args.policies if p != "wait"]
+    specs, versions = resolve_specs(names, reg, None)
+    config = EpisodeConfig(epochs=args.epochs)
+    t0 = time.perf_counter()
+    runs, _ = run_comparison(specs, versions, reg, config, episodes=args.episodes, seed=args.seed,
+                             mode="closed-loop", expert=None, workers=args.workers)
+    report = build_report(specs, runs, [], mode="closed-loop", expert=None, config=config,
+                          episodes=args.episodes, seed=args.seed)
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"{args.episodes} paired episodes, run seed {args.seed}, {args.epochs} epochs "
+          f"({time.perf_counter() - t0:.0f} s); accuracy %, mean and 95% interval; Δ paired against wait")
+    print(f"{'policy':<14} {'final val':>8} {'95% CI':>18} {'Δ val':>7} {'Δ 95% CI':>18} "
+          f"{'test':>7} {'95% CI':>18} {'Δ test':>7} {'Δ 95% CI':>18}  seeds c/f/x")
+    for label, r in report["closed_loop"].items():
+        ref = label == "wait"
+        dv = "" if ref else f"{r['final_accuracy_diff_mean']:+7.2f}"
+        dt = "" if ref else f"{r['test_accuracy_diff_mean']:+7.2f}"
+        print(f"{label:<14} {r['final_accuracy_mean']:8.2f} {_ci(r['final_accuracy_ci95']):>18} {dv:>7} "
+              f"{'' if ref else _ci(r['final_accuracy_diff_ci95']):>18} {r['test_accuracy_mean']:7.2f} "
+              f"{_ci(r['test_accuracy_ci95']):>18} {dt:>7} {'' if ref else _ci(r['test_accuracy_diff_ci95']):>18}  "
+              f"{r['seeds_created']}/{r['seeds_fossilized']}/{r['seeds_culled']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Baseline Tamiyos: what every comparison table needs beside the heuristic.
+
+- `wait`: never grows anything (the host trained alone; paired against it, any other policy's
+  difference is what its growing, culling and grafting did).
+- `random`: a uniform choice among the actions valid in the current state, drawn from the
+  episode's rng seed, so a run reproduces exactly and paired runs are comparable.
+
+Valid actions, read from the observation as the environment defines them: WAIT always;
+GERMINATE with no active seed and a DORMANT slot; ADVANCE and CULL with an active seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from esper_cli import hookimpl
+from esper_cli.contracts import Action, Decision, TrainingSnapshot
+from esper_cli.policy import EpisodeContext
+
+#: The random policy's stream of the episode's seed (the environment uses 0-2 and 4, DAgger 3).
+RANDOM_STREAM = 5
+
+
+def valid_actions(obs: TrainingSnapshot) -> list[Action]:
+    """The actions that are not no-ops in the state `obs` describes, in action order."""
+    if obs.has_active_seed:
+        return [Action.WAIT, Action.ADVANCE, Action.CULL]
+    if obs.available_slots > 0:
+        return [Action.WAIT, Action.GERMINATE]
+    return [Action.WAIT]
+
+
+class WaitTamiyo:
+    """Never grows: WAIT at every epoch."""
+
+    name = "wait"
+    version = "1.0"
+
+    def reset(self, context: EpisodeContext) -> None:
+        """Nothing to reset."""
+
+    def decide(self, obs: TrainingSnapshot, context: EpisodeContext | None = None) -> Decision:
+        return Decision(Action.WAIT, "baseline: never grow", 1.0)
+
+
+class RandomTamiyo:
+    """A uniform valid action per epoch, from a generator seeded by the episode's rng seed."""
+
+    name = "random"
+    version = "1.0"
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._seed = seed  # optional extra entropy: random(seed=1) is another random policy
+        self._rng = np.random.default_rng(0)
+
+    def reset(self, context: EpisodeContext) -> None:
+        parts = [int(context.rng_seed), RANDOM_STREAM] + ([] if self._seed is None else [int(self._seed)])
+        self._rng = np.random.default_rng(np.random.SeedSequence(parts))
+
+    def decide(self, obs: TrainingSnapshot, context: EpisodeContext | None = None) -> Decision:
+        choices = valid_actions(obs)
+        action = choices[int(self._rng.integers(len(choices)))]
+        return Decision(action, f"baseline: uniform among {len(choices)} valid actions", 1.0 / len(choices))
+
+
+@hookimpl
+def register_policies(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    register("wait", WaitTamiyo)
+    register("random", RandomTamiyo)

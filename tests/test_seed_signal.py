@@ -1,0 +1,115 @@
+"""Schema v2's seed signal: `seed_improvement` is the seed's own measured worth (DESIGN section 2).
+
+TRAINING: validation accuracy through the isolated probe minus the host's; BLENDING: accuracy at
+the current alpha minus at alpha 0. Measured in the validation pass, changing nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from esper_cli.blueprints import BUILTIN_BLUEPRINTS
+from esper_cli.contracts import FEATURE_MEANINGS, FEATURE_NAMES, Action, Decision, EpisodeConfig, SeedStage
+from esper_cli.environment import MorphogeneticEnv
+from esper_cli.tasks import BUILTIN_TASKS
+
+W, G, A, C = Action.WAIT, Action.GERMINATE, Action.ADVANCE, Action.CULL
+
+
+class Negate(nn.Module):
+    """A harmful seed: at full strength it turns the host's features into their opposite."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(-2.0))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.scale * h
+
+
+def make_env(**kw) -> MorphogeneticEnv:
+    cfg = EpisodeConfig(**{"epochs": 12, **kw})
+    return MorphogeneticEnv(cfg, BUILTIN_TASKS[cfg.task], {**BUILTIN_BLUEPRINTS, "negate": Negate})
+
+
+def play(env: MorphogeneticEnv, *decisions: Decision):
+    obs = None
+    for d in decisions:
+        obs = env.step(d).observation
+    return obs
+
+
+def test_every_feature_has_one_documented_v2_meaning():
+    assert tuple(FEATURE_MEANINGS) == FEATURE_NAMES
+    assert "probe" in FEATURE_MEANINGS["seed_improvement"] and "alpha 0" in FEATURE_MEANINGS["seed_improvement"]
+
+
+def test_a_better_training_seed_shows_a_positive_worth():
+    # The host is frozen at its (poor) initial weights while the seed learns: better than the host.
+    env = make_env()
+    env.reset(3)
+    env.optimizer.param_groups[0]["lr"] = 0.0  # the host's group; a seed's group keeps lr 0.02
+    base = env.val_acc
+    obs = play(env, Decision(G, blueprint="conv_enhance"), Decision(A), Decision(W), Decision(W))
+    assert obs.seed_stage == SeedStage.TRAINING and obs.seed_alpha == 0.0
+    assert obs.val_accuracy == base  # alpha 0: the host's output is its own
+    assert obs.seed_improvement > 5.0
+
+
+def test_a_harmful_training_seed_shows_a_negative_worth_and_the_host_is_unaffected():
+    env = make_env()
+    env.reset(3)
+    play(env, *[Decision(W)] * 4)  # a trained host...
+    env.optimizer.param_groups[0]["lr"] = env.optimizer.defaults["lr"] = 0.0  # ...then nothing learns
+    base = env.val_acc
+    assert base > 50
+    obs = play(env, Decision(G, blueprint="negate"), Decision(A))
+    assert obs.seed_stage == SeedStage.TRAINING
+    assert obs.val_accuracy == base  # alpha 0: the host's output is its own
+    assert obs.seed_improvement < -5.0
+
+
+def test_blending_worth_is_accuracy_at_alpha_minus_at_alpha_zero():
+    env = make_env(blending_epochs=3)
+    env.reset(5)
+    obs = play(env, Decision(W), Decision(G, blueprint="conv_enhance"), Decision(A), Decision(W), Decision(A))
+    assert obs.seed_stage == SeedStage.BLENDING and 0 < obs.seed_alpha < 1
+    slot = env.active_slot()
+    assert obs.seed_improvement == env.seed_contribution(slot)
+
+
+def test_germinated_or_no_seed_reads_zero_and_a_cull_records_the_last_worth():
+    env = make_env(lr=0.0)
+    obs = env.reset(3)
+    assert obs.seed_improvement == 0.0
+    obs = play(env, Decision(G, blueprint="negate"))
+    assert obs.seed_stage == SeedStage.GERMINATED and obs.seed_improvement == 0.0
+    worth = play(env, Decision(A)).seed_improvement
+    obs = play(env, Decision(C))
+    assert not obs.has_active_seed and obs.seed_improvement == 0.0
+    assert env.seeds[0].fate == "culled" and env.seeds[0].contribution == worth
+
+
+def test_the_measurement_changes_nothing_in_the_host():
+    # A fossilized norm seed (BatchNorm running statistics) upstream of a TRAINING seed.
+    env = make_env()
+    env.reset(7)
+    play(env, Decision(G, blueprint="norm"), Decision(A), Decision(A), Decision(W), Decision(W), Decision(W),
+         Decision(A), Decision(G, blueprint="conv_enhance"), Decision(A), Decision(W))
+    assert env.slots[0].stage == SeedStage.FOSSILIZED and env.slots[1].stage == SeedStage.TRAINING
+    x = env.data.val_x
+    before = {k: v.clone() for k, v in env.model.state_dict().items()}
+    env.model.eval()
+    with torch.no_grad():
+        plain = env.model(x)
+    loss, acc, worth = env._validate()
+    assert worth is not None
+    after = env.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and running statistics
+    with torch.no_grad():
+        again = env.model(x)
+        logits, _ = env.model.forward_worth(x, 1)
+    assert torch.equal(plain, again) and torch.allclose(plain, logits)  # the host's output is its own
+    assert acc == env._evaluate(x, env.data.val_y)[1]
