@@ -492,7 +492,7 @@ class TrainConfig:
     """Hyper-parameters of one `train_policy` run (all stored in the checkpoint)."""
 
     policy: str = "mlp"
-    epochs: int = 300
+    epochs: int = 1000
     lr: float | None = None  # None = the architecture's default (1e-3 MLP, 3e-3 GRU)
     batch_size: int | None = None  # decisions (MLP) or episodes (GRU); None = the architecture's default
     hidden: Any = None  # MLP: list of sizes; GRU: one size; None = default (64/32, 16)

@@ -114,7 +114,7 @@ def dagger(
     task: str = typer.Option("digits", "--task", help="Training task."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder holding cifar-10-batches-py (for --task cifar10)."),
     device: str = typer.Option("cpu", "--device", help="Torch device for the episodes."),
-    train_epochs: int = typer.Option(300, "--train-epochs", min=1, help="Maximum training epochs per round (early stopping keeps the best)."),
+    train_epochs: int = typer.Option(1000, "--train-epochs", min=1, help="Maximum training epochs per round (early stopping keeps the best)."),
     train_seed: int = typer.Option(0, "--train-seed", min=0, help="Seed of the split, initial weights and batch order."),
     allow_missing_classes: bool = typer.Option(False, "--allow-missing-classes", help="Train even if some action never occurs."),
     workers: Optional[str] = typer.Option(None, "--workers", "-w", help="Episodes run in parallel: a number or 'auto'."),

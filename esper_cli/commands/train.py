@@ -58,7 +58,7 @@ def train(
     policy: str = typer.Option("mlp", "--policy", help="Learned policy type: mlp | gru."),
     class_weights: str = typer.Option("auto", "--class-weights",
                                       help="auto (sklearn 'balanced', finite when a class is absent), none, or W,G,A,C."),
-    epochs: int = typer.Option(300, "--epochs", min=1, help="Maximum training epochs (early stopping keeps the best)."),
+    epochs: int = typer.Option(1000, "--epochs", min=1, help="Maximum training epochs (early stopping after --patience epochs without a better validation score keeps the best)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the episode split, initial weights and batch order."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Fraction of episodes held out for validation."),
     out_path: Optional[Path] = typer.Option(None, "--out",
