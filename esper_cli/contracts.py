@@ -10,6 +10,7 @@ import enum
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -26,61 +27,6 @@ SCHEMA_NAME = "tamiyo-snapshot"
 READABLE_SCHEMA_VERSIONS = (1, 2)
 
 HISTORY_LEN = 5
-
-FEATURE_NAMES: tuple[str, ...] = (
-    "epoch",
-    "global_step",
-    "train_loss",
-    "val_loss",
-    "loss_delta",
-    "train_accuracy",
-    "val_accuracy",
-    "accuracy_delta",
-    "plateau_epochs",
-    "best_val_accuracy",
-    "best_val_loss",
-    *(f"loss_history_{i}" for i in range(HISTORY_LEN)),
-    *(f"accuracy_history_{i}" for i in range(HISTORY_LEN)),
-    "has_active_seed",
-    "seed_stage",
-    "seed_epochs_in_stage",
-    "seed_alpha",
-    "seed_improvement",
-    "available_slots",
-)
-N_FEATURES = len(FEATURE_NAMES)
-assert N_FEATURES == 27
-
-#: What every feature means in schema v2: the one place it is written. Accuracies are in percent
-#: (0-100) of the validation split, losses are mean cross-entropy; "the seed" is the managed seed
-#: (the slot whose seed is GERMINATED, TRAINING or BLENDING), if any.
-FEATURE_MEANINGS: dict[str, str] = {
-    "epoch": "epochs trained so far (0 = the untrained host)",
-    "global_step": "optimizer steps taken so far",
-    "train_loss": "mean training loss of the last epoch (clamped to [0, LOSS_CAP])",
-    "val_loss": "validation loss after the last epoch (clamped to [0, LOSS_CAP])",
-    "loss_delta": "previous val_loss minus val_loss (positive = better)",
-    "train_accuracy": "training accuracy of the last epoch (running, in train mode)",
-    "val_accuracy": "validation accuracy after the last epoch",
-    "accuracy_delta": "val_accuracy minus the previous epoch's",
-    "plateau_epochs": "consecutive epochs whose accuracy gain was under the plateau threshold",
-    "best_val_accuracy": "best val_accuracy so far",
-    "best_val_loss": "best val_loss so far",
-    **{f"loss_history_{i}": f"val_loss {HISTORY_LEN - i} epoch(s) back ... now (oldest first, left-padded)"
-       for i in range(HISTORY_LEN)},
-    **{f"accuracy_history_{i}": f"val_accuracy {HISTORY_LEN - i} epoch(s) back ... now (oldest first, left-padded)"
-       for i in range(HISTORY_LEN)},
-    "has_active_seed": "1 if a seed is GERMINATED, TRAINING or BLENDING, else 0",
-    "seed_stage": "the seed's SeedStage code (DORMANT = 0 without one)",
-    "seed_epochs_in_stage": "epochs the seed has trained in its current stage",
-    "seed_alpha": "the seed's blending weight (0 until BLENDING, ramps to 1)",
-    "seed_improvement": "the seed's own measured worth, in points, on the validation split after the last "
-                        "epoch. TRAINING: accuracy through the isolated probe (the seed at full strength on "
-                        "the detached host) minus the host's. BLENDING: accuracy at the current alpha minus "
-                        "at alpha 0 (its counterfactual contribution). GERMINATED or no seed: 0",
-    "available_slots": "empty (DORMANT) slots a GERMINATE could use",
-}
-assert tuple(FEATURE_MEANINGS) == FEATURE_NAMES
 
 #: Losses are clamped into [0, LOSS_CAP] and a non-finite loss (a diverged run) is mapped to
 #: LOSS_CAP at the environment boundary: the store never holds NaN or inf.
@@ -115,38 +61,57 @@ class SeedStage(enum.IntEnum):
 ACTIVE_STAGES = frozenset({SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING})
 
 
+def _feature(meaning: str, decode: Callable[[float], Any] = float, length: int = 1) -> Any:
+    """A TrainingSnapshot field: what it means (schema v2), how a stored float decodes back, and
+    how many vector entries it fills (the histories fill HISTORY_LEN)."""
+    return field(metadata={"meaning": meaning, "decode": decode, "length": length})
+
+
 @dataclass(frozen=True)
 class TrainingSnapshot:
-    """The 27-feature observation Tamiyo sees after each epoch (accuracies in percent)."""
+    """The 27-feature observation Tamiyo sees after each epoch: the one definition of the vector.
 
-    epoch: int
-    global_step: int
-    train_loss: float
-    val_loss: float
-    loss_delta: float
-    train_accuracy: float
-    val_accuracy: float
-    accuracy_delta: float
-    plateau_epochs: int
-    best_val_accuracy: float
-    best_val_loss: float
-    loss_history_5: tuple[float, ...]
-    accuracy_history_5: tuple[float, ...]
-    has_active_seed: bool
-    seed_stage: SeedStage
-    seed_epochs_in_stage: int
-    seed_alpha: float
-    seed_improvement: float
-    available_slots: int
+    The field order is the vector order; each field's metadata says what it means in schema v2
+    (collected in `FEATURE_MEANINGS`). Accuracies are in percent (0-100) of the validation split,
+    losses are mean cross-entropy; "the seed" is the managed seed (the slot whose seed is
+    GERMINATED, TRAINING or BLENDING), if any.
+    """
+
+    epoch: int = _feature("epochs trained so far (0 = the untrained host)", int)
+    global_step: int = _feature("optimizer steps taken so far", int)
+    train_loss: float = _feature("mean training loss of the last epoch (clamped to [0, LOSS_CAP])")
+    val_loss: float = _feature("validation loss after the last epoch (clamped to [0, LOSS_CAP])")
+    loss_delta: float = _feature("previous val_loss minus val_loss (positive = better)")
+    train_accuracy: float = _feature("training accuracy of the last epoch (running, in train mode)")
+    val_accuracy: float = _feature("validation accuracy after the last epoch")
+    accuracy_delta: float = _feature("val_accuracy minus the previous epoch's")
+    plateau_epochs: int = _feature("consecutive epochs whose accuracy gain was under the plateau threshold", int)
+    best_val_accuracy: float = _feature("best val_accuracy so far")
+    best_val_loss: float = _feature("best val_loss so far")
+    loss_history_5: tuple[float, ...] = _feature(
+        "val_loss {back} epoch(s) back ... now (oldest first, left-padded)", length=HISTORY_LEN)
+    accuracy_history_5: tuple[float, ...] = _feature(
+        "val_accuracy {back} epoch(s) back ... now (oldest first, left-padded)", length=HISTORY_LEN)
+    has_active_seed: bool = _feature("1 if a seed is GERMINATED, TRAINING or BLENDING, else 0", bool)
+    seed_stage: SeedStage = _feature("the seed's SeedStage code (DORMANT = 0 without one)",
+                                     lambda x: SeedStage(int(x)))
+    seed_epochs_in_stage: int = _feature("epochs the seed has trained in its current stage", int)
+    seed_alpha: float = _feature("the seed's blending weight (0 until BLENDING, ramps to 1)")
+    seed_improvement: float = _feature(
+        "the seed's own measured worth, in points, on the validation split after the last epoch. "
+        "TRAINING: accuracy through the isolated probe (the seed at full strength on the detached host) "
+        "minus the host's. BLENDING: accuracy at the current alpha minus at alpha 0 (its counterfactual "
+        "contribution). GERMINATED or no seed: 0")
+    available_slots: int = _feature("empty (DORMANT) slots a GERMINATE could use", int)
 
     def to_vector(self) -> np.ndarray:
         """The raw float32 vector in `FEATURE_NAMES` order; raises on any non-finite value."""
         values: list[float] = []
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, tuple):
-                if len(v) != HISTORY_LEN:
-                    raise ValueError(f"{f.name} must have {HISTORY_LEN} values, got {len(v)}")
+            if f.metadata["length"] > 1:
+                if len(v) != f.metadata["length"]:
+                    raise ValueError(f"{f.name} must have {f.metadata['length']} values, got {len(v)}")
                 values.extend(float(x) for x in v)
             else:
                 values.append(float(v))
@@ -160,28 +125,32 @@ class TrainingSnapshot:
         v = [float(x) for x in np.asarray(vec, dtype=np.float64).reshape(-1)]
         if len(v) != N_FEATURES:
             raise ValueError(f"observation must have {N_FEATURES} features, got {len(v)}")
-        h = HISTORY_LEN
-        return cls(
-            epoch=int(v[0]),
-            global_step=int(v[1]),
-            train_loss=v[2],
-            val_loss=v[3],
-            loss_delta=v[4],
-            train_accuracy=v[5],
-            val_accuracy=v[6],
-            accuracy_delta=v[7],
-            plateau_epochs=int(v[8]),
-            best_val_accuracy=v[9],
-            best_val_loss=v[10],
-            loss_history_5=tuple(v[11 : 11 + h]),
-            accuracy_history_5=tuple(v[11 + h : 11 + 2 * h]),
-            has_active_seed=bool(v[21]),
-            seed_stage=SeedStage(int(v[22])),
-            seed_epochs_in_stage=int(v[23]),
-            seed_alpha=v[24],
-            seed_improvement=v[25],
-            available_slots=int(v[26]),
-        )
+        kwargs: dict[str, Any] = {}
+        at = 0
+        for f in fields(cls):
+            n, decode = f.metadata["length"], f.metadata["decode"]
+            kwargs[f.name] = tuple(decode(x) for x in v[at: at + n]) if n > 1 else decode(v[at])
+            at += n
+        return cls(**kwargs)
+
+
+def _feature_meanings() -> dict[str, str]:
+    """Feature name -> meaning, in vector order, from the TrainingSnapshot fields."""
+    out: dict[str, str] = {}
+    for f in fields(TrainingSnapshot):
+        n, meaning = f.metadata["length"], f.metadata["meaning"]
+        if n == 1:
+            out[f.name] = meaning
+        else:  # loss_history_5 -> loss_history_0..4
+            stem = f.name.rsplit("_", 1)[0]
+            out.update({f"{stem}_{i}": meaning.format(back=n - i) for i in range(n)})
+    return out
+
+
+#: What every feature means in schema v2, in vector order: the one place it is written (above).
+FEATURE_MEANINGS: dict[str, str] = _feature_meanings()
+FEATURE_NAMES: tuple[str, ...] = tuple(FEATURE_MEANINGS)
+N_FEATURES = len(FEATURE_NAMES)
 
 
 def check_finite(array: np.ndarray, what: str) -> None:

@@ -6,6 +6,7 @@ the current alpha minus at alpha 0. Measured in the validation pass, changing no
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -113,3 +114,21 @@ def test_the_measurement_changes_nothing_in_the_host():
         logits, _ = env.model.forward_worth(x, 1)
     assert torch.equal(plain, again) and torch.allclose(plain, logits)  # the host's output is its own
     assert acc == env._evaluate(x, env.data.val_y)[1]
+
+
+def test_the_observation_vector_is_the_design_contract():
+    """DESIGN section 2's 27 names, in order, derived from TrainingSnapshot's fields alone."""
+    from esper_cli.contracts import N_FEATURES, TrainingSnapshot
+
+    design = ("epoch global_step train_loss val_loss loss_delta train_accuracy val_accuracy accuracy_delta "
+              "plateau_epochs best_val_accuracy best_val_loss").split() + \
+        [f"loss_history_{i}" for i in range(5)] + [f"accuracy_history_{i}" for i in range(5)] + \
+        "has_active_seed seed_stage seed_epochs_in_stage seed_alpha seed_improvement available_slots".split()
+    assert FEATURE_NAMES == tuple(design) and N_FEATURES == 27
+    vec = np.arange(N_FEATURES, dtype=np.float32)
+    vec[FEATURE_NAMES.index("seed_stage")] = SeedStage.BLENDING
+    vec[FEATURE_NAMES.index("has_active_seed")] = 1
+    snap = TrainingSnapshot.from_vector(vec)
+    assert snap.seed_stage is SeedStage.BLENDING and isinstance(snap.epoch, int)
+    assert snap.accuracy_history_5 == tuple(float(x) for x in vec[16:21])
+    assert np.array_equal(snap.to_vector(), vec)
