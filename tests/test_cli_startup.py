@@ -93,8 +93,8 @@ def test_ctrl_c_during_start_up_exits_130_without_traceback(tmp_path, delay):
     _out, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
         pytest.skip(f"the run finished within {delay} s, before the signal")
-    # -SIGINT: the signal came before Python installed its handler (no Python code had run).
+    # -SIGINT: the signal came before Python installed its handler, or while the finished run shut down.
     assert proc.returncode in (130, -signal.SIGINT), err
     assert "Traceback" not in err, err
-    if proc.returncode == 130:
-        assert "Interrupted" in err and len(err.strip().splitlines()) <= 2, err
+    if proc.returncode == 130:  # from start-up ("Interrupted.") or, on a slow machine, from the episode loop
+        assert "Interrupted" in err, err
