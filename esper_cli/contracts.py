@@ -240,9 +240,9 @@ class EpisodeConfig:
     data_dir: str | None = None
     #: Tuned with the digits host (tasks.py) so that growth pays and the heuristic gets to it:
     #: 34 steps per epoch let the narrow host reach its plateau by epoch 3-8 and give a seed's
-    #: isolated probe enough steps per epoch to show its worth; lr 0.01 (not 0.02) because at
-    #: 0.02 the 2-channel first stage sometimes dies (every ReLU off: a host stuck at chance for
-    #: the whole episode); a gain under 1 point (under four of 359 validation images) is a
+    #: isolated probe enough steps per epoch to show its worth; lr 0.01 keeps the 2-channel first
+    #: stage alive (a larger step can switch every ReLU off: a host stuck at chance for the whole
+    #: episode); a gain under 1 point (under four of 359 validation images) is a
     #: plateau epoch; blending ramps over 3 epochs.
     batch_size: int = 32
     lr: float = 0.01

@@ -27,6 +27,7 @@ import bisect
 import ctypes
 import errno
 import json
+import operator
 import os
 import re
 import struct
@@ -196,9 +197,9 @@ def _check_file(path: Path, shown: Path | None = None) -> None:
 
 # How often a SWMR reader re-reads a piece of metadata whose checksum fails. HDF5 retries because
 # a live writer may be rewriting that piece, sleeping 1 ns, 2 ns, 4 ns, ... between tries; its
-# default of 100 tries sums to centuries of sleep, so one flipped byte in a store hung every reader
-# (uninterruptibly, inside HDF5) for as long as anyone waited. 24 tries sleep at most ~17 ms per
-# piece: ample for a torn read of a write in flight, and a damaged store fails in milliseconds.
+# default of 100 tries sums to centuries of sleep, spent uninterruptibly inside HDF5 on one flipped
+# byte. 24 tries sleep at most ~17 ms per piece: room for a torn read of a write in flight, while a
+# damaged store fails in milliseconds.
 _SWMR_READ_ATTEMPTS = 24
 
 
@@ -322,10 +323,10 @@ def _open_swmr_write(path: Path) -> h5py.File:
     return h5py.File(fid)
 
 
-# Writers keep no chunk cache: a full disk then fails the write call itself, and no dataset holds
-# unwritten rows. With a cache, the rows failed later in a flush and stayed pending; closing the
-# dataset retried, failed again, and HDF5's exit handler then crashed the process (exit 139).
-# Unfiltered chunks lose nothing by it: HDF5 writes a partial chunk in place, without reading it.
+# Writers keep no chunk cache: a full disk must fail the write call itself, leaving no dataset
+# with unwritten rows. Cached rows would fail in a later flush and stay pending, and HDF5 retries
+# them when closing and at exit, where a failure crashes the process. Unfiltered chunks lose
+# nothing by it: HDF5 writes a partial chunk in place, without reading it.
 _NO_CHUNK_CACHE = {"rdcc_nbytes": 0, "rdcc_nslots": 0}
 
 
@@ -562,7 +563,11 @@ class MissingIndices:
         yield from range(start, self.n)
 
     def __contains__(self, i: object) -> bool:
-        if not isinstance(i, int) or not 0 <= i < self.n:
+        try:
+            i = operator.index(i)  # numpy integers too
+        except TypeError:
+            return False
+        if not 0 <= i < self.n:
             return False
         k = bisect.bisect_left(self._done, i)
         return not (k < len(self._done) and self._done[k] == i)
@@ -587,9 +592,9 @@ class EpisodeWriter:
 
     def __init__(self, path: str | os.PathLike[str], *, lock_timeout: float = 0.0) -> None:
         self.path = Path(path)
-        # The file a symlink points to is the store: its lock, its recovery, its replacement.
-        # Locking the link's name let a second writer in through the link, and recovery replaced
-        # the link with a copy, splitting the store in two.
+        # The file a symlink points to is the store: its lock, its recovery, its replacement. A
+        # lock on the link's name would not exclude a writer of the target, and a recovery would
+        # replace the link with a copy, splitting the store in two.
         self.real_path = _real_path(self.path)
         self.recovered = False
         self._file: h5py.File | None = None
@@ -614,7 +619,10 @@ class EpisodeWriter:
             self._open()
         except BaseException as exc:
             self._close_file()
-            if made_lock:  # a refused or failed store keeps no lock file of ours
+            # A refused store keeps no lock file of ours. Only then: a process already waiting on
+            # the lock would hold a deleted file while a newcomer locks a new one, two writers; a
+            # refused path refuses them both, a failed write (disk full) might not.
+            if made_lock and isinstance(exc, StoreError):
                 lock_path.unlink(missing_ok=True)
             self._lock.release()
             if isinstance(exc, (OSError, RuntimeError)):  # permissions, disk full, ...
@@ -732,8 +740,8 @@ class EpisodeWriter:
     def _close_file(self) -> BaseException | None:
         """Close the HDF5 file now, whatever state a failed write left; the error, if any."""
         f, self._file = self._file, None
-        # Dataset handles go first, while their file is whole: one that outlived a failed file
-        # close was destroyed by HDF5's exit handler after the file, a segfault.
+        # Dataset handles go first, while their file is whole: one that outlives a failed file
+        # close is destroyed by HDF5's exit handler after the file, which crashes the process.
         self._datasets, self._commit = {}, None
         if f is None:
             return None
@@ -799,8 +807,8 @@ class EpisodeReader:
 
     def _check_datasets(self) -> None:
         """Open every dataset's header now. A damaged one is refused here, at open, rather than
-        met by a writer mid-append or by a command after its work; a reader alone touched only
-        the datasets it read, so a writer went on to open the damaged one for writing."""
+        met by a writer mid-append or by a command after its work (a writer validates the store
+        through a reader, which otherwise touches only the datasets it reads)."""
         for name, (dtype, tail, _chunk, _field) in _LAYOUT.items():
             try:
                 ds = self._file[name]
@@ -915,8 +923,8 @@ class EpisodeReader:
 
         Reasons (free text) are left out: `episode(i)` has them.
         """
-        cols = self.decisions(episodes)
         selected = np.arange(self.n_episodes) if episodes is None else self._positions(episodes)
+        cols = self.decisions(None if episodes is None else selected)
         counts = self._index["length"].astype(np.int64)[selected]
         step = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         ids = np.array([self.episode_meta(i)["id"] for i in range(self.n_episodes)], dtype=str)

@@ -155,6 +155,7 @@ def collect(
             err.print(exc.traceback.rstrip(), style="dim", highlight=False, markup=False)
         fail(f"{escape(str(exc))} ({added} episodes committed before it; the store is intact)", code=1)
     except KeyboardInterrupt:
+        writer.close(quiet=True)  # a failure to finish the file must not replace exit 130
         err.print(f"Interrupted: {added} new episodes committed to {store_path}; "
                   "re-run the same command to complete the rest.")
         raise typer.Exit(130) from None

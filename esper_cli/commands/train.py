@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import torch
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -89,7 +90,7 @@ def train(
     try:  # before loading anything: a store, a text file or a device is never overwritten
         check_writable_checkpoint(target)
     except CheckpointError as exc:
-        fail(f"--out: {exc}")
+        fail(escape(f"--out: {exc}"))
 
     progress = Progress(
         SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
