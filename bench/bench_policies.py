@@ -18,7 +18,7 @@ import json
 import time
 
 from esper_cli.commands.common import registry
-from esper_cli.commands.compare import build_report, resolve_specs, run_comparison
+from esper_cli.comparison import build_report, resolve_specs, run_comparison
 from esper_cli.contracts import EpisodeConfig
 
 

@@ -6,7 +6,7 @@
 2. Training throughput, decisions per second per epoch, measured interleaved in one process:
      original   the prototype's style: observations in Python lists, shuffled index list,
                 mini-batches of 32 built by Python indexing + torch.tensor() every step
-     mlp/32     learning.train_one_epoch: tensors loaded once, randperm slices, batch 32
+     mlp/32     training.train_one_epoch: tensors loaded once, randperm slices, batch 32
      mlp/256    the same with batch 256
      gru/4      whole episodes, 4 per batch (= 100 decisions for 25-epoch episodes)
 3. decide() latency, one torch thread, p50/p99 over many single decisions: MLP (numpy forward),
@@ -33,18 +33,19 @@ from simic_plugins.mlp import MLPTamiyo
 
 from esper_cli.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.contracts import EpisodeConfig, TrainingSnapshot
+from esper_cli.decisions import load_decisions
 from esper_cli.episode import run_episode
-from esper_cli.learning import (
-    ARCHITECTURES,
-    class_weights,
-    fit_normaliser,
-    load_decisions,
+from esper_cli.preprocess import class_weights, fit_normaliser
+from esper_cli.store import EpisodeWriter
+from esper_cli.tasks import BUILTIN_TASKS
+from esper_cli.training import (
+    build_network,
+    network_options,
     to_tensors,
     train_one_epoch,
     train_policy,
+    trainable_policy,
 )
-from esper_cli.store import EpisodeWriter
-from esper_cli.tasks import BUILTIN_TASKS
 
 CONTINUOUS = [2, 3, 4, 5, 6, 7, 9, 10, *range(11, 21), 25]  # losses, accuracies, histories, improvement
 LOSSES = [2, 3, 10, *range(11, 16)]
@@ -131,14 +132,14 @@ def main() -> None:
         gen = torch.Generator().manual_seed(0)
 
         def fresh(kind: str):
-            model = ARCHITECTURES[kind].build(**ARCHITECTURES[kind].defaults)
+            model = trainable_policy(kind).network(**network_options(dict(trainable_policy(kind).defaults)))
             return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
         runs = {
             "original (lists, batch 32)": lambda m, o: original_style_epoch(m, o, x_list, y_list, weight),
-            "mlp (tensors, batch 32)": lambda m, o: train_one_epoch(m, o, flat, weight, 32, gen, False),
-            "mlp (tensors, batch 256)": lambda m, o: train_one_epoch(m, o, flat, weight, 256, gen, False),
-            "gru (4 episodes/batch)": lambda m, o: train_one_epoch(m, o, seq, weight, 4, gen, True),
+            "mlp (tensors, batch 32)": lambda m, o: train_one_epoch(m, o, flat, weight, 32, gen),
+            "mlp (tensors, batch 256)": lambda m, o: train_one_epoch(m, o, flat, weight, 256, gen),
+            "gru (4 episodes/batch)": lambda m, o: train_one_epoch(m, o, seq, weight, 4, gen),
         }
         rates: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.repeats):  # interleaved, so machine noise hits every variant alike
@@ -159,7 +160,7 @@ def main() -> None:
                                           allow_missing_classes=True)
         obs = [TrainingSnapshot.from_vector(o) for o in data.observations[:2000]]
         mlp, gru, heur = MLPTamiyo(checkpoint=ckpts["mlp"]), GRUTamiyo(checkpoint=ckpts["gru"]), HeuristicTamiyo()
-        net = ARCHITECTURES["mlp"].build(**mlp.checkpoint.meta["hparams"])
+        net = build_network("mlp", mlp.checkpoint.meta["hparams"])
         net.load_state_dict(mlp.checkpoint.tensors)
         net.eval()
         mean_t, std_t = (torch.tensor(v, dtype=torch.float32) for v in mlp.checkpoint.normalisation)

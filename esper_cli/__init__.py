@@ -1,21 +1,40 @@
-"""Simic: learn Tamiyo controllers for morphogenetic training (Esper-Lite)."""
+"""Simic: learn Tamiyo controllers for morphogenetic training (Esper-Lite).
+
+The public API for plugins, and only it, is listed in `__all__`: the hook marker, the policy
+contract (observation, action, decision, episode context, protocol) and the trainable-policy
+contract (with the checkpoint loader its factory calls). Everything else is internal.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .checkpoint import load_policy_checkpoint
+    from .contracts import N_ACTIONS, N_FEATURES, Action, Decision, SeedStage, TrainingSnapshot
     from .hookspecs import hookimpl
+    from .policy import EpisodeContext, Policy
+    from .trainable import TrainablePolicy
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "hookimpl"]
+
+# Resolved on first use: importing the package alone stays instant, so the console script arms
+# its Ctrl-C handler (esper_cli.__main__) before anything slow (h5py, torch) is imported.
+_PUBLIC = {
+    "hookimpl": "hookspecs",
+    "Action": "contracts", "Decision": "contracts", "SeedStage": "contracts", "TrainingSnapshot": "contracts",
+    "N_ACTIONS": "contracts", "N_FEATURES": "contracts",
+    "EpisodeContext": "policy", "Policy": "policy",
+    "TrainablePolicy": "trainable", "load_policy_checkpoint": "checkpoint",
+}
+__all__ = [
+    "__version__", "hookimpl", "Action", "Decision", "SeedStage", "TrainingSnapshot", "N_ACTIONS", "N_FEATURES",
+    "EpisodeContext", "Policy", "TrainablePolicy", "load_policy_checkpoint",
+]
 
 
 def __getattr__(name: str) -> Any:
-    # `from esper_cli import hookimpl` works as ever; importing the package alone stays instant, so
-    # the console script arms its Ctrl-C handler (esper_cli.__main__) before anything slow runs.
-    if name == "hookimpl":
-        from .hookspecs import hookimpl
-
-        return hookimpl
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
     raise AttributeError(f"module 'esper_cli' has no attribute {name!r}")

@@ -38,6 +38,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from .contracts import FEATURE_NAMES, SCHEMA_NAME, SCHEMA_VERSION
+from .paths import default_checkpoint_path
 
 if TYPE_CHECKING:  # torch takes seconds to import; loading a plugin module must not pay for it
     import torch
@@ -104,7 +105,7 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
     Refuses (`CheckpointError`) to replace anything but an existing Simic checkpoint; through a
     symlink, the real file is replaced and the link kept. Returns `path` as given.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # imports torch: only writers pay for it
 
     path = Path(path)
     real = _real_path(path)
@@ -280,8 +281,6 @@ def load_checkpoint(path: str | Path, expect_policy: str | None = None) -> Check
 
 def load_policy_checkpoint(policy: str, checkpoint: str | Path | None) -> Checkpoint:
     """What a learned policy's factory calls: the given checkpoint, or the policy's default one."""
-    from .paths import default_checkpoint_path
-
     return load_checkpoint(checkpoint if checkpoint is not None else default_checkpoint_path(policy),
                            expect_policy=policy)
 

@@ -13,27 +13,45 @@ Can a learned Tamiyo replace the heuristic? Two ways to ask, both on real morpho
   policy other than the expert, the expert is asked at every state that policy visited (DAgger's
   on-policy labels, `run_episode(expert=...)`), so on-policy agreement is measured too.
 
-`compare_job` is the module-level job function the episode runner executes (in this process, in
-worker processes or as Ray tasks); `closed_loop_summary` and `shadow_summary` turn finished episodes into
-the report (`simic compare --json` prints it).
+`resolve_specs` checks the policies named on the command line, `pick_seed` chooses held-out run
+seeds, `run_comparison` runs every episode through the episode runner (`compare_job` is the
+module-level job function it executes, in this process, in worker processes or as Ray tasks), and
+`build_report` turns the finished episodes into the report (`simic compare --json` prints it).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .contracts import ACTION_NAMES, MAX_SEED, N_ACTIONS, Action, Episode, SeedStage, episode_rng_seed
-from .runner import run_job
+from .checkpoint import CheckpointError
+from .contracts import (
+    ACTION_NAMES,
+    MAX_SEED,
+    N_ACTIONS,
+    Action,
+    Episode,
+    EpisodeConfig,
+    SeedStage,
+    episode_rng_seed,
+)
+from .plugins import Registry
+from .policy import policy_version
+from .runner import EpisodeJob, JobFailed, make_runner, run_job
 
 MODES = ("both", "shadow", "closed-loop")
+
+
+class CompareError(Exception):
+    """Bad input to a comparison (one line; the CLI exits 2)."""
 
 
 # ================================================================================ policy specs
@@ -78,6 +96,37 @@ def build_policy(factory: Any, spec: PolicySpec) -> Any:
     if "checkpoint" in options:
         options["checkpoint"] = str(Path(options["checkpoint"]).expanduser())
     return factory(**options)
+
+
+def resolve_specs(values: list[str], reg: Registry, expert: str | None, *,
+                  splits: dict[str, Mapping[str, Any]] | None = None) -> tuple[list[PolicySpec], dict[str, str]]:
+    """Parse and check every policy (registered, buildable: checkpoint present and readable).
+
+    Returns the specs and each spec's version (`policy_version`). With `splits`, also fills it
+    with the `split` record of each compared policy's checkpoint (label -> record; policies
+    without a checkpoint are left out), so a comparison can avoid its episodes."""
+    try:
+        specs = parse_specs(values)
+    except ValueError as exc:
+        raise CompareError(str(exc)) from None
+    names = [s.name for s in specs] + ([expert] if expert else [])
+    for name in names:
+        if name not in reg.policies:
+            known = ", ".join(sorted(reg.policies)) or "none"
+            raise CompareError(f"policy {name!r}: unknown policy (available: {known})")
+    versions: dict[str, str] = {}
+    for spec in specs + ([PolicySpec(expert, label=f"expert {expert}")] if expert else []):
+        try:
+            agent = build_policy(reg.policies[spec.name], spec)
+        except CheckpointError as exc:
+            raise CompareError(f"policy {spec.label!r}: {exc}") from None
+        except Exception as exc:
+            raise CompareError(f"policy {spec.label!r} could not be created: {type(exc).__name__}: {exc}") from None
+        meta = getattr(getattr(agent, "checkpoint", None), "meta", None)
+        if splits is not None and spec in specs and isinstance(meta, Mapping) and meta.get("split"):
+            splits[spec.label] = meta["split"]
+        versions[spec.label] = policy_version(reg, spec.name, agent)
+    return specs, versions
 
 
 # ================================================================================ held-out seeds
@@ -126,6 +175,34 @@ def held_out_seed(trained: Collection[int], episodes: int, start: int = 0) -> in
     if seed > MAX_SEED:
         raise ValueError(f"no run seed from {start} to {MAX_SEED} has {episodes} held-out episodes")
     return seed
+
+
+def pick_seed(seed: int | None, trained: Collection[int], episodes: int, *, start: int = 0,
+              option: str = "--seed", what: str = "a compared checkpoint trained or validated on",
+              ) -> tuple[int, list[int], str | None]:
+    """The run seed to compare on: (seed, indices of its episodes in `trained`, a line for stderr).
+
+    `trained` holds the rng seeds of the episodes to stay off; `what` says what they are ("an
+    episode {what}"). None picks the smallest held-out seed from `start` (the line says which and
+    why); an explicit seed is kept, and the line is a warning when some of its episodes are in
+    `trained` (None when none is). The line is plain text (no Rich markup).
+    """
+    if seed is not None:
+        overlap = overlapping_indices(trained, seed, episodes)
+        if not overlap:
+            return seed, [], None
+        shown = ", ".join(map(str, overlap[:8])) + (", ..." if len(overlap) > 8 else "")
+        return seed, overlap, (f"Warning: {option} {seed}: episode(s) {shown} of this seed are episodes {what} "
+                               f"(same host init and data order), so this comparison is not held out; "
+                               f"omit {option} to pick a held-out seed")
+    chosen = held_out_seed(trained, episodes, start)
+    why = f"the smallest seed from {start} with no episode {what}"
+    if not trained:
+        why += " (there is none of this task)"
+    elif chosen != start:
+        why += f"; seed {start} has some"
+    last = f"0..{episodes - 1}" if episodes > 1 else "0"
+    return chosen, [], f"Comparing on run seed {chosen} (episodes {last}): {why}; {option} N picks another"
 
 
 # ================================================================================ the job
@@ -307,6 +384,73 @@ def shadow_summary(driver: str, episodes: Iterable[Episode], observers: Sequence
             "by_stage": by_stage,
         }
     return out
+
+
+# ================================================================================ running a comparison
+def run_comparison(
+    specs: list[PolicySpec], versions: dict[str, str], reg: Registry, config: EpisodeConfig, *,
+    episodes: int, seed: int, mode: str, expert: str | None, threads: int = 1, workers: int | None = None,
+    backend: str = "local", ray_address: str | None = None,
+    on_episode: Callable[[str, Episode], None] | None = None, on_event: Callable[[str], None] | None = None,
+) -> tuple[dict[str, PolicyRuns], list[Episode]]:
+    """Run every compare episode through the episode runner; (closed-loop runs, shadow episodes).
+
+    `on_episode(label, episode)` is called as each episode finishes (in completion order);
+    `on_event` gets the runner's one-line notices (a worker died and its episode is re-run).
+    Raises `JobFailed` when a policy fails or an episode is lost."""
+    driver = specs[0]
+    closed = mode in ("both", "closed-loop")
+    shadowing = mode in ("both", "shadow") and len(specs) > 1
+    runs = {s.label: PolicyRuns(s, is_expert=(s.name == expert and not s.options)) for s in specs}
+    by_key = {(s.name, options_key(s.options)): s.label for s in specs}
+    plan = None
+    if shadowing:
+        plan = ShadowPlan(driver.name, options_key(driver.options),
+                          tuple((s.label, s.name, options_key(s.options)) for s in specs[1:]))
+    def jobs() -> Iterator[EpisodeJob]:  # drawn by the runner as workers free up, never listed
+        for i in range(episodes):
+            for s in (specs if closed else [driver]):
+                labelled = closed and expert is not None and not runs[s.label].is_expert
+                yield EpisodeJob(policy=s.name, config=config, seed=seed, index=i, policy_options=s.options,
+                                 policy_version=versions[s.label], threads=threads,
+                                 expert=expert if labelled else None)
+    shadow_eps: list[Episode] = []
+    runner = make_runner(backend, workers, ray_address=ray_address, registry=reg, on_event=on_event)
+    with runner:
+        for episode in runner.run(jobs(), fn=partial(compare_job, shadow=plan)):
+            label = by_key[(episode.policy, episode.policy_options)]
+            runs[label].episodes[episode.index] = episode
+            if label == driver.label and shadowing:
+                shadow_eps.append(episode)
+            if on_episode is not None:
+                on_episode(label, episode)
+    if runner.lost:
+        names = ", ".join(f"{x.job.policy} {x.job.label}: {x.reason}" for x in runner.lost)
+        raise JobFailed(runner.lost[0].job, f"{len(runner.lost)} compare episode(s) lost ({names})",
+                        policy_error=False)
+    shadow_eps.sort(key=lambda e: e.index)
+    return runs, shadow_eps
+
+
+def build_report(specs: list[PolicySpec], runs: dict[str, PolicyRuns], shadow_eps: list[Episode], *,
+                 mode: str, expert: str | None, config: EpisodeConfig, episodes: int, seed: int,
+                 seed_choice: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The comparison report (`simic compare --json`): closed-loop and shadow summaries of a run."""
+    closed = mode in ("both", "closed-loop")
+    shadow = None
+    if mode in ("both", "shadow"):
+        shadow = shadow_summary(specs[0].label, shadow_eps, [s.label for s in specs[1:]])
+    return {
+        "mode": mode,
+        "episodes": episodes,
+        "seed": seed,
+        "seed_choice": seed_choice,
+        "expert": expert,
+        "config": config.to_dict(),
+        "policies": [s.label for s in specs],
+        "closed_loop": closed_loop_summary(runs, specs[0].label) if closed else None,
+        "shadow": shadow,
+    }
 
 
 # ================================================================================ the plot

@@ -250,7 +250,7 @@ class EpisodeConfig:
     blending_epochs: int = 3
     embargo_epochs: int = 2
     invalid_action_penalty: float = 0.1
-    #: GERMINATE without a named blueprint takes the next of these (DESIGN section 4's rotation),
+    #: GERMINATE without a named blueprint takes the next of these (the built-ins, in order),
     #: starting at a point drawn from the episode's seed; part of the episode's identity, so
     #: installing a plugin blueprint never changes old runs.
     rotation: tuple[str, ...] = ("conv_enhance", "attention", "norm", "depthwise", "pool_mixer")

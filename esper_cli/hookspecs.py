@@ -1,4 +1,4 @@
-"""Simic's pluggy hook specifications: the three things a plugin can add.
+"""Simic's pluggy hook specifications: the four things a plugin can add.
 
 A plugin is a module (or any object) with functions marked `@simic.hookimpl` (re-exported as
 `esper_cli.hookimpl`) named after these specs, listed under the `simic` entry-point group of its
@@ -20,9 +20,6 @@ import pluggy
 hookspec = pluggy.HookspecMarker("simic")
 hookimpl = pluggy.HookimplMarker("simic")
 
-#: The callback every hook receives: `register(name, obj)`.
-Register = Callable[[str, Any], None]
-
 
 @hookspec
 def register_policies(register: Callable[[str, Callable[..., Any]], None]) -> None:
@@ -30,8 +27,19 @@ def register_policies(register: Callable[[str, Callable[..., Any]], None]) -> No
 
     `factory(**options)` returns a fresh object following `esper_cli.policy.Policy`: `reset(context)`
     before each episode and `decide(observation, context) -> Decision` once per epoch; optionally
-    `decide_batch(observations) -> actions` and a class-level training entry point. `simic collect`
+    `decide_batch(observations) -> actions` (stateless) or `decide_episode(observations) ->
+    actions` (stateful) for fast replay in `simic eval`. `simic collect`
     calls the factory with no arguments once per episode, so a policy may keep per-episode state.
+    """
+
+
+@hookspec
+def register_trainable_policies(register: Callable[[str, Any], None]) -> None:
+    """Register policies `simic train --policy NAME` can fit: `register(name, trainable)`.
+
+    `trainable` is an `esper_cli.trainable.TrainablePolicy` (its torch network and defaults). The
+    same name must also be registered as a policy (`register_policies`) whose factory accepts
+    `checkpoint=PATH` and decides from the checkpoint training wrote (see esper_cli.trainable).
     """
 
 

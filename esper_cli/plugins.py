@@ -21,14 +21,15 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from . import __version__, builtins, hookspecs
+from .trainable import TrainablePolicy
 
 ENTRY_POINT_GROUP = "simic"
 CORE_PLUGIN = "simic-core"
@@ -37,10 +38,10 @@ ENV_VAR = "SIMIC_LOAD_PLUGINS"
 #: hook name -> (kind of thing registered, PluginInfo / Registry attribute)
 HOOK_KINDS: dict[str, tuple[str, str]] = {
     "register_policies": ("policy", "policies"),
+    "register_trainable_policies": ("trainable policy", "trainables"),
     "register_blueprints": ("blueprint", "blueprints"),
     "register_tasks": ("task", "tasks"),
 }
-HOOKS = tuple(HOOK_KINDS)
 
 _VALID_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -52,13 +53,18 @@ def _normalize(name: str) -> str:
 
 @dataclass
 class PluginInfo:
-    """What `simic plugins` shows for one plugin."""
+    """One plugin: where it comes from, what it registered, and every problem it had.
+
+    The plugin manager keeps one per plugin it tried to load (registered with pluggy or not);
+    `build_registry` hands out copies with the names each plugin registered filled in.
+    """
 
     name: str
     distribution: str | None = None
     version: str | None = None
     module: str | None = None  # the entry point's target, e.g. `simic_plugins.heuristic`
     policies: list[str] = field(default_factory=list)
+    trainables: list[str] = field(default_factory=list)
     blueprints: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -69,19 +75,21 @@ class PluginInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "distribution": self.distribution, "version": self.version,
-                "module": self.module, "policies": list(self.policies), "blueprints": list(self.blueprints),
-                "tasks": list(self.tasks), "error": self.error, "errors": list(self.errors)}
+                "module": self.module, "policies": list(self.policies), "trainables": list(self.trainables),
+                "blueprints": list(self.blueprints), "tasks": list(self.tasks), "error": self.error,
+                "errors": list(self.errors)}
 
 
 @dataclass
 class Registry:
     """Everything the loaded plugins registered, plus a report per plugin."""
 
-    policies: dict[str, Callable[..., Any]]
-    blueprints: dict[str, Callable[[int], Any]]
-    tasks: dict[str, Any]
-    owners: dict[tuple[str, str], str]  # (kind, name) -> plugin name
-    plugins: dict[str, PluginInfo]
+    policies: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    trainables: dict[str, Any] = field(default_factory=dict)  # name -> esper_cli.trainable.TrainablePolicy
+    blueprints: dict[str, Callable[[int], Any]] = field(default_factory=dict)
+    tasks: dict[str, Any] = field(default_factory=dict)
+    owners: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> plugin name
+    plugins: dict[str, PluginInfo] = field(default_factory=dict)
 
     def plugin_of(self, kind: str, name: str) -> PluginInfo | None:
         owner = self.owners.get((kind, name))
@@ -94,64 +102,51 @@ class Registry:
 
 
 class SimicPluginManager(pluggy.PluginManager):
-    """A pluggy manager that remembers, per plugin, its distribution and what went wrong."""
+    """A pluggy manager with a `PluginInfo` record for every plugin it tried to load."""
 
     def __init__(self) -> None:
         super().__init__("simic")
         self.add_hookspecs(hookspecs)
-        self.load_failures: dict[str, str] = {}  # plugin name -> why it is not loaded at all
-        self.load_warnings: dict[str, list[str]] = {}  # plugin name -> problems of a loaded plugin
-        self.dist_info: dict[str, tuple[str | None, str | None]] = {}  # plugin name -> (dist, version)
-        self.modules: dict[str, str] = {}  # plugin name -> entry point target / module
+        self.records: dict[str, PluginInfo] = {}  # in load order; failed plugins included
 
     def add_plugin(self, plugin: Any, name: str, *, distribution: str | None = None,
                    version: str | None = None, module: str | None = None) -> bool:
         """Register `plugin` under `name`; on failure record why and return False (never raise)."""
         module = module or getattr(plugin, "__name__", None) or type(plugin).__module__
-        if self.name_taken(name):
-            self.record_duplicate(name, distribution, version, module)
+        if name in self.records:
+            self.record_failure(name, distribution, version, module, self._duplicate(name))
             return False
-        self.dist_info[name] = (distribution, version)
-        self.modules[name] = module
+        record = self.records[name] = PluginInfo(name, distribution, version, module)
         try:
             self.register(plugin, name=name)
-        except Exception as exc:
-            self.load_failures[name] = f"failed to register: {type(exc).__name__}: {exc}"
+        except Exception as exc:  # pluggy's own validation: unknown arguments, a bad marker...
+            record.errors.append(f"failed to register: {type(exc).__name__}: {exc}")
             return False
-        warnings: list[str] = []
-        hooks = {caller.name for caller in (self.get_hookcallers(plugin) or [])}
-        unknown = sorted(hooks - set(HOOKS))
+        callers = self.get_hookcallers(plugin) or []
+        unknown = sorted(c.name for c in callers if not c.has_spec())
         if unknown:
-            warnings.append(f"implements unknown hook(s) {', '.join(unknown)}, ignored "
-                            f"(known: {', '.join(HOOKS)})")
-        if not hooks & set(HOOKS):
-            warnings.append("implements no simic hook (did you forget the @hookimpl marker?)")
-        if warnings:
-            self.load_warnings[name] = warnings
+            record.errors.append(f"implements unknown hook(s) {', '.join(unknown)}, ignored "
+                                 f"(known: {', '.join(HOOK_KINDS)})")
+        if len(unknown) == len(callers):
+            record.errors.append("implements no simic hook (did you forget the @hookimpl marker?)")
         return True
 
-    def name_taken(self, name: str) -> bool:
-        return self.has_plugin(name) or name in self.load_failures
+    def _duplicate(self, name: str) -> str:
+        owner = self.records[name]
+        return f"plugin name '{name}' is already used by '{owner.distribution or owner.module or 'another plugin'}'; skipped"
 
-    def record_duplicate(self, name: str, distribution: str | None, version: str | None,
-                         module: str | None) -> None:
-        """A second plugin wants a name already in use: report it under its own key, skip it."""
-        owner = self.dist_info.get(name, (None, None))[0] or self.modules.get(name) or "another plugin"
-        key = f"{name} ({distribution or module or 'duplicate'})"
-        self.load_failures[key] = f"plugin name '{name}' is already used by '{owner}'; skipped"
-        self.dist_info[key] = (distribution, version)
-        self.modules[key] = module or ""
+    def record_failure(self, name: str, distribution: str | None, version: str | None, module: str | None,
+                       reason: str) -> None:
+        """A plugin that is not loaded at all; a second plugin of a taken name gets its own key."""
+        if name in self.records:
+            name = f"{name} ({distribution or module or 'duplicate'})"
+        self.records[name] = PluginInfo(name, distribution, version, module, errors=[reason])
 
     def remove_plugin(self, name: str) -> None:
         """Undo `add_plugin` (or a recorded failure) for `name`."""
         if self.has_plugin(name):
             self.unregister(name=name)
-        for table in (self.load_failures, self.load_warnings, self.dist_info, self.modules):
-            table.pop(name, None)
-
-    def registration_order(self) -> list[str]:
-        """Names of the registered plugins, first registered first."""
-        return [name for name, _ in self.list_name_plugin()]
+        self.records.pop(name, None)
 
 
 def allowed_plugin_names() -> set[str] | None:
@@ -184,27 +179,24 @@ def load_entry_point_plugins(pm: SimicPluginManager, allowed: set[str] | None = 
                 dname is None or _normalize(dname) not in allowed):
             continue
         seen.update(_normalize(n) for n in (ep.name, dname) if n)
-        if pm.name_taken(ep.name):  # two distributions, one plugin name: the first one wins
-            pm.record_duplicate(ep.name, dname, dversion, ep.value)
+        if ep.name in pm.records:  # two distributions, one plugin name: the first one wins, unimported
+            pm.record_failure(ep.name, dname, dversion, ep.value, pm._duplicate(ep.name))
             continue
         try:
             plugin = ep.load()
         except (Exception, SystemExit) as exc:
-            pm.load_failures[ep.name] = f"failed to import {ep.value}: {type(exc).__name__}: {exc}"
-            pm.dist_info[ep.name] = (dname, dversion)
-            pm.modules[ep.name] = ep.value
+            pm.record_failure(ep.name, dname, dversion, ep.value,
+                              f"failed to import {ep.value}: {type(exc).__name__}: {exc}")
             continue
         pm.add_plugin(plugin, ep.name, distribution=dname, version=dversion, module=ep.value)
     for name in sorted((allowed or set()) - seen):
-        pm.load_failures[name] = f"named in {ENV_VAR}, but no installed plugin or distribution has this name"
-        pm.dist_info[name] = (None, None)
+        pm.record_failure(name, None, None, None,
+                          f"named in {ENV_VAR}, but no installed plugin or distribution has this name")
 
 
 @lru_cache(maxsize=1)
 def get_plugin_manager() -> SimicPluginManager:
     """The process-wide plugin manager, with the core plugin and every allowed entry point."""
-    from . import __version__, builtins
-
     pm = SimicPluginManager()
     pm.add_plugin(builtins, CORE_PLUGIN, distribution=CORE_DISTRIBUTION, version=__version__,
                   module=builtins.__name__)
@@ -231,20 +223,14 @@ def registered_plugin(plugin: Any, name: str | None = None, *,
     """
     pm = pm or get_plugin_manager()
     name = name or getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin):x}"
-    if pm.name_taken(name):
+    if name in pm.records:
         raise ValueError(f"a plugin named '{name}' is already registered")
     try:
         if not pm.add_plugin(plugin, name):
-            raise ValueError(f"plugin '{name}' could not be registered: {pm.load_failures[name]}")
+            raise ValueError(f"plugin '{name}' could not be registered: {pm.records[name].error}")
         yield pm
     finally:
         pm.remove_plugin(name)
-
-
-def _call_args(impl: pluggy.HookImpl, register: Callable[..., None]) -> list[Any]:
-    """Arguments for a hook implementation, which may declare fewer than the spec offers."""
-    available = {"register": register}
-    return [available[a] for a in impl.argnames]
 
 
 def _check_item(kind: str, name: Any, obj: Any) -> str | None:
@@ -256,6 +242,8 @@ def _check_item(kind: str, name: Any, obj: Any) -> str | None:
         return f"{kind} '{name}' is not callable (register a factory, e.g. the class): {obj!r}"
     if kind == "task" and not (callable(getattr(obj, "load", None)) and callable(getattr(obj, "build_host", None))):
         return f"task '{name}' has no callable load / build_host (register an esper_cli.tasks.Task)"
+    if kind == "trainable policy" and not isinstance(obj, TrainablePolicy):
+        return f"trainable policy '{name}' is not an esper_cli.trainable.TrainablePolicy: {obj!r}"
     return None
 
 
@@ -267,70 +255,53 @@ def build_registry(pm: SimicPluginManager | None = None) -> Registry:
     and skipped; a name already taken keeps its first owner and the later one is reported.
     """
     pm = pm or get_plugin_manager()
-    reg = Registry(policies={}, blueprints={}, tasks={}, owners={}, plugins={})
+    reg = Registry(plugins={name: replace(r, errors=list(r.errors)) for name, r in pm.records.items()})
+    order = [name for name, _ in pm.list_name_plugin()]  # registration order: first owner wins
 
-    def info_for(name: str) -> PluginInfo:
-        if name not in reg.plugins:
-            dist, version = pm.dist_info.get(name, (None, None))
-            reg.plugins[name] = PluginInfo(name=name, distribution=dist, version=version,
-                                           module=pm.modules.get(name))
-        return reg.plugins[name]
-
-    order = pm.registration_order()
-    for name in order:
-        info_for(name).errors.extend(pm.load_warnings.get(name, []))
-
-    # Stage: call every hook of every plugin; a plugin with a failing hook is dropped as a whole.
-    staged: dict[str, list[tuple[str, str, Any]]] = {name: [] for name in order}  # plugin -> items
+    # Each implementation is called on its own, not through `pm.hook.X(...)`: pluggy stops a hook
+    # call at the first implementation that raises, and one plugin's bug must not hide the others.
+    staged: dict[str, list[tuple[str, str, Any]]] = {name: [] for name in order}
     failed: set[str] = set()
     for hook_name, (kind, _attr) in HOOK_KINDS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            plugin_name = impl.plugin_name
-            info = info_for(plugin_name)
-            if plugin_name in failed:
+            info = reg.plugins[impl.plugin_name]
+            if impl.plugin_name in failed:
                 continue
-            if impl.hookwrapper or getattr(impl, "wrapper", False):
+            if impl.hookwrapper or impl.wrapper:
                 info.errors.append(f"{hook_name}: hook wrappers are not supported; plugin skipped")
-                failed.add(plugin_name)
+                failed.add(impl.plugin_name)
                 continue
             items: list[tuple[str, str, Any]] = []
-            names_here: set[str] = set()
 
-            def register(name: str, obj: Any, *, _items: list = items, _seen: set = names_here,
-                         _kind: str = kind, _info: PluginInfo = info) -> None:
+            def register(name: str, obj: Any, *, _items: list = items, _kind: str = kind,
+                         _info: PluginInfo = info) -> None:
                 problem = _check_item(_kind, name, obj)
-                if problem is None and name in _seen:
+                if problem is None and any(n == name for _, n, _ in _items):
                     problem = f"{_kind} '{name}' registered twice by this plugin; the second is skipped"
                 if problem is not None:
                     _info.errors.append(problem)
                     return
-                _seen.add(name)
                 _items.append((_kind, name, obj))
 
-            try:
-                impl.function(*_call_args(impl, register))
+            try:  # an implementation may declare fewer arguments than the spec (pluggy's rule)
+                impl.function(**{arg: register for arg in impl.argnames})
             except Exception as exc:
                 info.errors.append(f"{hook_name} failed: {type(exc).__name__}: {exc}; plugin skipped")
-                failed.add(plugin_name)
+                failed.add(impl.plugin_name)
                 continue
-            staged.setdefault(plugin_name, []).extend(items)
+            staged[impl.plugin_name].extend(items)
 
-    # Commit in registration order: the first owner of a name keeps it.
-    tables = {"policy": reg.policies, "blueprint": reg.blueprints, "task": reg.tasks}
-    attrs = {kind: attr for kind, attr in HOOK_KINDS.values()}
+    attrs = dict(HOOK_KINDS.values())
     for plugin_name in order:
         if plugin_name in failed:
             continue
-        info = info_for(plugin_name)
-        for kind, name, obj in staged.get(plugin_name, []):
+        info = reg.plugins[plugin_name]
+        for kind, name, obj in staged[plugin_name]:
             owner = reg.owners.get((kind, name))
             if owner is not None:
                 info.errors.append(f"{kind} '{name}' is already registered by plugin '{owner}'; skipped")
                 continue
-            tables[kind][name] = obj
+            getattr(reg, attrs[kind])[name] = obj
             reg.owners[(kind, name)] = plugin_name
             getattr(info, attrs[kind]).append(name)
-
-    for name, reason in pm.load_failures.items():
-        info_for(name).errors.append(reason)
     return reg

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .contracts import Decision, TrainingSnapshot
+
+if TYPE_CHECKING:
+    from .plugins import Registry
 
 
 @dataclass(frozen=True)
@@ -36,21 +36,16 @@ class Policy(Protocol):
     def decide(self, observation: TrainingSnapshot, context: EpisodeContext) -> Decision: ...
 
 
-#: A plugin registers `register(name, factory)`; the factory builds a fresh policy from keyword
-#: options (e.g. `checkpoint=` for a learned policy).
-PolicyFactory = Callable[..., Policy]
-
-
-def decide_batch(policy: Policy, observations: np.ndarray, context: EpisodeContext) -> np.ndarray:
-    """Actions for a batch of independent observations, via the policy's fast path if it has one."""
-    fast = getattr(policy, "decide_batch", None)
-    if fast is not None:
-        return np.asarray(fast(observations), dtype=np.int64)
-    return np.asarray(
-        [int(policy.decide(TrainingSnapshot.from_vector(o), context).action) for o in observations],
-        dtype=np.int64,
-    )
-
-
 def describe(policy: Any) -> str:
     return getattr(policy, "name", type(policy).__name__)
+
+
+def policy_version(registry: Registry, name: str, agent: Any = None) -> str:
+    """The version an episode records for policy `name`: the built `agent`'s own `version` (a
+    learned policy names its checkpoint there), else its plugin's distribution version, else
+    "unknown"."""
+    own = getattr(agent, "version", None)
+    if own:
+        return str(own)
+    plugin = registry.plugin_of("policy", name)
+    return str(plugin.version) if plugin is not None and plugin.version else "unknown"

@@ -452,7 +452,7 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise BackendUnavailable(f"--backend ray needs Ray, which is not installed ({exc}); "
+        raise BackendUnavailable(f"the ray backend needs Ray, which is not installed ({exc}); "
                                  f"install the extra: {RAY_INSTALL_HINT}") from None
     return ray
 
@@ -555,9 +555,9 @@ def parse_workers(value: str | int | None) -> int | None:
         try:
             n = int(value)
         except ValueError:
-            raise ValueError(f"--workers {value!r}: expected a positive number or 'auto'") from None
+            raise ValueError(f"workers {value!r}: expected a positive number or 'auto'") from None
     if n < 1:
-        raise ValueError(f"--workers {value!r}: expected a positive number or 'auto'")
+        raise ValueError(f"workers {value!r}: expected a positive number or 'auto'")
     return n
 
 

@@ -673,10 +673,6 @@ class EpisodeWriter:
         indices = self._datasets["episodes/index"][:n]
         self._keys = {(k.decode(), int(s), int(i)) for k, s, i in zip(keys, seeds, indices)}
 
-    def existing_keys(self) -> set[tuple[str, int, int]]:
-        """(config key, seed, index) of every committed episode: what a resumed collect skips."""
-        return set(self._keys)
-
     def missing(self, key: str, seed: int, episodes: int) -> Iterable[int]:
         """Indices 0..episodes-1 of run (key, seed) not committed yet: what a resumed run still owes.
 

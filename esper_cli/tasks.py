@@ -26,7 +26,14 @@ if TYPE_CHECKING:  # torch takes seconds to import: only loading data or buildin
 
 
 class TaskError(Exception):
-    """A task cannot be loaded (missing or malformed data); the message is one line."""
+    """A task cannot be loaded (missing or malformed data); the message is one line.
+
+    `option` names the parameter at fault ("data_dir"), if one is, for a CLI to name its flag.
+    """
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,7 @@ def _split(x: np.ndarray, y: np.ndarray, n_val: int, n_test: int, seed: int) -> 
 @lru_cache(maxsize=4)
 def load_digits(data_dir: str | None = None, split_seed: int = 0) -> TaskData:
     """scikit-learn's bundled digits (1,797 8x8 images): 60% train, 20% validation, 20% test."""
-    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.datasets import load_digits as sk_digits  # a second to import: only when loading data
 
     bunch = sk_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
@@ -136,13 +143,13 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _cifar_dir(data_dir: str | None) -> Path:
     if data_dir is None:
-        raise TaskError("task cifar10 needs --data-dir pointing at a folder with cifar-10-batches-py")
+        raise TaskError("task cifar10 needs a data directory: a folder holding cifar-10-batches-py", option="data_dir")
     root = Path(data_dir).expanduser()
     inner = root / "cifar-10-batches-py"
     if inner.is_dir():
         root = inner
     if not root.is_dir():
-        raise TaskError(f"--data-dir {data_dir} is not a directory")
+        raise TaskError(f"{data_dir} is not a directory", option="data_dir")
     return root
 
 

@@ -21,9 +21,9 @@ from esper_cli.checkpoint import digest
 from esper_cli.comparison import mean_ci95, parse_specs
 from esper_cli.contracts import EpisodeConfig, TrainingSnapshot
 from esper_cli.episode import run_episode
-from esper_cli.learning import train_policy
 from esper_cli.paths import default_checkpoint_path
 from esper_cli.plugins import build_registry, registered_plugin
+from esper_cli.training import train_policy
 
 EPOCHS = 12
 SEED = ["--seed", 5]  # episode 1 of run seed 5 grows a seed within 12 epochs (episode 0 does not)

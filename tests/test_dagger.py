@@ -11,13 +11,14 @@ import json
 import numpy as np
 import pytest
 from simic_plugins.heuristic import HeuristicTamiyo
+from test_store import committed
 from typer.testing import CliRunner
 
 from esper_cli import hookimpl
 from esper_cli.cli import app
 from esper_cli.contracts import Action, Decision, EpisodeConfig, TrainingSnapshot
+from esper_cli.decisions import load_decisions
 from esper_cli.episode import run_episode
-from esper_cli.learning import load_decisions
 from esper_cli.plugins import build_registry, registered_plugin
 from esper_cli.store import EpisodeReader, EpisodeWriter
 
@@ -107,7 +108,7 @@ def test_dagger_episodes_keep_both_actions_in_the_store_and_train_on_the_labels(
     with EpisodeWriter(store) as writer:
         writer.append(plain)
         writer.append(dagger)
-        assert len(writer.existing_keys()) == 2
+        assert len(committed(writer, [plain, dagger])) == 2
     with EpisodeReader(store) as reader:
         back = reader.episode(1)
         cols = reader.decisions()

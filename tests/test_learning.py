@@ -17,25 +17,16 @@ from cli_helpers import invoke, one_line_error
 from simic_plugins.gru import GRUTamiyo
 from simic_plugins.heuristic import HeuristicTamiyo
 from simic_plugins.mlp import MLPTamiyo
+from simic_plugins.networks import GRUNet, MLPNet
 from sklearn.utils.class_weight import compute_class_weight
 
 from esper_cli.checkpoint import CheckpointError, digest, load_checkpoint, save_checkpoint
 from esper_cli.contracts import ACTION_NAMES, N_FEATURES, TrainingSnapshot
-from esper_cli.learning import (
-    DataError,
-    GRUNet,
-    MLPNet,
-    build_net,
-    class_weights,
-    classification_metrics,
-    fit_normaliser,
-    load_decisions,
-    parse_class_weights,
-    replay,
-    select_split,
-    split_episodes,
-    train_policy,
-)
+from esper_cli.decisions import DataError, load_decisions, split_episodes
+from esper_cli.metrics import classification_metrics
+from esper_cli.preprocess import class_weights, fit_normaliser, parse_class_weights
+from esper_cli.replay import replay, select_split
+from esper_cli.training import build_network, train_policy
 
 TINY = {"epochs": 4, "allow_missing_classes": True}  # a 12-epoch episode rarely culls a seed
 
@@ -89,8 +80,9 @@ def test_split_is_seeded_disjoint_and_by_episode():
     assert len(split_episodes(2, 0.01, 0)[1]) == 1  # both sides always get an episode
     with pytest.raises(DataError, match="at least 2"):
         split_episodes(1, 0.2, 0)
-    with pytest.raises(DataError, match="val-fraction"):
+    with pytest.raises(DataError, match="validation fraction") as raised:
         split_episodes(10, 1.0, 0)
+    assert raised.value.option == "val_fraction"  # the CLI words it as --val-fraction
 
 
 def test_normaliser_leaves_constant_features_unscaled():
@@ -109,7 +101,7 @@ def test_class_weights_auto_balanced_and_finite_when_a_class_is_absent():
     assert class_weights(y, "none").tolist() == [1, 1, 1, 1]
     assert class_weights(y, "1,2,3,4").tolist() == [1, 2, 3, 4]
     for bad in ("1,2,3", "a,b,c,d", "1,2,3,-1", "0,0,0,0", "1,2,3,nan"):
-        with pytest.raises(DataError, match="class-weights"):
+        with pytest.raises(DataError, match="class weights"):
             parse_class_weights(bad)
 
 
@@ -171,7 +163,7 @@ def test_mlp_policy_matches_the_trained_torch_network(store, mlp_checkpoint):
 def test_gru_live_decisions_equal_whole_episode_replay(store, gru_checkpoint):
     policy = GRUTamiyo(checkpoint=gru_checkpoint)
     ckpt = policy.checkpoint
-    net = build_net("gru", ckpt.meta["hparams"])
+    net = build_network("gru", ckpt.meta["hparams"])
     assert isinstance(net, GRUNet)
     net.load_state_dict(ckpt.tensors)
     data = load_decisions(store)
@@ -179,7 +171,7 @@ def test_gru_live_decisions_equal_whole_episode_replay(store, gru_checkpoint):
     for rows in data.sequences()[:3]:
         obs = data.observations[rows]
         with torch.no_grad():
-            logits, _ = net(torch.from_numpy(((obs - mean) / std).astype(np.float32))[None])
+            logits = net(torch.from_numpy(((obs - mean) / std).astype(np.float32))[None])
         policy.reset(None)
         live = [int(policy.decide(TrainingSnapshot.from_vector(o)).action) for o in obs]
         assert live == logits[0].argmax(1).tolist() == policy.decide_episode(obs).tolist()
@@ -202,7 +194,7 @@ def test_gru_defaults_and_old_checkpoints_without_dropout(store, mlp_checkpoint,
     meta = {k: v for k, v in ckpt.meta.items() if k not in ("format", "format_version", "feature_schema", "versions")}
     meta["hparams"] = {k: v for k, v in meta["hparams"].items() if k != "dropout"}
     old = save_checkpoint(tmp_path / "old.safetensors", ckpt.tensors, meta)
-    net = build_net("gru", load_checkpoint(old).meta["hparams"])
+    net = build_network("gru", load_checkpoint(old).meta["hparams"])
     assert isinstance(net, GRUNet) and net.dropout == 0.0
     obs = load_decisions(store).observations[:12]
     assert (GRUTamiyo(checkpoint=old).decide_episode(obs) == GRUTamiyo(checkpoint=gru_checkpoint).decide_episode(obs)).all()

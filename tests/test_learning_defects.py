@@ -21,8 +21,9 @@ from cli_helpers import invoke, one_line_error
 from esper_cli.checkpoint import CheckpointError, check_writable_checkpoint, load_checkpoint, save_checkpoint
 from esper_cli.commands import common
 from esper_cli.contracts import N_FEATURES, Action, DecisionRecord, Episode, EpisodeConfig, Outcome, SeedStage
-from esper_cli.learning import classification_metrics, prepare_training, train_policy
+from esper_cli.metrics import classification_metrics
 from esper_cli.store import EpisodeReader, EpisodeWriter
+from esper_cli.training import prepare_training, train_policy
 
 W, G, A, C = (int(a) for a in Action)
 ALL_FOUR = {W, G, A, C}

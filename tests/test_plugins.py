@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 import esper_cli
 from esper_cli import hookimpl, hookspecs
+from esper_cli.checkpoint import load_checkpoint
 from esper_cli.cli import app
 from esper_cli.contracts import Action, Decision, EpisodeConfig, SeedStage
 from esper_cli.episode import run_episode
@@ -170,6 +171,17 @@ def test_hookimpl_is_reexported_and_core_plugins_load_through_the_hooks():
     assert all(not p.errors for p in reg.plugins.values()), reg.problems
 
 
+def test_the_public_api_is_what_esper_cli_lists_and_each_name_resolves():
+    assert set(esper_cli.__all__) == {"__version__", *esper_cli._PUBLIC}
+    from esper_cli.contracts import TrainingSnapshot
+    from esper_cli.trainable import TrainablePolicy
+
+    assert esper_cli.TrainingSnapshot is TrainingSnapshot and esper_cli.TrainablePolicy is TrainablePolicy
+    assert all(getattr(esper_cli, name) is not None for name in esper_cli.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'learning'"):
+        esper_cli.learning  # noqa: B018
+
+
 def test_plugins_json_lists_every_plugin_with_distribution_version_and_registrations():
     rows = plugins_json()
     heuristic = rows["heuristic"]
@@ -202,6 +214,80 @@ def test_register_policies_blueprints_and_tasks_for_one_test(use_plugin, tmp_pat
     episode = run_episode(reg.policies["grow"](), EpisodeConfig(task="small-digits", epochs=4), 0, 0,
                           task=reg.tasks["small-digits"], blueprints=reg.blueprints, policy_name="grow")
     assert [s.blueprint for s in episode.seeds] == ["tiny_seed"]
+
+
+class CentroidNet(torch.nn.Module):
+    """A third party's trainable network: logits = -squared distance to a learned centroid per action."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.centroids = torch.nn.Parameter(torch.zeros(4, 27))
+        self.scale = scale
+
+    def forward(self, x):
+        return -self.scale * ((x[:, None, :] - self.centroids[None]) ** 2).sum(-1)
+
+
+class CentroidTamiyo:
+    """Decides from a `simic train --policy centroid` checkpoint: the nearest centroid's action."""
+
+    name = "centroid"
+
+    def __init__(self, checkpoint=None) -> None:
+        from esper_cli import load_policy_checkpoint
+
+        self.checkpoint = load_policy_checkpoint("centroid", checkpoint)
+        self.centroids = self.checkpoint.tensors["centroids"].double().numpy()
+        self.mean, self.std = self.checkpoint.normalisation
+
+    def reset(self, context) -> None:
+        pass
+
+    def decide(self, obs, context=None) -> Decision:
+        x = (obs.to_vector() - self.mean) / self.std
+        return Decision(Action(int(((x - self.centroids) ** 2).sum(1).argmin())), "nearest centroid", 1.0)
+
+
+class CentroidPlugin:
+    @hookimpl
+    def register_policies(self, register):
+        register("centroid", CentroidTamiyo)
+
+    @hookimpl
+    def register_trainable_policies(self, register):
+        from esper_cli import TrainablePolicy
+
+        register("centroid", TrainablePolicy(CentroidNet, {"scale": 0.5, "batch_size": 16}, lr=0.05))
+        register("bad-trainable", object())  # not a TrainablePolicy: reported and skipped
+        register("no-policy", TrainablePolicy(CentroidNet))  # trainable, but nothing decides with it
+
+
+def test_a_plugin_registers_a_trainable_policy_that_simic_train_fits_and_compare_runs(use_plugin, tmp_path):
+    use_plugin(CentroidPlugin(), "centroid-plugin")
+    row = plugins_json()["centroid-plugin"]
+    assert row["policies"] == ["centroid"] and row["trainables"] == ["centroid", "no-policy"]
+    assert "trainable policy 'bad-trainable' is not an esper_cli.trainable.TrainablePolicy" in row["error"]
+    assert "centroid (trainable)" in simic("plugins").stdout
+
+    store, ckpt = tmp_path / "s.h5", tmp_path / "centroid.safetensors"
+    assert simic("collect", "--episodes", "3", "--store", str(store), *TINY).exit_code == 0
+    result = simic("train", "--policy", "centroid", "--store", str(store), "--out", str(ckpt), "--epochs", "3",
+                   "--allow-missing-classes", "--json")
+    assert result.exit_code == 0, result.output
+    meta = load_checkpoint(ckpt).meta
+    assert meta["policy"] == "centroid" and meta["hparams"] == {"scale": 0.5, "batch_size": 16}
+    assert meta["train_config"]["lr"] == 0.05 and json.loads(result.stdout)["epochs_run"] == 3
+    result = simic("compare", "heuristic", f"centroid={ckpt}", "--episodes", "1", "--mode", "closed-loop",
+                   "--json", *TINY)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["closed_loop"]["centroid"]["n_episodes"] == 1
+
+    no_policy = simic("train", "--policy", "no-policy", "--store", str(store), "--out", str(tmp_path / "x"))
+    assert no_policy.exit_code == 2 and "no policy of that name decides with it" in no_policy.stderr
+    not_trainable = simic("train", "--policy", "heuristic", "--store", str(store))
+    assert not_trainable.exit_code == 2
+    assert "policy 'heuristic' cannot be trained: no plugin registers it as trainable (trainable: centroid, gru, mlp)" \
+        in not_trainable.stderr
 
 
 def test_a_plugin_registered_for_one_test_is_gone_afterwards():
@@ -474,7 +560,7 @@ def _hookspec_names() -> list[str]:
 
 def test_every_hookspec_is_documented_handled_and_tested():
     names = _hookspec_names()
-    assert names == ["register_policies", "register_blueprints", "register_tasks"]
+    assert names == ["register_policies", "register_trainable_policies", "register_blueprints", "register_tasks"]
     docs = (ROOT / "docs" / "plugins.md").read_text()
     tests = "".join(p.read_text() for p in sorted((ROOT / "tests").glob("test_plugins*.py")))
     for name in names:

@@ -104,7 +104,8 @@ def test_the_installed_example_is_listed_by_simic_plugins(installed_example):
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     row = rows["simic-example-policy"]
     assert (row["distribution"], row["version"], row["policies"], row["blueprints"], row["error"]) == (
-        DIST, "0.1.0", ["patience"], ["bottleneck"], None)
+        DIST, "0.1.0", ["patience", "linear"], ["bottleneck"], None)
+    assert row["trainables"] == ["linear"]
     assert row["module"] == "simic_example_policy"
     assert rows["heuristic"]["error"] is None  # the built-ins are untouched
     assert "Warning" not in result.stderr
@@ -134,6 +135,27 @@ def test_simic_compare_heuristic_against_the_installed_example(installed_example
     result = simic_process("compare", "heuristic", "patience", "--episodes", "2", "--epochs", "12")
     assert result.returncode == 0, result.stderr
     assert "heuristic" in result.stdout and "patience" in result.stdout
+
+
+def test_simic_train_fits_the_installed_trainable_policy_and_compare_runs_it(installed_example, tmp_path):
+    store, ckpt = tmp_path / "heuristic.h5", tmp_path / "linear.safetensors"
+    result = simic_process("collect", "--episodes", "3", "--epochs", "12", "--store", str(store))
+    assert result.returncode == 0, result.stderr
+    result = simic_process("train", "--policy", "linear", "--store", str(store), "--out", str(ckpt),
+                           "--epochs", "5", "--allow-missing-classes", "--json")
+    assert result.returncode == 0, result.stderr
+    trained = json.loads(result.stdout)
+    assert trained["policy"] == "linear" and trained["epochs_run"] == 5 and ckpt.exists()
+    result = simic_process("eval", "--policy", "linear", "--checkpoint", str(ckpt), "--store", str(store),
+                           "--split", "all", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["n_decisions"] == 36
+    result = simic_process("compare", "heuristic", f"linear={ckpt}", "--episodes", "2", "--epochs", "12",
+                           "--mode", "closed-loop", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["closed_loop"]["linear"]["n_episodes"] == 2
+    assert report["closed_loop"]["linear"]["policy_version"].startswith("0.1.0+")
 
 
 # ------------------------------------------------------------------- the example policy's logic

@@ -27,9 +27,9 @@ from esper_cli.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.checkpoint import load_checkpoint
 from esper_cli.contracts import LOSS_CAP, EpisodeConfig, episode_rng_seed
 from esper_cli.environment import MorphogeneticEnv
-from esper_cli.learning import train_policy
 from esper_cli.store import EpisodeReader, EpisodeWriter
 from esper_cli.tasks import BUILTIN_TASKS
+from esper_cli.training import train_policy
 
 TINY = ["--epochs", "2"]
 TOO_BIG = str(2**63)  # one past the store's signed 64-bit seed column

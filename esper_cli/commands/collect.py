@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.markup import escape
@@ -21,17 +22,13 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ..contracts import MAX_SEED
+from ..collection import collect_episodes
+from ..contracts import MAX_SEED, Episode
 from ..interrupt import keep_work_on_interrupt
 from ..paths import default_store_path
-from ..runner import (
-    DEFAULT_RETRIES,
-    BackendUnavailable,
-    EpisodeJob,
-    JobFailed,
-    SerialRunner,
-    make_runner,
-)
+from ..plugins import Registry
+from ..policy import policy_version
+from ..runner import DEFAULT_RETRIES, BackendUnavailable, JobFailed
 from ..store import EpisodeWriter, StoreError
 from .common import choose, episode_config, err, fail, out, registry, workers_and_backend
 
@@ -57,6 +54,14 @@ def progress_bar() -> Progress:
         TextColumn("{task.fields[last]}"),
         console=err,
     )
+
+
+def build_or_fail(reg: Registry, name: str, role: str) -> Any:
+    """A fresh instance of a registered policy; a one-line error (exit 2) when its factory fails."""
+    try:
+        return reg.policies[name]()
+    except Exception as exc:
+        fail(f"{role} {name!r} could not be created: {exc}")
 
 
 def collect(
@@ -100,10 +105,7 @@ def collect(
     n_workers = workers_and_backend(workers, backend, ray_address)
     config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads,
                             expert=expert, beta=(0.5 if beta is None else beta) if expert is not None else 0.0)
-    plugin = reg.plugin_of("policy", policy)
-    version = (plugin.version if plugin else None) or "unknown"
     store_path = store or default_store_path()
-    key = config.key(policy)
 
     keep_work_on_interrupt()
     try:
@@ -112,44 +114,38 @@ def collect(
     except StoreError as exc:  # exit 1 when recovery or creation ran out of disk, 2 for a bad path
         fail(escape(str(exc)), code=exc.exit_code)
     added = 0
-    lost = []
+    bar = progress_bar()
+    shown = ExitStack()  # the bar appears once there are episodes to run, and is gone before any message below
+
+    def started(todo: int, parallel: str | None) -> None:
+        if todo < episodes:
+            err.print(f"{episodes - todo} of {episodes} episodes already in {store_path}; running the rest.")
+        if parallel is not None:
+            err.print(f"Running {todo} episodes on {parallel}.", highlight=False)
+        if todo:
+            shown.enter_context(bar)
+            bar.add_task(f"collect {policy}", total=todo, last="")
+
+    def committed(episode: Episode) -> None:
+        nonlocal added
+        added += 1
+        bar.update(bar.task_ids[0], advance=1, last=f"last acc {episode.final_accuracy:.1f}%")
+
     try:
         if writer.recovered:
             err.print(f"[yellow]Recovered[/] {store_path} after an interrupted write; committed episodes kept.")
-        todo = writer.missing(key, seed, episodes)
-        if len(todo) < episodes:
-            err.print(f"{episodes - len(todo)} of {episodes} episodes already in {store_path}; running the rest.")
-        try:
-            agent = reg.policies[policy]()
-        except Exception as exc:
-            fail(f"policy {policy!r} could not be created: {exc}")
-        version = str(getattr(agent, "version", None) or version)
+        agent = build_or_fail(reg, policy, "policy")
         if expert is not None:
-            try:
-                reg.policies[expert]()
-            except Exception as exc:
-                fail(f"expert {expert!r} could not be created: {exc}")
-        # A generator, like `todo`: the runner draws jobs as workers free up, never all at once.
-        jobs = (EpisodeJob(policy=policy, config=config, seed=seed, index=i, policy_version=version,
-                           threads=threads, expert=expert) for i in todo)
-        if todo:
-            try:
-                runner = make_runner(backend, n_workers, ray_address=ray_address, registry=reg, retries=retries,
-                                     on_event=lambda m: err.print(f"[yellow]Warning:[/] {escape(m)}", highlight=False,
-                                                                  soft_wrap=True))
-            except BackendUnavailable as exc:
-                fail(escape(str(exc)))
-            if isinstance(runner, SerialRunner):
-                runner.context.adopt(policy, {}, agent)  # the policy just built runs the first episode
-            else:
-                err.print(f"Running {len(todo)} episodes on {runner.describe()}.", highlight=False)
-            with runner, progress_bar() as bar:
-                job = bar.add_task(f"collect {policy}", total=len(todo), last="")
-                for episode in runner.run(jobs):
-                    writer.append(episode)
-                    added += 1
-                    bar.update(job, advance=1, last=f"last acc {episode.final_accuracy:.1f}%")
-            lost = runner.lost
+            build_or_fail(reg, expert, "expert")
+        version = policy_version(reg, policy, agent)
+        with shown:
+            result = collect_episodes(
+                writer, reg, config, policy=policy, seed=seed, episodes=episodes, version=version, expert=expert,
+                threads=threads, agent=agent, backend=backend, workers=n_workers, ray_address=ray_address,
+                retries=retries, on_start=started, on_episode=committed,
+                on_event=lambda m: err.print(f"[yellow]Warning:[/] {escape(m)}", highlight=False, soft_wrap=True))
+    except BackendUnavailable as exc:
+        fail(escape(str(exc)))
     except JobFailed as exc:
         if exc.traceback and not exc.policy_error:
             err.print(exc.traceback.rstrip(), style="dim", highlight=False, markup=False)
@@ -173,13 +169,13 @@ def collect(
     if expert is not None:
         table.add_row("expert (labels) / beta", f"{expert} / {config.beta:g}")
     table.add_row("task / epochs / seed", f"{task} / {epochs} / {seed}")
-    table.add_row("episodes added", str(added))
-    table.add_row("episodes already present", str(episodes - len(todo)))
-    if lost:
-        table.add_row("episodes failed", str(len(lost)))
+    table.add_row("episodes added", str(result.added))
+    table.add_row("episodes already present", str(result.present))
+    if result.lost:
+        table.add_row("episodes failed", str(len(result.lost)))
     out.print(table)
-    if lost:
-        names = escape(", ".join(f"{x.job.label}: {x.reason}" for x in lost))
-        fail(f"{len(lost)} episode(s) failed because their worker died on every attempt ({names}); "
-             f"{added} episodes committed, the store is intact; re-run the same command to retry them",
+    if result.lost:
+        names = escape(", ".join(f"{x.job.label}: {x.reason}" for x in result.lost))
+        fail(f"{len(result.lost)} episode(s) failed because their worker died on every attempt ({names}); "
+             f"{result.added} episodes committed, the store is intact; re-run the same command to retry them",
              code=1)

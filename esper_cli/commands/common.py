@@ -19,6 +19,13 @@ out = Console()  # data: tables and JSON
 err = Console(stderr=True)  # progress and diagnostics
 
 
+def option_error(exc: Exception) -> str:
+    """A library error as the CLI words it: prefixed with the flag of the parameter at fault
+    (`exc.option`, e.g. "class_weights" -> "--class-weights"), markup escaped."""
+    option = getattr(exc, "option", None)
+    return escape(f"--{option.replace('_', '-')}: {exc}" if option else str(exc))
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print a one-line error on stderr and exit (2 = bad input, 1 = the job failed)."""
     err.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
@@ -54,12 +61,12 @@ def choose(kind: str, name: str, table: dict, option: str) -> None:
 
 def workers_and_backend(workers: str | None, backend: str = "local", ray_address: str | None = None) -> int | None:
     """Validate --workers/--backend/--ray-address (exit 2 on nonsense); the parsed worker count."""
-    from ..runner import BACKENDS, BackendUnavailable, import_ray, parse_workers
+    from ..runner import BACKENDS, BackendUnavailable, import_ray, parse_workers  # the runner imports torch
 
     try:
         n_workers = parse_workers(workers)
     except ValueError as exc:
-        fail(str(exc))
+        fail(escape(f"--{exc}"))  # "--workers '0': expected ..."
     if backend not in BACKENDS:
         fail(f"--backend {backend!r}: unknown backend (available: {', '.join(BACKENDS)})")
     if ray_address and backend != "ray":
@@ -75,7 +82,7 @@ def workers_and_backend(workers: str | None, backend: str = "local", ray_address
 def episode_config(reg: Registry, *, task: str, epochs: int, device: str, data_dir: Path | None,
                    threads: int, **extra: Any) -> EpisodeConfig:
     """The episode config of a command's options, with the task's data checked before any work."""
-    import torch
+    import torch  # only the commands that run episodes pay for it
 
     from ..tasks import TaskError
 
@@ -90,5 +97,5 @@ def episode_config(reg: Registry, *, task: str, epochs: int, device: str, data_d
     try:
         reg.tasks[task].load(config.data_dir, 0)  # bad data is a usage error, found before any work
     except TaskError as exc:
-        fail(str(exc))
+        fail(option_error(exc))
     return config

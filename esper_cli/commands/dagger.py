@@ -1,82 +1,64 @@
 """`simic dagger`: DAgger (Ross et al., 2011) for a learned Tamiyo: collect, train, compare, repeat.
 
-Behaviour cloning learns from the expert's own trajectories, so once the learner acts it drifts
-into states the expert never visited. DAgger lets the learner act (mixed with the expert by
-`beta`) and stores the expert's action at every visited state as the label; training on the
-aggregated store teaches the learner what to do where it actually goes.
-
-Round 0 trains on the store as it is (collecting expert episodes first if it is empty); each
-round r >= 1 collects `--episodes-per-round` episodes driven by the round's learner mixed with
-the expert (beta_r = beta * decay^(r-1)), retrains on the whole store, and compares learner and
-expert closed loop on held-out paired seeds (`--eval-seed`): on-policy agreement and the paired
-accuracy difference per round.
+The learner acts (mixed with the expert by beta), the expert labels every visited state, the
+learner is retrained on the aggregated store and compared closed loop with the expert on held-out
+paired seeds, round after round (see `esper_cli.dagger`). This command checks the options, draws
+the progress and prints one row (or JSON entry) per round.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from ..checkpoint import CheckpointError, check_writable_checkpoint
-from ..comparison import PolicyRuns, PolicySpec, closed_loop_summary
-from ..contracts import MAX_SEED, EpisodeConfig, episode_rng_seed
+from ..comparison import CompareError, pick_seed, resolve_specs
+from ..contracts import MAX_SEED
+from ..dagger import EVAL_SEED_START, DaggerConfig, DaggerProgress, avoided_rng_seeds, round_checkpoint, run_dagger
+from ..decisions import DataError
 from ..interrupt import keep_work_on_interrupt
-from ..learning import ARCHITECTURES, DataError, train_policy
 from ..paths import default_checkpoint_path, default_store_path
-from ..plugins import Registry
-from ..runner import EpisodeJob, JobFailed, make_runner
-from ..store import EpisodeReader, EpisodeWriter, StoreError
+from ..runner import JobFailed
+from ..store import StoreError
 from .common import choose, episode_config, err, fail, out, registry, workers_and_backend
-from .compare import CompareError, pick_seed, resolve_specs, run_comparison
 
 
-def store_episodes(path: Path) -> tuple[int, int]:
-    """(episodes, decisions) committed in a store; (0, 0) when it does not exist yet."""
-    if not path.exists():
-        return 0, 0
-    with EpisodeReader(path) as reader:
-        return reader.n_episodes, reader.n_decisions
+def progress_bars(progress: Progress, results: list[dict[str, Any]]) -> DaggerProgress:
+    """A bar per stage of every round; `results` collects each finished round."""
+    bar = TaskID(-1)  # the stage under way
 
+    def stage(description: str, total: int) -> None:
+        nonlocal bar
+        bar = progress.add_task(description, total=total, info="")
 
-def store_rng_seeds(path: Path, task: str) -> set[int]:
-    """RNG seeds of the `task` episodes committed in a store (empty when it does not exist yet)."""
-    if not path.exists():
-        return set()
-    with EpisodeReader(path) as reader:
-        metas = (reader.episode_meta(i) for i in range(reader.n_episodes))
-        return {int(m["rng_seed"]) for m in metas if m["config"]["task"] == task}
+    def round_done(result: dict[str, Any]) -> None:
+        results.append(result)
+        progress.update(bar, info=f"agreement {100 * (result['on_policy_agreement'] or 0):.2f}%  "
+                                  f"Δ {result['final_accuracy_diff_mean']:+.2f}")
 
-
-def collect_into(store: Path, reg: Registry, config: EpisodeConfig, *, policy: str, options: dict[str, Any],
-                 version: str, expert: str | None, seed: int, episodes: int, workers: int | None,
-                 threads: int, progress: Progress, description: str) -> tuple[int, int]:
-    """Run episodes 0..N-1 of `seed` (those not in the store yet) and commit them; (added, present)."""
-    with EpisodeWriter(store) as writer:
-        todo = writer.missing(config.key(policy), seed, episodes)
-        jobs = (EpisodeJob(policy=policy, config=config, seed=seed, index=i, policy_options=options,
-                           policy_version=version, threads=threads, expert=expert) for i in todo)
-        bar = progress.add_task(description, total=len(todo), info="")
-        if todo:
-            with make_runner("local", workers, registry=reg) as runner:
-                for episode in runner.run(jobs):
-                    writer.append(episode)
-                    progress.advance(bar)
-                if runner.lost:
-                    raise JobFailed(runner.lost[0].job, f"{len(runner.lost)} episode(s) lost: worker died",
-                                    policy_error=False)
-    return len(todo), episodes - len(todo)
-
-
-def round_checkpoint(final: Path, r: int) -> Path:
-    """Where round `r` keeps its checkpoint: next to the final one."""
-    return final.with_name(f"{final.stem}.dagger-r{r}{final.suffix}")
+    return DaggerProgress(
+        on_stage=stage,
+        on_episode=lambda: progress.advance(bar),
+        on_train_epoch=lambda stats: progress.update(bar, completed=stats.epoch),
+        on_trained=lambda epochs_run: progress.update(bar, total=epochs_run, completed=epochs_run),
+        on_round=round_done,
+        log=lambda m: progress.console.print(f"[yellow]Warning:[/] {escape(m)}", highlight=False))
 
 
 def round_table(rounds: list[dict[str, Any]], policy: str, expert: str) -> Table:
@@ -127,12 +109,12 @@ def dagger(
     action at every state is stored as the label; the learner is retrained on the aggregated
     store and compared closed loop on held-out seeds.
     """
-    if policy not in ARCHITECTURES:
-        fail(f"--policy {policy!r}: not a learned policy type (trainable: {', '.join(ARCHITECTURES)})")
+    reg = registry()
+    trainable = [name for name in sorted(reg.trainables) if name in reg.policies]
+    if policy not in trainable:
+        fail(f"--policy {policy!r}: not a learned policy type (trainable: {', '.join(trainable) or 'none'})")
     if seed + rounds > MAX_SEED:  # round r collects with seed + r: the last must still fit the store
         fail(f"--seed {seed}: round {rounds} would collect with seed {seed + rounds}, over the largest run seed {MAX_SEED}")
-    reg = registry()
-    choose("policy", policy, reg.policies, "--policy")
     choose("policy", expert, reg.policies, "--expert")
     n_workers = workers_and_backend(workers)
     config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads)
@@ -143,83 +125,31 @@ def dagger(
             check_writable_checkpoint(path)
     except CheckpointError as exc:
         fail(escape(f"--out: {exc}"))
+    plan = DaggerConfig(
+        policy=policy, expert=expert, episode=config, store=store_path, checkpoint=final_ckpt, rounds=rounds,
+        beta=beta, beta_decay=beta_decay, episodes_per_round=episodes_per_round,
+        bootstrap_episodes=bootstrap_episodes, seed=seed, compare_episodes=compare_episodes,
+        train_epochs=train_epochs, train_seed=train_seed, allow_missing_classes=allow_missing_classes,
+        workers=n_workers, threads=threads)
     try:
-        _, expert_versions = resolve_specs([expert], reg, None)
-        n_eps, _ = store_episodes(store_path)
-        # Every round trains on the whole store, so the comparison must stay off every episode in
-        # it, and off those the rounds are about to collect, or it measures training data.
-        trained = store_rng_seeds(store_path, config.task)
+        resolve_specs([expert], reg, None)  # the expert must build before anything runs
+        avoided = avoided_rng_seeds(plan)
     except CompareError as exc:
         fail(escape(str(exc)))
     except StoreError as exc:
         fail(str(exc))
-    planned = [(seed, bootstrap_episodes)] if n_eps == 0 else []
-    planned += [(seed + r, episodes_per_round) for r in range(1, rounds + 1)]
-    trained |= {episode_rng_seed(s, i) for s, n in planned for i in range(n)}
-    eval_seed, _, notice = pick_seed(eval_seed, trained, compare_episodes, start=1000, option="--eval-seed",
-                                     what="the DAgger store holds or a round will collect")
+    eval_seed, _, notice = pick_seed(eval_seed, avoided, compare_episodes, start=EVAL_SEED_START,
+                                     option="--eval-seed", what="the DAgger store holds or a round will collect")
     if notice is not None:
         err.print(notice, markup=False, highlight=False, soft_wrap=True)
 
     progress = Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=err)
     results: list[dict[str, Any]] = []
-    expert_spec = PolicySpec(expert, label=expert)
-    expert_runs: PolicyRuns | None = None
-    ckpt = final_ckpt  # each round trains its own checkpoint; round r >= 1 collects with round r-1's
     keep_work_on_interrupt()
     try:
         with progress:
-            if n_eps == 0:
-                collect_into(store_path, reg, config, policy=expert, options={}, version=expert_versions[expert],
-                             expert=None, seed=seed, episodes=bootstrap_episodes, workers=n_workers,
-                             threads=threads, progress=progress, description=f"round 0: collect {expert}")
-            for r in range(rounds + 1):
-                b = None if r == 0 else beta * beta_decay ** (r - 1)
-                if r > 0:
-                    learner = PolicySpec(policy, str(ckpt), label=policy)
-                    _, versions = resolve_specs([f"{policy}={ckpt}"], reg, None)
-                    dcfg = EpisodeConfig(**{**config.__dict__, "expert": expert, "beta": float(b)})
-                    collect_into(store_path, reg, dcfg, policy=policy, options=learner.options,
-                                 version=versions[policy], expert=expert, seed=seed + r,
-                                 episodes=episodes_per_round, workers=n_workers, threads=threads,
-                                 progress=progress, description=f"round {r}: collect {policy}+{expert} beta {b:.3g}")
-                ckpt = round_checkpoint(final_ckpt, r)
-                bar = progress.add_task(f"round {r}: train {policy}", total=train_epochs, info="")
-                ckpt, metrics = train_policy(
-                    store_path, policy, out=ckpt, epochs=train_epochs, seed=train_seed,
-                    allow_missing_classes=allow_missing_classes,
-                    on_epoch=lambda s, bar=bar: progress.update(bar, completed=s.epoch),
-                    log=lambda m: progress.console.print(f"[yellow]Warning:[/] {escape(m)}", highlight=False))
-                progress.update(bar, total=metrics["epochs_run"], completed=metrics["epochs_run"])
-                learner = PolicySpec(policy, str(ckpt), label=policy)
-                specs = [learner] if expert_runs is not None else [expert_spec, learner]
-                _, versions = resolve_specs([f"{policy}={ckpt}"], reg, None)
-                versions = {**expert_versions, **versions}
-                cbar = progress.add_task(f"round {r}: compare {expert} vs {policy}",
-                                         total=compare_episodes * len(specs), info="")
-                runs, _ = run_comparison(specs, versions, reg, config, episodes=compare_episodes, seed=eval_seed,
-                                         mode="closed-loop", expert=expert, threads=threads, workers=n_workers,
-                                         on_episode=lambda label, e, cbar=cbar: progress.advance(cbar))
-                if expert_runs is None:
-                    expert_runs = runs[expert]
-                summary = closed_loop_summary({expert: expert_runs, policy: runs[policy]}, expert)[policy]
-                n_eps, n_dec = store_episodes(store_path)
-                results.append({
-                    "round": r, "beta": b, "store_episodes": n_eps, "store_decisions": n_dec,
-                    "checkpoint": str(ckpt), "val_balanced_accuracy": metrics["val"]["balanced_accuracy"],
-                    "val_classes_without_support": metrics["val"]["classes_without_support"],
-                    "on_policy_agreement": summary["expert_agreement"],
-                    "expert_labelled_decisions": summary["expert_labelled_decisions"],
-                    "final_accuracy_diff_mean": summary["final_accuracy_diff_mean"],
-                    "final_accuracy_diff_ci95": summary["final_accuracy_diff_ci95"],
-                    "learner_final_accuracy_mean": summary["final_accuracy_mean"],
-                    "expert_final_accuracy_mean": closed_loop_summary({expert: expert_runs}, expert)[expert][
-                        "final_accuracy_mean"],
-                    "invalid_actions": summary["invalid_actions"],
-                })
-                progress.update(cbar, info=f"agreement {100 * (summary['expert_agreement'] or 0):.2f}%  "
-                                           f"Δ {summary['final_accuracy_diff_mean']:+.2f}")
+            run_dagger(replace(plan, eval_seed=eval_seed), reg, progress_bars(progress, results))
     except (DataError, CheckpointError, StoreError, CompareError) as exc:
         fail(escape(str(exc)))
     except JobFailed as exc:

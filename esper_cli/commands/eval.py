@@ -14,47 +14,14 @@ from typing import Any, Optional
 import numpy as np
 import typer
 from rich.table import Table
-from rich.text import Text
 
 from ..checkpoint import CheckpointError, load_checkpoint
-from ..learning import (
-    DataError,
-    balanced_accuracy_label,
-    classification_metrics,
-    load_decisions,
-    replay,
-    require_schema,
-    select_split,
-)
-from .common import choose, err, fail, out, registry
-
-
-def _shade(fraction: float, diagonal: bool) -> str:
-    """Background for a confusion cell: green on the diagonal, red off it, deeper = larger share."""
-    if fraction <= 0:
-        return ""
-    t = 0.25 + 0.75 * min(fraction, 1.0)
-    base = (0, 135, 0) if diagonal else (175, 0, 0)
-    r, g, b = (int(c * t + 25 * (1 - t)) for c in base)
-    return f"white on rgb({r},{g},{b})"
-
-
-def confusion_table(report: dict[str, Any]) -> Table:
-    """Rows actual, columns predicted; each cell its count and its share of the row, shaded."""
-    labels, cm = report["labels"], np.asarray(report["confusion_matrix"])
-    table = Table(title="Confusion matrix (rows actual, columns predicted; % of row)")
-    table.add_column("actual \\ predicted", style="bold")
-    for name in labels:
-        table.add_column(name, justify="right")
-    table.add_column("total", justify="right", style="dim")
-    for i, name in enumerate(labels):
-        total = int(cm[i].sum())
-        cells = []
-        for j in range(len(labels)):
-            share = cm[i, j] / total if total else 0.0
-            cells.append(Text(f"{cm[i, j]} ({100 * share:.1f}%)" if total else "0", style=_shade(share, i == j)))
-        table.add_row(name, *cells, str(total))
-    return table
+from ..decisions import DataError, load_decisions, require_schema
+from ..metrics import balanced_accuracy_label, classification_metrics
+from ..policy import policy_version
+from ..replay import replay, select_split
+from .common import choose, err, fail, option_error, out, registry
+from .tables import confusion_table
 
 
 def per_class_table(report: dict[str, Any]) -> Table:
@@ -167,13 +134,13 @@ def evaluate(
         positions, note = select_split(data, split, trained, policy)
         part = data.select(positions)
     except DataError as exc:
-        fail(str(exc))
+        fail(option_error(exc))
     try:
         pred = replay(agent, part, tuple(reg.blueprints))
     except Exception as exc:
         fail(f"policy '{policy}' failed while replaying {store_path}: {type(exc).__name__}: {exc}", code=1)
     report = classification_metrics(part.labels, pred)
-    version = getattr(agent, "version", "unknown")
+    version = policy_version(reg, policy, agent)
     result = {
         "policy": policy, "policy_version": version,
         "checkpoint": str(ckpt.path) if ckpt is not None else None,

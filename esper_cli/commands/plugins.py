@@ -16,6 +16,8 @@ from .common import err, out
 def plugins(as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table.")) -> None:
     """List plugins: distribution, version, the policies / blueprints / tasks each registers, errors.
 
+    A policy marked "(trainable)" can be fitted with `simic train --policy NAME`.
+
     A plugin that failed to import or to register is listed with its error and skipped; everything
     else keeps working. SIMIC_LOAD_PLUGINS=a,b (plugin or distribution names; empty for none)
     limits which installed plugins load; the core plugin always does.
@@ -35,7 +37,9 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print a JSON lis
     for r in rows:
         name = f"[red]{escape(r['name'])} (error)[/]" if r["error"] else escape(r["name"])
         dist = " ".join(x for x in (r["distribution"], r["version"]) if x) or "-"
-        table.add_row(name, escape(dist), escape("\n".join(r["policies"])),
+        policies = [p + (" (trainable)" if p in r["trainables"] else "") for p in r["policies"]]
+        policies += [f"{t} (trainable only)" for t in r["trainables"] if t not in r["policies"]]
+        table.add_row(name, escape(dist), escape("\n".join(policies)),
                       escape("\n".join(r["blueprints"])), escape("\n".join(r["tasks"])))
     out.print(table)
     for r in rows:  # errors under the table, where a long message has the full width

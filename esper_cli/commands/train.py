@@ -1,8 +1,9 @@
-"""`simic train`: behaviour-clone a learned Tamiyo (MLP or GRU) from an episode store."""
+"""`simic train`: behaviour-clone a learned Tamiyo (mlp, gru, or a plugin's) from an episode store."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,22 +15,27 @@ from rich.table import Table
 
 from ..checkpoint import CheckpointError, check_writable_checkpoint
 from ..contracts import ACTION_NAMES
+from ..decisions import DataError
 from ..interrupt import keep_work_on_interrupt
-from ..learning import ARCHITECTURES, DataError, EpochStats, balanced_accuracy_label, fit, prepare_training
+from ..metrics import balanced_accuracy_label
 from ..paths import default_checkpoint_path, default_store_path
-from .common import err, fail, out
+from ..training import EpochStats, fit, prepare_training, trainable_policy
+from .common import err, fail, option_error, out, registry
 
 
-def _hidden(spec: Optional[str], policy: str) -> Any:
+def _hidden(spec: Optional[str], defaults: Mapping[str, Any]) -> Any:
+    """`--hidden` as the policy's `hidden` hyper-parameter takes it: a list of sizes, or one size."""
     if spec is None:
         return None
+    if "hidden" not in defaults:
+        fail("--hidden: this policy's network has no hidden size to set")
+    one = not isinstance(defaults["hidden"], (list, tuple))
     try:
         sizes = [int(p) for p in spec.split(",") if p.strip()]
     except ValueError:
         sizes = []
-    if not sizes or any(s < 1 for s in sizes) or (policy == "gru" and len(sizes) != 1):
-        want = "one size, e.g. 64" if policy == "gru" else "sizes like 64,32"
-        fail(f"--hidden {spec!r}: expected {want}")
+    if not sizes or any(s < 1 for s in sizes) or (one and len(sizes) != 1):
+        fail(escape(f"--hidden {spec!r}: expected {'one size, e.g. 64' if one else 'sizes like 64,32'}"))
     return sizes
 
 
@@ -56,7 +62,7 @@ def summary_table(policy: str, metrics: dict[str, Any], store: Path) -> Table:
 
 def train(
     store: Optional[Path] = typer.Option(None, "--store", help="Episode store to learn from (default: $SIMIC_HOME/episodes.h5)."),
-    policy: str = typer.Option("mlp", "--policy", help="Learned policy type: mlp | gru."),
+    policy: str = typer.Option("mlp", "--policy", help="Trainable policy: mlp, gru, or a plugin's (`simic plugins` marks them)."),
     class_weights: str = typer.Option("auto", "--class-weights",
                                       help="auto (sklearn 'balanced', finite when a class is absent), none, or W,G,A,C."),
     epochs: int = typer.Option(1000, "--epochs", min=1, help="Maximum training epochs (early stopping after --patience epochs without a better validation score keeps the best)."),
@@ -82,8 +88,11 @@ def train(
     class-weighted cross-entropy (WAIT dominates). The epoch with the best validation balanced
     accuracy is kept and saved with its metadata as a safetensors checkpoint.
     """
-    if policy not in ARCHITECTURES:
-        fail(f"--policy {policy!r}: not a learned policy type (trainable: {', '.join(ARCHITECTURES)})")
+    reg = registry()
+    try:
+        trainable = trainable_policy(policy, reg)
+    except DataError as exc:
+        fail(escape(f"--policy: {exc}"))
     torch.set_num_threads(threads)
     store_path = store or default_store_path()
     target = out_path or default_checkpoint_path(policy)
@@ -108,8 +117,8 @@ def train(
             store_path, policy, out=target,
             log=lambda msg: err.print(f"[yellow]Warning:[/] {msg}", highlight=False, soft_wrap=True),
             epochs=epochs, seed=seed, val_fraction=val_fraction, class_weights=class_weights,
-            hidden=_hidden(hidden, policy), lr=lr, batch_size=batch_size, patience=patience,
-            allow_missing_classes=allow_missing_classes)
+            hidden=_hidden(hidden, trainable.defaults), lr=lr, batch_size=batch_size, patience=patience,
+            allow_missing_classes=allow_missing_classes, registry=reg)
         err.print(f"{prep.train.n_episodes} training / {prep.val.n_episodes} validation episodes "
                   f"({len(prep.train.labels)} / {len(prep.val.labels)} decisions) from {store_path}", highlight=False)
         with progress:
@@ -117,7 +126,7 @@ def train(
             path, metrics = fit(prep, on_epoch)
             progress.update(job, total=metrics["epochs_run"], completed=metrics["epochs_run"])
     except (DataError, CheckpointError) as exc:
-        fail(str(exc))
+        fail(option_error(exc))
     except KeyboardInterrupt:
         err.print("Interrupted before the first epoch finished; no checkpoint written.")
         raise typer.Exit(130) from None

@@ -2,7 +2,7 @@
 
 It reads an episode's observations in order and carries its hidden state from epoch to epoch:
 `reset` clears it at the start of each episode, every `decide` advances it one step. Trained in
-torch (`esper_cli.learning.GRUNet`, whole episodes at once); decides in numpy with the same
+torch (`simic_plugins.networks.GRUNet`, whole episodes at once); decides in numpy with the same
 equations as `torch.nn.GRU` (gate order r, z, n), one cheap step per epoch.
 """
 
@@ -18,6 +18,7 @@ from esper_cli import hookimpl
 from esper_cli.checkpoint import CheckpointError, load_policy_checkpoint, to_numpy
 from esper_cli.contracts import N_FEATURES, Action, Decision, TrainingSnapshot, check_finite
 from esper_cli.policy import EpisodeContext
+from esper_cli.trainable import TrainablePolicy
 
 from .mlp import best_action, folded_input_layer
 
@@ -105,6 +106,24 @@ class GRUTamiyo:
         return actions
 
 
+def gru_network(hidden: int = 16, layers: int = 1, head: int = 32, dropout: float = 0.0) -> Any:
+    """The torch network `simic train --policy gru` fits (imported here: deciding needs no torch).
+
+    Checkpoints written before dropout was a hyper-parameter build with its default, 0.
+    """
+    from .networks import GRUNet
+
+    return GRUNet(int(hidden), int(layers), int(head), float(dropout))
+
+
 @hookimpl
 def register_policies(register: Callable[[str, Callable[..., Any]], None]) -> None:
     register("gru", GRUTamiyo)
+
+
+@hookimpl
+def register_trainable_policies(register: Callable[[str, TrainablePolicy], None]) -> None:
+    # A small hidden state with dropout on it and one episode per batch: a GRU of 64 memorises the
+    # training trajectories and generalises worse to held-out seeds.
+    register("gru", TrainablePolicy(gru_network, {"hidden": 16, "layers": 1, "head": 64, "dropout": 0.5,
+                                                  "batch_size": 1}, sequence=True, lr=3e-3))

@@ -2,14 +2,15 @@
 
 Registered through the `simic` entry-point group like any third-party policy. The factory loads a
 safetensors checkpoint (default: `$SIMIC_HOME/checkpoints/mlp.safetensors`); the network is
-trained in torch (`esper_cli.learning.MLPNet`) but decides in plain numpy: at 27 -> 64 -> 32 -> 4
-a torch call costs more in dispatch overhead than the arithmetic, and `decide` runs every epoch.
+trained in torch (`simic_plugins.networks.MLPNet`, registered as a trainable policy) but decides in
+plain numpy: at 27 -> 64 -> 32 -> 4 a torch call costs more in dispatch overhead than the
+arithmetic, and `decide` runs every epoch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,9 @@ from esper_cli import hookimpl
 from esper_cli.checkpoint import Checkpoint, CheckpointError, load_policy_checkpoint, to_numpy
 from esper_cli.contracts import N_FEATURES, Action, Decision, TrainingSnapshot, check_finite
 from esper_cli.policy import EpisodeContext
+from esper_cli.trainable import TrainablePolicy
 
 VERSION = "1.0"
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def best_action(logits: np.ndarray) -> tuple[int, float]:
@@ -89,10 +85,6 @@ class MLPTamiyo:
                 np.maximum(x, 0.0, out=x)
         return x
 
-    def predict_proba(self, observations: np.ndarray) -> np.ndarray:
-        """Action probabilities (N, 4) for raw observations (N, 27)."""
-        return softmax(self.logits(np.asarray(observations, dtype=np.float32)))
-
     def decide(self, obs: TrainingSnapshot, context: EpisodeContext | None = None) -> Decision:
         """The most probable action; confidence = its softmax probability."""
         a, p = best_action(self.logits(obs.to_vector()))  # to_vector also rejects NaN/inf
@@ -107,6 +99,18 @@ class MLPTamiyo:
         return self.logits(x).argmax(axis=1).astype(np.int64)
 
 
+def mlp_network(hidden: Sequence[int] = (64, 32)) -> Any:
+    """The torch network `simic train --policy mlp` fits (imported here: deciding needs no torch)."""
+    from .networks import MLPNet
+
+    return MLPNet(hidden)
+
+
 @hookimpl
 def register_policies(register: Callable[[str, Callable[..., Any]], None]) -> None:
     register("mlp", MLPTamiyo)
+
+
+@hookimpl
+def register_trainable_policies(register: Callable[[str, TrainablePolicy], None]) -> None:
+    register("mlp", TrainablePolicy(mlp_network, {"hidden": [64, 32], "batch_size": 32}))

@@ -1,4 +1,5 @@
-"""An example third-party Simic plugin: the `patience` Tamiyo policy and a `bottleneck` blueprint.
+"""An example third-party Simic plugin: the `patience` Tamiyo policy, a `bottleneck` blueprint,
+and `linear`, a policy `simic train --policy linear` can fit (see `linear.py`).
 
 Everything a plugin needs is here: `@hookimpl` functions named after Simic's hook specs, listed
 under the `simic` entry-point group in this distribution's pyproject.toml.
@@ -16,6 +17,9 @@ from torch import nn
 from esper_cli import hookimpl
 from esper_cli.contracts import Action, Decision, SeedStage, TrainingSnapshot
 from esper_cli.policy import EpisodeContext
+
+from .linear import LinearTamiyo
+from .linear import trainable as linear_trainable
 
 __version__ = "0.1.0"
 
@@ -153,6 +157,12 @@ class PatienceTamiyo:
 @hookimpl
 def register_policies(register: Callable[[str, Callable[..., Any]], None]) -> None:
     register("patience", PatienceTamiyo)
+    register("linear", LinearTamiyo)
+
+
+@hookimpl
+def register_trainable_policies(register: Callable[[str, Any], None]) -> None:
+    register("linear", linear_trainable())
 
 
 @hookimpl

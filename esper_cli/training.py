@@ -1,0 +1,371 @@
+"""Simic policy learning: behaviour cloning of a Tamiyo policy from an episode store.
+
+Reads top to bottom, like the training loop it is:
+
+1. `load_decisions`   - every decision of a store in a few columnar reads, grouped by episode.
+2. `split_episodes`   - a seeded train/validation split *by episode* (never by decision: decisions
+                         of one episode are correlated, so a per-decision split leaks); every
+                         class in two or more episodes gets one on each side.
+3. `fit_normaliser`   - feature mean/std fitted on the training episodes only.
+4. `class_weights`    - sklearn's balanced weights (WAIT is ~94% of decisions).
+5. `train_policy`     - Adam + weighted cross-entropy on shuffled mini-batches (MLP) or whole
+                         episodes in order (GRU); the epoch with the best validation balanced
+                         accuracy is kept (early stopping) and saved as a safetensors checkpoint.
+6. `classification_metrics` - accuracy, balanced accuracy, per-class P/R/F1, confusion matrix,
+                         and the classes without support (a score that leaves them out says so).
+
+`train_policy(store, policy="mlp") -> (checkpoint_path, metrics)` is the reusable entry point
+(DAgger loops call it); `simic train` is a thin CLI around it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score
+from torch import nn
+
+from .checkpoint import check_writable_checkpoint, save_checkpoint
+from .contracts import ACTION_NAMES, N_ACTIONS, SCHEMA_VERSION
+from .decisions import (
+    DataError,
+    DecisionData,
+    classes_per_episode,
+    load_decisions,
+    rarest_action_per_episode,
+    require_schema,
+    split_episodes,
+)
+from .metrics import LABELS, classification_metrics
+from .paths import default_checkpoint_path
+from .plugins import Registry, build_registry
+from .preprocess import class_weights, fit_normaliser, parse_class_weights
+from .trainable import TrainablePolicy
+
+IGNORE = -100  # label of padded time steps in a batch of episodes (ignored by the loss)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one `train_policy` run (all stored in the checkpoint)."""
+
+    policy: str = "mlp"
+    epochs: int = 1000
+    lr: float | None = None  # None = the trainable policy's default (1e-3 MLP, 3e-3 GRU)
+    batch_size: int | None = None  # decisions, or episodes for a sequence network; None = its default
+    hidden: Any = None  # MLP: list of sizes; GRU: one size; None = default (64/32, 16)
+    layers: int | None = None  # GRU layers
+    seed: int = 0
+    val_fraction: float = 0.2
+    class_weights: str = "auto"
+    patience: int = 100  # stop after this many epochs without a better validation score
+    allow_missing_classes: bool = False
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    val_balanced_accuracy: float
+    best_epoch: int
+    best_balanced_accuracy: float
+
+
+@dataclass
+class Tensors:
+    """One side of the split as tensors: flat (MLP) or padded episodes (GRU)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    rows: np.ndarray | None = None  # GRU: (B, T) row index into the flat data, -1 for padding
+
+
+def to_tensors(data: DecisionData, mean: np.ndarray, std: np.ndarray, sequence: bool) -> Tensors:
+    """Normalise once, up front; a sequence model gets episodes padded to the longest one."""
+    x = torch.from_numpy((data.observations - mean) / std)
+    y = torch.from_numpy(data.labels)
+    if not sequence:
+        return Tensors(x, y)
+    t_max = int(data.lengths.max()) if len(data.lengths) else 0
+    rows = np.full((data.n_episodes, t_max), -1, dtype=np.int64)
+    for e, (s, n) in enumerate(zip(data.starts, data.lengths)):
+        rows[e, :n] = np.arange(s, s + n)
+    idx = torch.from_numpy(np.maximum(rows, 0))
+    pad = torch.from_numpy(rows < 0)
+    xs = x[idx].masked_fill(pad[..., None], 0.0)
+    ys = y[idx].masked_fill(pad, IGNORE)
+    return Tensors(xs, ys, rows)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                           zero_weights: bool = True) -> torch.Tensor:
+    """Class-weighted mean cross-entropy (padding ignored) that is 0, not NaN, on a batch whose
+    every label has weight 0 (torch's mean divides by the batch's total weight: 0/0 there).
+
+    `zero_weights=False` promises every weight is positive: torch's own mean is then safe, and
+    about twice as fast on the small batches of the training loop.
+    """
+    if not zero_weights:
+        return F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE)
+    total = F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE, reduction="sum")
+    norm = weight[y[y != IGNORE]].sum()
+    return total / norm if norm > 0 else total * 0.0
+
+
+def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: Tensors, weight: torch.Tensor,
+                    batch_size: int, gen: torch.Generator) -> float:
+    """One pass over shuffled mini-batches (of decisions, or of whole episodes for a GRU)."""
+    model.train()
+    perm = torch.randperm(len(data.x), generator=gen)
+    total, count = 0.0, 0
+    zero_weights = bool((weight == 0).any())
+    for i in range(0, len(perm), batch_size):
+        idx = perm[i : i + batch_size]
+        logits = model(data.x[idx])
+        loss = weighted_cross_entropy(logits.reshape(-1, N_ACTIONS), data.y[idx].reshape(-1), weight, zero_weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+        count += len(idx)
+    return total / max(count, 1)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, data: Tensors, weight: torch.Tensor, sequence: bool) -> tuple[np.ndarray, float]:
+    """(predicted actions in flat row order, weighted loss) for one side of the split."""
+    model.eval()
+    logits = model(data.x).reshape(-1, N_ACTIONS)
+    y = data.y.reshape(-1)
+    loss = float(weighted_cross_entropy(logits, y, weight))
+    pred = logits.argmax(dim=1).numpy()
+    if sequence:  # drop the padding, back to flat row order
+        keep = data.rows.reshape(-1) >= 0
+        pred_flat = np.empty(int(keep.sum()), dtype=np.int64)
+        pred_flat[data.rows.reshape(-1)[keep]] = pred[keep]
+        pred = pred_flat
+    return pred, loss
+
+
+def trainable_policy(name: str, registry: Registry | None = None) -> TrainablePolicy:
+    """The registered `TrainablePolicy` of `name` (and a policy of that name to decide with its
+    checkpoints), or a one-line `DataError` naming the trainable ones."""
+    reg = registry or build_registry()
+    trainable = reg.trainables.get(name)
+    if trainable is None or name not in reg.policies:
+        known = ", ".join(n for n in sorted(reg.trainables) if n in reg.policies) or "none"
+        why = "no plugin registers it as trainable" if trainable is None else "no policy of that name decides with it"
+        raise DataError(f"policy {name!r} cannot be trained: {why} (trainable: {known})")
+    return trainable
+
+
+def build_network(name: str, hparams: dict[str, Any], registry: Registry | None = None) -> nn.Module:
+    """The network of trainable policy `name` from its hyper-parameters (as a checkpoint stores
+    them), in eval mode: ready to load the checkpoint's weights."""
+    return trainable_policy(name, registry).network(**network_options(hparams)).eval()
+
+
+def network_options(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters a network is built from (the batch size is the training loop's)."""
+    return {k: v for k, v in hparams.items() if k != "batch_size"}
+
+
+def _hparams(cfg: TrainConfig, trainable: TrainablePolicy) -> dict[str, Any]:
+    """The network's hyper-parameters: its defaults, with the run's overrides where it has the key."""
+    hp = dict(trainable.defaults)
+    if cfg.hidden is not None and "hidden" in hp:
+        sizes = [int(h) for h in (cfg.hidden if isinstance(cfg.hidden, (list, tuple)) else [cfg.hidden])]
+        hp["hidden"] = sizes if isinstance(hp["hidden"], (list, tuple)) else sizes[0]
+    if cfg.layers is not None and "layers" in hp:
+        hp["layers"] = int(cfg.layers)
+    if cfg.batch_size is not None:
+        hp["batch_size"] = int(cfg.batch_size)
+    hp.setdefault("batch_size", 32)
+    return hp
+
+
+@dataclass
+class Prepared:
+    """Everything training needs, checked before any epoch runs (so bad input fails fast)."""
+
+    cfg: TrainConfig
+    trainable: TrainablePolicy
+    hparams: dict[str, Any]
+    out: Path
+    data: DecisionData
+    train: DecisionData
+    val: DecisionData
+    mean: np.ndarray
+    std: np.ndarray
+    weights: np.ndarray
+
+
+def prepare_training(
+    store_path: str | Path,
+    policy: str = "mlp",
+    *,
+    out: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+    registry: Registry | None = None,
+    **options: Any,
+) -> Prepared:
+    """Load and check the store, split it by episode, fit the normaliser and the class weights.
+
+    `options` are `TrainConfig` fields; `policy` is looked up among the registered trainable
+    policies of `registry` (default: every loaded plugin). Raises `DataError` (one line) for any
+    bad input.
+    """
+    cfg = TrainConfig(policy=policy, **options)
+    trainable = trainable_policy(policy, registry)
+    hp = _hparams(cfg, trainable)
+    if cfg.lr is None:
+        cfg.lr = trainable.lr
+    if cfg.epochs < 1 or hp["batch_size"] < 1 or not cfg.lr > 0:
+        raise DataError("the training epochs, the batch size and the learning rate must be positive")
+    weight_spec = parse_class_weights(cfg.class_weights)
+    out_path = Path(out) if out is not None else default_checkpoint_path(policy)
+    check_writable_checkpoint(out_path)  # before any work: never train for a file we may not write
+
+    data = load_decisions(store_path)
+    require_schema(data, SCHEMA_VERSION, "simic train")
+    missing = [ACTION_NAMES[c] for c in LABELS if not (data.labels == c).any()]
+    if missing and not cfg.allow_missing_classes:
+        raise DataError(f"store {data.store} has no {'/'.join(missing)} decisions, so the policy could never learn "
+                        f"{'it' if len(missing) == 1 else 'them'}; collect more episodes (or allow missing classes)")
+    train_pos, val_pos = split_episodes(data.n_episodes, cfg.val_fraction, cfg.seed,
+                                        rarest_action_per_episode(data), classes_per_episode(data))
+    train, val = data.select(train_pos), data.select(val_pos)
+    absent = [ACTION_NAMES[c] for c in LABELS if (data.labels == c).any() and not (train.labels == c).any()]
+    if absent and log is not None:
+        log(f"no {'/'.join(absent)} decision fell in the training episodes (split seed {cfg.seed}); "
+            "it cannot be learned from this split")
+    unscored = [ACTION_NAMES[c] for c in LABELS if (data.labels == c).any() and not (val.labels == c).any()]
+    if unscored and log is not None:
+        log(f"no {'/'.join(unscored)} decision is in the validation episodes (it occurs in too few episodes); "
+            f"validation balanced accuracy covers {len(np.unique(val.labels))} of {N_ACTIONS} classes")
+    mean, std = fit_normaliser(train.observations)  # training episodes only: no peeking at val
+    weights = class_weights(train.labels, weight_spec)
+    present = np.unique(train.labels)
+    if not (weights[present] > 0).any():
+        raise DataError(f"class weights {cfg.class_weights}: every class in the training episodes "
+                        f"({'/'.join(ACTION_NAMES[c] for c in present)}) has weight 0, so the loss is "
+                        "identically zero and nothing can be learned", option="class_weights")
+    if log is not None and (weights[present] == 0).any():
+        log(f"class weights {cfg.class_weights}: {'/'.join(ACTION_NAMES[c] for c in present if weights[c] == 0)} "
+            "get weight 0, so the policy is not trained to predict them")
+    return Prepared(cfg, trainable, hp, out_path, data, train, val, mean, std, weights)
+
+
+def train_policy(
+    store_path: str | Path,
+    policy: str = "mlp",
+    *,
+    out: str | Path | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    registry: Registry | None = None,
+    **options: Any,
+) -> tuple[Path, dict[str, Any]]:
+    """Behaviour-clone a trainable `policy` (mlp, gru, or a plugin's) on a store; write its
+    checkpoint; return (path, metrics).
+
+    `options` are `TrainConfig` fields (epochs, lr, seed, val_fraction, class_weights, hidden, ...).
+    Without `out` the checkpoint goes to `default_checkpoint_path(policy)`. Nothing is written
+    unless training succeeded. Raises `DataError` / `CheckpointError` with one-line messages.
+    """
+    return fit(prepare_training(store_path, policy, out=out, log=log, registry=registry, **options), on_epoch)
+
+
+def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) -> tuple[Path, dict[str, Any]]:
+    """The training loop on prepared data; writes the checkpoint of the best epoch."""
+    cfg, hp, train, val = prep.cfg, prep.hparams, prep.train, prep.val
+    sequence = prep.trainable.sequence
+    weights, mean, std = prep.weights, prep.mean, prep.std
+    weight_t = torch.from_numpy(weights)
+    tr = to_tensors(train, mean, std, sequence)  # normalised once, up front
+    va = to_tensors(val, mean, std, sequence)
+
+    # -- model and optimiser, seeded: same store + seed + config = same checkpoint (on CPU)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = prep.trainable.network(**network_options(hp))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    # -- the loop: keep the epoch with the best validation balanced accuracy (ties: lower val loss)
+    history: list[dict[str, float]] = []
+    best_key, best_epoch, best_state = (-1.0, 0.0), 0, None
+    interrupted = False
+    started = time.perf_counter()
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            train_loss = train_one_epoch(model, opt, tr, weight_t, hp["batch_size"], gen)
+            if not math.isfinite(train_loss):
+                raise DataError(f"training diverged at epoch {epoch} (loss {train_loss}); try a lower learning rate")
+            pred, val_loss = predict(model, va, weight_t, sequence)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                bal = float(balanced_accuracy_score(val.labels, pred))
+            acc = float((pred == val.labels).mean())
+            key = (round(bal, 9), -val_loss)
+            if key > best_key:
+                best_key, best_epoch = key, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                            "val_accuracy": acc, "val_balanced_accuracy": bal})
+            if on_epoch is not None:
+                on_epoch(EpochStats(epoch, train_loss, val_loss, acc, bal, best_epoch, best_key[0]))
+            if epoch - best_epoch >= cfg.patience:
+                break
+    except KeyboardInterrupt:
+        if best_state is None:
+            raise
+        interrupted = True  # keep the work done so far: the best epoch yet is saved below
+    seconds = time.perf_counter() - started
+    assert best_state is not None
+    model.load_state_dict(best_state)
+
+    # -- final metrics of the kept epoch, then the checkpoint (written only now, atomically)
+    train_pred, _ = predict(model, tr, weight_t, sequence)
+    val_pred, _ = predict(model, va, weight_t, sequence)
+    metrics = {
+        "train": classification_metrics(train.labels, train_pred),
+        "val": classification_metrics(val.labels, val_pred),
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "interrupted": interrupted,
+        "seconds": seconds,
+        "decisions_per_second": len(history) * len(train.labels) / max(seconds, 1e-9),
+    }
+    meta = {
+        "policy": cfg.policy,
+        "hparams": hp,
+        "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("hidden", "layers", "batch_size")},
+        "normalisation": {"kind": "standardise", "fitted_on": "train episodes",
+                          "mean": mean.tolist(), "std": std.tolist()},
+        "split": {"by": "episode", "stratified_by": "rarest action", "seed": cfg.seed,
+                  "val_fraction": cfg.val_fraction, "store": str(prep.data.store),
+                  "train_ids": list(train.episode_ids), "val_ids": list(val.episode_ids),
+                  # [task, run seed, index, rng seed] of every train and val episode: `simic compare`
+                  # keeps its episodes off these (same rng seed = same host init and data order).
+                  "episodes": [[m["config"]["task"], int(m["seed"]), int(m["index"]), int(m["rng_seed"])]
+                               for m in (train.episode_meta or []) + (val.episode_meta or [])]},
+        "class_weights": {"spec": cfg.class_weights, "values": weights.tolist(), "labels": list(ACTION_NAMES),
+                          "train_counts": np.bincount(train.labels, minlength=N_ACTIONS).tolist()},
+        "metrics": metrics,
+        "history": history,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    path = save_checkpoint(prep.out, dict(model.state_dict()), meta)
+    return path, {**metrics, "checkpoint": str(path), "n_train_episodes": train.n_episodes,
+                  "n_val_episodes": val.n_episodes, "class_weights": weights.tolist()}
