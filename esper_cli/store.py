@@ -1117,7 +1117,8 @@ class EpisodeReader:
         )
 
     def summary(self) -> dict[str, Any]:
-        """Store-wide totals: episodes, decisions, action mix, seed fates, accuracy, schema."""
+        """Store-wide totals: episodes, decisions, action mix, seed fates, accuracy, schema, and how
+        many episodes keep a final observation and decisions a behaviour probability."""
         actions = self._read("decisions/actions").astype(np.int64)
         if len(actions) and (actions.min() < 0 or actions.max() >= N_ACTIONS):
             bad = int(actions[(actions < 0) | (actions >= N_ACTIONS)][0])
@@ -1135,6 +1136,9 @@ class EpisodeReader:
             "mean_final_accuracy": float(final.mean()) if len(final) else None,
             "schema_name": self.schema_name,
             "schema_version": self.schema_version,
+            # Complete transitions and off-policy data need these; older episodes lack them.
+            "episodes_with_final_observation": int(self._index["has_final_observation"].sum()),
+            "decisions_with_behaviour_prob": int((self._read("decisions/behaviour_prob") >= 0).sum()),
         }
 
     def _committed_arrays(self) -> dict[str, np.ndarray]:
