@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -75,7 +76,11 @@ def _datasets_root(root: Path) -> Iterator[None]:
     before = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(root.resolve())
     try:
-        yield
+        with warnings.catch_warnings():
+            # Minari advises on metadata an export cannot know (author, e-mail, code link) and on
+            # env specs it lacks when episodes differ; the result names what it holds.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"minari\.")
+            yield
     finally:
         if before is None:
             os.environ.pop("MINARI_DATASETS_PATH", None)
