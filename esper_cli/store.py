@@ -984,12 +984,10 @@ class EpisodeReader:
           (int8, contracts.SeedStage), 'blueprint' (str; '' when the action germinated none);
         - 'behaviour_prob' (float64): the probability the behaviour policy gave the action taken
           (1 for a deterministic policy without exploration); NaN where the store does not know
-          (episodes collected before it was recorded);
-        - 'next_observation' (float32, like 'observation'): the observation after the decision's
-          epoch, the episode's final observation on its last decision; NaN rows where that final
-          observation is unknown (episodes collected before it was stored).
+          (episodes collected before it was recorded).
 
-        Reasons (free text) are left out: `episode(i)` has them.
+        Reasons (free text) are left out: `episode(i)` has them; `next_observations` gives the
+        observation after each decision (complete transitions).
         """
         selected = np.arange(self.n_episodes) if episodes is None else self._positions(episodes)
         cols = self.decisions(None if episodes is None else selected)
@@ -997,23 +995,14 @@ class EpisodeReader:
         step = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         ids = np.array([self.episode_meta(i)["id"] for i in range(self.n_episodes)], dtype=str)
         names = np.array([*self.blueprint_names, ""])  # code -1 picks the trailing ''
-        last = step == np.repeat(counts, counts) - 1
-        obs = cols["observations"]
-        following = np.empty_like(obs)
-        following[:-1] = obs[1:]  # within an episode the next row is the next observation
-        ends = np.flatnonzero(last)
-        known = self._index["has_final_observation"][cols["episode"][ends]].astype(bool)
-        following[ends[known]] = self._index["final_observation"][cols["episode"][ends[known]]]
-        following[ends[~known]] = np.nan
         probs = cols["behaviour_prob"].copy()
         probs[probs < 0] = np.nan
         return {
             "episode_id": ids[cols["episode"]],
             "episode": cols["episode"],
             "step": step,
-            "last": last,
-            "observation": obs,
-            "next_observation": following,
+            "last": step == np.repeat(counts, counts) - 1,
+            "observation": cols["observations"],
             "action": cols["actions"],
             "valid": cols["valid"],
             "confidence": cols["confidence"],
@@ -1027,6 +1016,25 @@ class EpisodeReader:
             "blueprint": names[cols["blueprint"]],
             "behaviour_prob": probs,
         }
+
+    def next_observations(self, episodes: np.ndarray | Iterable[int] | None = None) -> np.ndarray:
+        """The observation after each decision, rows aligned with `columns(episodes)` (float32).
+
+        Within an episode it is the next decision's observation; after its last decision, the
+        episode's final observation, or a row of NaN where the store does not know it (episodes
+        collected before final observations were stored).
+        """
+        selected = np.arange(self.n_episodes) if episodes is None else self._positions(episodes)
+        obs = self.decisions(None if episodes is None else selected)["observations"]
+        counts = self._index["length"].astype(np.int64)[selected]
+        following = np.empty_like(obs)
+        following[:-1] = obs[1:]  # within an episode the next row is the next observation
+        ends = np.cumsum(counts)[counts > 0] - 1
+        owners = selected[counts > 0]
+        known = self._index["has_final_observation"][owners].astype(bool)
+        following[ends[known]] = self._index["final_observation"][owners[known]]
+        following[ends[~known]] = np.nan
+        return following
 
     def _positions(self, episodes: np.ndarray | Iterable[int]) -> np.ndarray:
         positions = np.asarray(episodes)

@@ -95,11 +95,13 @@ def test_final_observation_and_behaviour_prob_round_trip(tmp_path):
         assert reader.episode(1).final_observation is None
         assert reader.episode(1).decisions[0].behaviour_prob is None
         cols = reader.columns()
+        following = reader.next_observations()
+        assert np.isnan(reader.next_observations([1])).all(axis=1).tolist() == [False] * 4 + [True]
         summary = reader.summary()
     n = EPOCHS
-    np.testing.assert_array_equal(cols["next_observation"][: n - 1], cols["observation"][1:n])
-    np.testing.assert_array_equal(cols["next_observation"][n - 1], episode.final_observation)
-    assert np.isnan(cols["next_observation"][-1]).all() and np.isnan(cols["behaviour_prob"][n:]).all()
+    np.testing.assert_array_equal(following[: n - 1], cols["observation"][1:n])
+    np.testing.assert_array_equal(following[n - 1], episode.final_observation)
+    assert np.isnan(following[-1]).all() and np.isnan(cols["behaviour_prob"][n:]).all()
     np.testing.assert_allclose(cols["behaviour_prob"][:n], [d.behaviour_prob for d in episode.decisions])
     assert summary["episodes_with_final_observation"] == 1 and summary["decisions_with_behaviour_prob"] == n
 
