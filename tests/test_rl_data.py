@@ -139,3 +139,25 @@ def test_collect_explore_stores_eps_and_probabilities(tmp_path):
         assert ((probs > 0) & (probs <= 1)).all() and (probs < 1).all()
         assert reader.index()["has_final_observation"].all()
     one_line_error(invoke("collect", "--explore", 1.5, "--store", store), "--explore")
+
+
+class Expert(Crafted):
+    """Another deterministic plan, so the learner and the expert disagree at some epochs."""
+
+    name = "expert"
+
+    def decide(self, obs, context) -> Decision:
+        return Decision([Action.WAIT, Action.GERMINATE, Action.ADVANCE, Action.WAIT, Action.CULL,
+                         Action.WAIT][obs.epoch])
+
+
+def test_dagger_mixture_and_exploration_compose():
+    beta, eps = 0.5, 0.25
+    config = EpisodeConfig(epochs=EPOCHS, expert="expert", beta=beta, explore=eps)
+    episode = run_episode(Crafted(), config, 0, 0, task=BUILTIN_TASKS["digits"], blueprints=BUILTIN_BLUEPRINTS,
+                          policy_name="crafted", expert=Expert(), expert_name="expert")
+    for record in episode.decisions:
+        obs = TrainingSnapshot.from_vector(record.observation)
+        valid = valid_actions(obs)
+        mixture = (1 - beta) * (record.action == PLAN[obs.epoch]) + beta * (record.action == record.expert_action)
+        assert record.behaviour_prob == pytest.approx((1 - eps) * mixture + eps * (record.action in valid) / len(valid))
