@@ -178,6 +178,18 @@ class Decision:
     reason: str = ""
     confidence: float = 1.0
     blueprint: str | None = None
+    #: A policy that samples its action says from what: the probability of every action (in
+    #: `Action` order) it drew from. None: the action is a deterministic function of the state.
+    #: The store's behaviour probabilities (off-policy learning) are computed from it.
+    probabilities: tuple[float, ...] | None = None
+
+    def action_probabilities(self) -> np.ndarray:
+        """The distribution the action was drawn from: `probabilities`, else one-hot on `action`."""
+        if self.probabilities is None:
+            p = np.zeros(N_ACTIONS)
+            p[int(self.action)] = 1.0
+            return p
+        return np.asarray(self.probabilities, dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -204,6 +216,9 @@ class DecisionRecord:
     blueprint: str | None  # the blueprint germinated, when the action germinated one
     outcome: Outcome
     expert_action: int = -1  # the expert's label where one was asked for (DAgger); -1 = none
+    #: The probability the behaviour policy (the acting policy, mixed with an expert and with
+    #: exploration where set) gave the action taken; None = unknown (stores written before it).
+    behaviour_prob: float | None = None
 
 
 @dataclass
@@ -260,12 +275,17 @@ class EpisodeConfig:
     #: plain runs keep the keys they always had.
     expert: str | None = None
     beta: float = 0.0
+    #: Exploration: the probability that a uniformly drawn valid action replaces the driving
+    #: policy's (from the episode's seed). Part of the episode's identity only when set (> 0).
+    explore: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must be between 0 and 1, got {self.beta}")
         if self.expert is None and self.beta != 0.0:
             raise ValueError("beta mixes in an expert's actions: set expert too")
+        if not 0.0 <= self.explore <= 1.0:
+            raise ValueError(f"explore must be between 0 and 1, got {self.explore}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -273,6 +293,8 @@ class EpisodeConfig:
         if self.expert is None:
             d.pop("expert")
             d.pop("beta")
+        if self.explore == 0.0:
+            d.pop("explore")
         return d
 
     @classmethod
@@ -324,6 +346,9 @@ class Episode:
     test_accuracy: float
     seeds: list[SeedLifecycle]
     expert: str | None = None
+    #: The observation after the last epoch (float32, N_FEATURES): with the decisions' observations
+    #: the N+1 an offline-RL dataset needs. None where unknown (stores written before it).
+    final_observation: np.ndarray | None = None
     #: Transient, never stored: shadow-mode observers' actions at each decision (name -> actions).
     shadow: dict[str, list[int]] = field(default_factory=dict)
     #: Transient, never stored: the policy factory's options, so a comparison of one policy with

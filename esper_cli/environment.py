@@ -5,7 +5,8 @@ validate, and return the new observation plus the outcome the action caused. Eve
 (initial weights, data order, seed initialisation) is drawn from the episode's rng seed, and data
 order never depends on the actions taken, so runs of different policies from one seed are paired.
 Streams of the episode's seed: 0 host weights, 1 seed weights, 2 data order, 4 the blueprint
-rotation's starting point (3 is the DAgger coin of `episode.run_episode`).
+rotation's starting point (3 is the DAgger coin and 6 the exploration draws of
+`episode.run_episode`; 5 is the `random` baseline's).
 
 The seed signal (schema v2's `seed_improvement`, see `contracts.FEATURE_MEANINGS`) is measured in
 the same validation pass as the host, once per epoch: the managed slot's counterfactual path (the
@@ -117,6 +118,17 @@ class MorphogeneticEnv:
 
     def available_slots(self) -> int:
         return sum(s.stage == SeedStage.DORMANT for s in self.slots)
+
+    def valid_actions(self) -> list[Action]:
+        """The actions `apply` would carry out now (the rest are recorded no-ops), in action order.
+
+        GERMINATE counts as valid with the rotation's blueprint (an unknown named one is not).
+        """
+        if self.active_slot() is not None:
+            return [Action.WAIT, Action.ADVANCE, Action.CULL]
+        if self.available_slots() > 0:
+            return [Action.WAIT, Action.GERMINATE]
+        return [Action.WAIT]
 
     # ------------------------------------------------------------------------------ observation
     def observe(self) -> TrainingSnapshot:

@@ -8,6 +8,10 @@ Layout (columnar, so loading every decision of 10,000 episodes is one read per c
 - ``/meta_bytes``, ``/reason_bytes``: UTF-8 text packed into byte arrays. SWMR handles
   variable-length strings badly, so text is bytes plus offset/length columns.
 - ``/blueprint_names``: the vocabulary that ``/decisions/blueprint`` codes index (-1 = none).
+- Columns added after the first stores (``_OPTIONAL``): each decision's behaviour probability,
+  each episode's final observation. A store without them still opens and reads them as absent;
+  the first writer to open such a store adds them (rewriting it, as a recovery does). Rows a
+  writer that predates them did not write read as absent too (their fill value).
 - ``/commit``: how many rows of each of the above are committed. Readers use nothing beyond it.
 - File attributes: format, store version, observation schema name/version, feature names.
 
@@ -89,6 +93,7 @@ _DECISION_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "stage_after": ("i1", ()),
     "reason_offset": ("<i8", ()),
     "reason_length": ("<i4", ()),
+    "behaviour_prob": ("<f8", ()),  # -1: unknown (optional column)
 }
 _BOOL_COLUMNS = ("valid", "seed_alive")
 
@@ -107,6 +112,16 @@ _EPISODE_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "seeds_culled": ("<i4", ()),
     "meta_offset": ("<i8", ()),
     "meta_length": ("<i4", ()),
+    # The observation after the last epoch (optional columns): zeros and 0 where unknown.
+    "final_observation": ("<f4", (N_FEATURES,)),
+    "has_final_observation": ("u1", ()),
+}
+
+#: Datasets a store may lack (written before they existed) -> the value their absent rows read as.
+_OPTIONAL: dict[str, float] = {
+    "decisions/behaviour_prob": -1.0,
+    "episodes/final_observation": 0.0,
+    "episodes/has_final_observation": 0,
 }
 
 
@@ -357,8 +372,9 @@ def _write_new_store(tmp: Path, arrays: dict[str, np.ndarray]) -> None:
         counts = {}
         for name, (dtype, tail, chunk, field) in _LAYOUT.items():
             data = arrays.get(name, np.zeros((0, *tail), dtype=dtype))
+            fill = {"fillvalue": _OPTIONAL[name]} if name in _OPTIONAL else {}
             f.create_dataset(name, data=data, dtype=dtype, maxshape=(None, *tail),
-                             chunks=(chunk, *tail))
+                             chunks=(chunk, *tail), **fill)
             counts[field] = len(data)
         f.create_dataset("commit", data=np.array(_Counts(**counts), dtype=np.int64))
 
@@ -436,6 +452,9 @@ def _decision_rows(episode: Episode, what: str, reason_start: int, vocab: dict[s
     expert = [int(d.expert_action) for d in recs]
     if any(not -1 <= e < N_ACTIONS for e in expert):
         raise ValueError(f"{what} expert_action must be -1 or 0..{N_ACTIONS - 1}")
+    probs = [-1.0 if d.behaviour_prob is None else float(d.behaviour_prob) for d in recs]
+    if any(not (p == -1.0 or 0.0 <= p <= 1.0) for p in probs):
+        raise ValueError(f"{what} behaviour_prob must be between 0 and 1 (or None)")
     reasons = [d.reason.encode() for d in recs]
     lengths = np.array([len(r) for r in reasons], dtype=np.int64)
     rows = {
@@ -451,8 +470,19 @@ def _decision_rows(episode: Episode, what: str, reason_start: int, vocab: dict[s
                                 dtype=np.int8),
         "reason_offset": reason_start + np.cumsum(lengths) - lengths,
         "reason_length": lengths,
+        "behaviour_prob": np.array(probs, dtype=np.float64),
     }
     return rows, b"".join(reasons)
+
+
+def _final_observation(episode: Episode, what: str) -> np.ndarray | None:
+    if episode.final_observation is None:
+        return None
+    vec = np.asarray(episode.final_observation, dtype=np.float32)
+    if vec.shape != (N_FEATURES,):
+        raise ValueError(f"{what} final observation has shape {vec.shape}, expected ({N_FEATURES},)")
+    check_finite(vec, f"{what} final observation")
+    return vec
 
 
 def _episode_meta(episode: Episode, episode_id: str, key: str) -> bytes:
@@ -494,6 +524,7 @@ def _encode(episodes: list[Episode], counts: _Counts, blueprints: list[str]) -> 
         key, episode_id = ep.key, ep.id  # each hashes the config: compute once
         rows, reason_blob = _decision_rows(ep, f"episode {episode_id}:", n_reason, vocab, names)
         meta = _episode_meta(ep, episode_id, key)
+        final = _final_observation(ep, f"episode {episode_id}:")
         n = len(ep.decisions)
         values = {
             "offset": n_dec, "length": n, "seed": ep.seed, "index": ep.index,
@@ -502,6 +533,8 @@ def _encode(episodes: list[Episode], counts: _Counts, blueprints: list[str]) -> 
             "test_accuracy": ep.test_accuracy, "seeds_created": ep.seeds_created,
             "seeds_fossilized": ep.seeds_fossilized, "seeds_culled": ep.seeds_culled,
             "meta_offset": n_meta, "meta_length": len(meta),
+            "final_observation": np.zeros(N_FEATURES, dtype=np.float32) if final is None else final,
+            "has_final_observation": final is not None,
         }
         for name, value in values.items():
             episode_rows[name].append(value)
@@ -514,8 +547,8 @@ def _encode(episodes: list[Episode], counts: _Counts, blueprints: list[str]) -> 
     out: dict[str, np.ndarray] = {}
     for name, (dtype, _tail) in _DECISION_COLUMNS.items():
         out[f"decisions/{name}"] = np.concatenate([p[name] for p in decision_parts]).astype(dtype)
-    for name, (dtype, _tail) in _EPISODE_COLUMNS.items():
-        out[f"episodes/{name}"] = np.array(episode_rows[name], dtype=dtype)
+    for name, (dtype, tail) in _EPISODE_COLUMNS.items():
+        out[f"episodes/{name}"] = np.array(episode_rows[name], dtype=dtype).reshape(-1, *tail)
     out["reason_bytes"] = np.frombuffer(b"".join(reasons), dtype=np.uint8)
     out["meta_bytes"] = np.frombuffer(b"".join(metas), dtype=np.uint8)
     out["blueprint_names"] = np.array([n.encode() for n in names[len(blueprints):]],
@@ -597,6 +630,8 @@ class EpisodeWriter:
         # replace the link with a copy, splitting the store in two.
         self.real_path = _real_path(self.path)
         self.recovered = False
+        #: True when the store predated the optional columns and was rewritten to hold them.
+        self.upgraded = False
         self._file: h5py.File | None = None
         self._datasets: dict[str, h5py.Dataset] = {}
         self._commit: h5py.Dataset | None = None
@@ -647,14 +682,17 @@ class EpisodeWriter:
             # HDF5's "open for write" flag is set, yet we hold the lock: the last writer crashed,
             # and a normal open would refuse the file. Keep its committed data, drop the rest.
             crashed = _superblock_flags(path) != 0
-            arrays = reader._committed_arrays() if crashed else None
+            # A store from before the optional columns gets them now: the same whole rewrite.
+            upgrade = bool(reader.absent)
+            arrays = reader._committed_arrays() if crashed or upgrade else None
         if arrays is not None:
             try:
                 _create_store(path, self._sibling("recover.tmp"), arrays)
             except (OSError, RuntimeError) as exc:
                 raise _write_error(f"recovering episode store {self.path} after an interrupted "
                                    "write failed", exc, "; the store is unchanged") from None
-            self.recovered = True
+            self.recovered = crashed
+            self.upgraded = upgrade
         try:
             self._file = _open_swmr_write(path)
         except OSError as exc:
@@ -805,7 +843,11 @@ class EpisodeReader:
         """Open every dataset's header now. A damaged one is refused here, at open, rather than
         met by a writer mid-append or by a command after its work (a writer validates the store
         through a reader, which otherwise touches only the datasets it reads)."""
+        absent = set()
         for name, (dtype, tail, _chunk, _field) in _LAYOUT.items():
+            if name in _OPTIONAL and name not in self._file:
+                absent.add(name)
+                continue
             try:
                 ds = self._file[name]
                 found = (ds.dtype, ds.shape[1:])
@@ -814,6 +856,8 @@ class EpisodeReader:
             if found != (np.dtype(dtype), tail):
                 raise self._damaged(f"{name} holds {found[0]} {found[1]} rows, "
                                     f"expected {np.dtype(dtype)} {tail}")
+        #: Optional datasets this store lacks (written before they existed): they read as absent.
+        self.absent = frozenset(absent)
 
     def _read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Committed rows [start, stop) of a dataset (stop defaults to the committed count)."""
@@ -821,17 +865,25 @@ class EpisodeReader:
             raise StoreError(f"episode store {self.path} reader is closed")
         committed = getattr(self._counts, _LAYOUT[name][3])
         stop = committed if stop is None else stop
+        dtype, tail = _LAYOUT[name][:2]
+        if name in self.absent:
+            return np.full((max(stop - start, 0), *tail), _OPTIONAL[name], dtype=dtype)
         try:
             ds = self._file[name]
             if ds.shape[0] < committed:
                 ds.refresh()  # SWMR: the cached extent may predate the commit we read
-                if ds.shape[0] < committed:
-                    raise self._damaged(f"{name} has {ds.shape[0]} rows, the commit record "
-                                        f"says {committed}")
-            rows = ds[start:stop]
+            if ds.shape[0] < committed and name in _OPTIONAL:
+                # A writer that predates this column committed rows without it: absent there.
+                have = ds[start:min(stop, ds.shape[0])]
+                pad = np.full((max(stop - start, 0) - len(have), *tail), _OPTIONAL[name], dtype=dtype)
+                rows = np.concatenate([have.astype(dtype), pad])
+            elif ds.shape[0] < committed:
+                raise self._damaged(f"{name} has {ds.shape[0]} rows, the commit record "
+                                    f"says {committed}")
+            else:
+                rows = ds[start:stop]
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:  # HDF5 saw damage
             raise self._damaged(f"{name}: {_hdf5_reason(exc)}") from None
-        dtype, tail = _LAYOUT[name][:2]
         if rows.shape[1:] != tail or rows.dtype != np.dtype(dtype):
             raise self._damaged(f"{name} holds {rows.dtype} {rows.shape[1:]} rows, "
                                 f"expected {np.dtype(dtype)} {tail}")
@@ -848,8 +900,13 @@ class EpisodeReader:
                 raise self._damaged("inconsistent episode index")
 
     def index(self) -> dict[str, np.ndarray]:
-        """The episode index: one entry per committed episode in every column; 'key' as str."""
+        """The episode index: one entry per committed episode in every column; 'key' as str.
+
+        'final_observation' (float32, n x N_FEATURES) is the observation after the episode's last
+        epoch where 'has_final_observation' (bool) says the store knows it, zeros elsewhere.
+        """
         out = {name: col.copy() for name, col in self._index.items()}
+        out["has_final_observation"] = out["has_final_observation"].astype(bool)
         try:
             out["key"] = out["key"].astype(str)
         except UnicodeDecodeError:
@@ -896,6 +953,11 @@ class EpisodeReader:
                 where = f"episode {int(cols['episode'][row])}, " if "episode" in cols else ""
                 raise self._damaged(f"decisions/{name} holds {int(col[row])} ({where}"
                                     f"expected {low}..{high})")
+        probs = cols["behaviour_prob"]
+        bad = ~((probs == -1.0) | ((probs >= 0.0) & (probs <= 1.0)))
+        if bad.any():
+            raise self._damaged(f"decisions/behaviour_prob holds {float(probs[bad][0])} (expected 0..1, "
+                                "or -1 for unknown)")
         offsets = cols["reason_offset"].astype(np.int64)
         ends = offsets + cols["reason_length"]
         if ((offsets < 0) | (cols["reason_length"] < 0) | (ends > self._counts.n_reason_bytes)).any():
@@ -915,9 +977,13 @@ class EpisodeReader:
           applicable), 'confidence' (float64), 'expert_action' (int8, -1: no expert label);
         - 'reward' and the outcome measured after the decision's epoch: 'accuracy_change',
           'loss_change', 'val_accuracy_after' (float64), 'seed_alive' (bool), 'stage_after'
-          (int8, contracts.SeedStage), 'blueprint' (str; '' when the action germinated none).
+          (int8, contracts.SeedStage), 'blueprint' (str; '' when the action germinated none);
+        - 'behaviour_prob' (float64): the probability the behaviour policy gave the action taken
+          (1 for a deterministic policy without exploration); NaN where the store does not know
+          (episodes collected before it was recorded).
 
-        Reasons (free text) are left out: `episode(i)` has them.
+        Reasons (free text) are left out: `episode(i)` has them; `next_observations` gives the
+        observation after each decision (complete transitions).
         """
         selected = np.arange(self.n_episodes) if episodes is None else self._positions(episodes)
         cols = self.decisions(None if episodes is None else selected)
@@ -925,6 +991,8 @@ class EpisodeReader:
         step = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         ids = np.array([self.episode_meta(i)["id"] for i in range(self.n_episodes)], dtype=str)
         names = np.array([*self.blueprint_names, ""])  # code -1 picks the trailing ''
+        probs = cols["behaviour_prob"].copy()
+        probs[probs < 0] = np.nan
         return {
             "episode_id": ids[cols["episode"]],
             "episode": cols["episode"],
@@ -942,7 +1010,27 @@ class EpisodeReader:
             "seed_alive": cols["seed_alive"],
             "stage_after": cols["stage_after"],
             "blueprint": names[cols["blueprint"]],
+            "behaviour_prob": probs,
         }
+
+    def next_observations(self, episodes: np.ndarray | Iterable[int] | None = None) -> np.ndarray:
+        """The observation after each decision, rows aligned with `columns(episodes)` (float32).
+
+        Within an episode it is the next decision's observation; after its last decision, the
+        episode's final observation, or a row of NaN where the store does not know it (episodes
+        collected before final observations were stored).
+        """
+        selected = np.arange(self.n_episodes) if episodes is None else self._positions(episodes)
+        obs = self.decisions(None if episodes is None else selected)["observations"]
+        counts = self._index["length"].astype(np.int64)[selected]
+        following = np.empty_like(obs)
+        following[:-1] = obs[1:]  # within an episode the next row is the next observation
+        ends = np.cumsum(counts)[counts > 0] - 1
+        owners = selected[counts > 0]
+        known = self._index["has_final_observation"][owners].astype(bool)
+        following[ends[known]] = self._index["final_observation"][owners[known]]
+        following[ends[~known]] = np.nan
+        return following
 
     def _positions(self, episodes: np.ndarray | Iterable[int]) -> np.ndarray:
         positions = np.asarray(episodes)
@@ -1013,6 +1101,7 @@ class EpisodeReader:
                     reward=float(cols["reward"][t]),
                 ),
                 expert_action=int(cols["expert_actions"][t]),
+                behaviour_prob=float(cols["behaviour_prob"][t]) if cols["behaviour_prob"][t] >= 0 else None,
             ))
         return Episode(
             seed=int(self._index["seed"][i]),
@@ -1027,10 +1116,13 @@ class EpisodeReader:
             test_accuracy=meta["test_accuracy"],
             seeds=[SeedLifecycle.from_dict(s) for s in meta["seeds"]],
             expert=meta["expert"],
+            final_observation=(self._index["final_observation"][i].copy()
+                               if self._index["has_final_observation"][i] else None),
         )
 
     def summary(self) -> dict[str, Any]:
-        """Store-wide totals: episodes, decisions, action mix, seed fates, accuracy, schema."""
+        """Store-wide totals: episodes, decisions, action mix, seed fates, accuracy, schema, and how
+        many episodes keep a final observation and decisions a behaviour probability."""
         actions = self._read("decisions/actions").astype(np.int64)
         if len(actions) and (actions.min() < 0 or actions.max() >= N_ACTIONS):
             bad = int(actions[(actions < 0) | (actions >= N_ACTIONS)][0])
@@ -1048,6 +1140,9 @@ class EpisodeReader:
             "mean_final_accuracy": float(final.mean()) if len(final) else None,
             "schema_name": self.schema_name,
             "schema_version": self.schema_version,
+            # Complete transitions and off-policy data need these; older episodes lack them.
+            "episodes_with_final_observation": int(self._index["has_final_observation"].sum()),
+            "decisions_with_behaviour_prob": int((self._read("decisions/behaviour_prob") >= 0).sum()),
         }
 
     def _committed_arrays(self) -> dict[str, np.ndarray]:

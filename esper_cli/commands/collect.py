@@ -80,6 +80,7 @@ def collect(
     retries: int = typer.Option(DEFAULT_RETRIES, "--retries", min=0, help="Re-runs of an episode whose worker died (killed, out of memory) before it is reported as failed."),
     expert: Optional[str] = typer.Option(None, "--expert", help="DAgger: a policy asked at every state; its action is stored as the label (the acting policy's action is kept too)."),
     beta: Optional[float] = typer.Option(None, "--beta", min=0.0, max=1.0, help="DAgger: probability that the expert's action is applied instead of the policy's (default 0.5 with --expert)."),
+    explore: float = typer.Option(0.0, "--explore", min=0.0, max=1.0, help="Exploration: probability EPS that a uniform valid action replaces the policy's (drawn from the episode's seed); each decision's behaviour probability is stored."),
 ) -> None:
     """Run morphogenetic training episodes driven by a policy and record every decision.
 
@@ -95,6 +96,11 @@ def collect(
     decision applies the expert's action with probability --beta, drawn from the episode's seed)
     while the expert's action at every state is stored as the label; `simic train` then learns
     from the expert labels of the aggregated store.
+
+    Exploration data (for off-policy and offline RL): with --explore EPS each decision applies a
+    uniform valid action instead of the policy's with probability EPS. Every decision stores the
+    probability the behaviour policy gave the action taken (1 without exploration for a
+    deterministic policy); EPS is part of the episodes' identity when set.
     """
     reg = registry()
     choose("policy", policy, reg.policies, "--policy")
@@ -104,7 +110,8 @@ def collect(
         fail("--beta mixes in an expert's actions: it needs --expert NAME")
     n_workers = workers_and_backend(workers, backend, ray_address)
     config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads,
-                            expert=expert, beta=(0.5 if beta is None else beta) if expert is not None else 0.0)
+                            expert=expert, beta=(0.5 if beta is None else beta) if expert is not None else 0.0,
+                            explore=explore)
     store_path = store or default_store_path()
 
     keep_work_on_interrupt()
@@ -168,6 +175,8 @@ def collect(
     table.add_row("policy", f"{policy} {version}")
     if expert is not None:
         table.add_row("expert (labels) / beta", f"{expert} / {config.beta:g}")
+    if explore > 0:
+        table.add_row("exploration (eps)", f"{explore:g}")
     table.add_row("task / epochs / seed", f"{task} / {epochs} / {seed}")
     table.add_row("episodes added", str(result.added))
     table.add_row("episodes already present", str(result.present))

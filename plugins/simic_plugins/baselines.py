@@ -63,7 +63,9 @@ class RandomTamiyo:
     def decide(self, obs: TrainingSnapshot, context: EpisodeContext | None = None) -> Decision:
         choices = valid_actions(obs)
         action = choices[int(self._rng.integers(len(choices)))]
-        return Decision(action, f"baseline: uniform among {len(choices)} valid actions", 1.0 / len(choices))
+        probabilities = tuple(1.0 / len(choices) if a in choices else 0.0 for a in Action)
+        return Decision(action, f"baseline: uniform among {len(choices)} valid actions", 1.0 / len(choices),
+                        probabilities=probabilities)
 
 
 @hookimpl
