@@ -5,10 +5,12 @@ weights and sees the same data order), so the difference to `wait` on episode i 
 the policy's decisions alone. Validation accuracy is what the controller sees; test accuracy,
 read once at the end of each episode, is the honest score. Intervals are Student-t 95%.
 
-    python bench/bench_policies.py [--episodes 20] [--seed 1000] [--workers 2] [POLICY ...]
+    python bench/bench_policies.py [--episodes 20] [--seed 1000] [--workers 2] [--reference wait] [POLICY ...]
 
 POLICY is a registered name or NAME=PATH (a checkpoint), as for `simic compare`; the default is
-heuristic, random. `wait` is always run, first, as the reference.
+heuristic, random. The reference (`wait` unless `--reference` names another) is always run, first;
+every difference is paired against it (e.g. `--reference heuristic mlp=improved.safetensors wait
+random`: does a learned Tamiyo beat the rules?).
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1000, help="run seed (use one you did not tune on)")
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--reference", default="wait", help="the policy every difference is paired against")
     parser.add_argument("--json", action="store_true", help="print the compare report as JSON")
     args = parser.parse_args()
     reg = registry()
-    names = ["wait"] + [p for p in args.policies if p != "wait"]
+    names = [args.reference] + [p for p in args.policies if p != args.reference]
     specs, versions = resolve_specs(names, reg, None)
     config = EpisodeConfig(epochs=args.epochs)
     t0 = time.perf_counter()
@@ -48,11 +51,11 @@ def main() -> None:
         print(json.dumps(report))
         return
     print(f"{args.episodes} paired episodes, run seed {args.seed}, {args.epochs} epochs "
-          f"({time.perf_counter() - t0:.0f} s); accuracy %, mean and 95% interval; Δ paired against wait")
+          f"({time.perf_counter() - t0:.0f} s); accuracy %, mean and 95% interval; Δ paired against {args.reference}")
     print(f"{'policy':<14} {'final val':>8} {'95% CI':>18} {'Δ val':>7} {'Δ 95% CI':>18} "
           f"{'test':>7} {'95% CI':>18} {'Δ test':>7} {'Δ 95% CI':>18}  seeds c/f/x")
     for label, r in report["closed_loop"].items():
-        ref = label == "wait"
+        ref = label == args.reference
         dv = "" if ref else f"{r['final_accuracy_diff_mean']:+7.2f}"
         dt = "" if ref else f"{r['test_accuracy_diff_mean']:+7.2f}"
         print(f"{label:<14} {r['final_accuracy_mean']:8.2f} {_ci(r['final_accuracy_ci95']):>18} {dv:>7} "

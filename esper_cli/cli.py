@@ -1,4 +1,4 @@
-"""The `simic` command line: collect | info | plugins | train | eval | compare | dagger | export (Typer + Rich).
+"""The `simic` command line: collect | info | plugins | train | eval | compare | dagger | improve | export (Typer + Rich).
 
 Data goes to stdout (tables, or JSON with --json); progress and diagnostics go to stderr.
 Exit codes: 0 ok; 1 the job ran and failed; 2 bad usage or bad input; 130 interrupted.
@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "compare": ("compare", "compare", "Compare Tamiyo policies live on real morphogenetic training runs."),
     "dagger": ("dagger", "dagger", "Run DAgger rounds: the learner acts, the expert labels, retrain, compare closed loop."),
     "export": ("export", "export", "Export an episode store as a Minari dataset for offline-RL libraries."),
+    "improve": ("improve", "improve_command", "Fine-tune a learned Tamiyo on its own live episodes (PPO) toward higher final accuracy."),
 }
 
 

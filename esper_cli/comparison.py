@@ -40,9 +40,9 @@ from .contracts import (
     Action,
     Episode,
     EpisodeConfig,
-    SeedStage,
     episode_rng_seed,
 )
+from .metrics import agreement_by_stage, seed_stages
 from .plugins import Registry
 from .policy import policy_version
 from .runner import EpisodeJob, JobFailed, make_runner, run_job
@@ -256,24 +256,6 @@ def _confusion(rows: np.ndarray, cols: np.ndarray) -> list[list[int]]:
     return m.tolist()
 
 
-def _stage_of(observations: np.ndarray) -> np.ndarray:
-    """The managed seed's stage at each decision (DORMANT where no seed is active)."""
-    from .contracts import FEATURE_NAMES
-
-    has = observations[:, FEATURE_NAMES.index("has_active_seed")] > 0.5
-    stage = observations[:, FEATURE_NAMES.index("seed_stage")].astype(np.int64)
-    return np.where(has, stage, int(SeedStage.DORMANT))
-
-
-def _by_stage(agree: np.ndarray, stages: np.ndarray) -> dict[str, dict[str, int]]:
-    """Decisions and disagreements per seed stage (where do two policies part ways?)."""
-    out = {}
-    for s in np.unique(stages):
-        m = stages == s
-        out[SeedStage(int(s)).name] = {"decisions": int(m.sum()), "disagreements": int((~agree[m]).sum())}
-    return out
-
-
 @dataclass
 class PolicyRuns:
     """The closed-loop episodes of one compared policy, by episode index."""
@@ -358,7 +340,7 @@ def closed_loop_summary(runs: Mapping[str, PolicyRuns], reference: str) -> dict[
             entry["expert_agreement"] = float((a == y).mean())
             entry["expert_labelled_decisions"] = len(y)
             entry["expert_confusion"] = _confusion(y, a)  # rows: expert, columns: this policy
-            entry["expert_by_stage"] = _by_stage(a == y, _stage_of(np.stack(visited)))
+            entry["expert_by_stage"] = agreement_by_stage(a == y, seed_stages(np.stack(visited)))
         out[label] = entry
     return out
 
@@ -371,11 +353,11 @@ def shadow_summary(driver: str, episodes: Iterable[Episode], observers: Sequence
         return out
     acted = np.concatenate([[int(d.action) for d in e.decisions] for e in eps]).astype(np.int64)
     obs = np.concatenate([np.stack([d.observation for d in e.decisions]) for e in eps])
-    stages = _stage_of(obs)
+    stages = seed_stages(obs)
     for label in observers:
         other = np.concatenate([e.shadow[label] for e in eps]).astype(np.int64)
         agree = acted == other
-        by_stage = _by_stage(agree, stages)
+        by_stage = agreement_by_stage(agree, stages)
         out[label] = {
             "agreement": float(agree.mean()),
             "n_decisions": len(agree),

@@ -36,19 +36,20 @@ class DecisionData:
     store: Path
     observations: np.ndarray  # (N, 27) float32, raw
     labels: np.ndarray  # (N,) int64: the action to imitate
-    episode: np.ndarray  # (N,) int64: episode position in the store
+    episode: np.ndarray  # (N,) int64: episode position (canonical order: run seed, index, id)
     episode_ids: list[str]  # per episode position
     starts: np.ndarray  # (E,) first decision of each episode
     lengths: np.ndarray  # (E,) decisions per episode
     episode_meta: list[dict[str, Any]] | None = None  # per episode position (config, rng seed, ...)
     schema_version: int = SCHEMA_VERSION  # of the store's observations (see `require_schema`)
+    rows: np.ndarray | None = None  # (N,) each decision's row in the store's columns (to gather more of them)
 
     @property
     def n_episodes(self) -> int:
         return len(self.episode_ids)
 
     def select(self, positions: Sequence[int] | np.ndarray) -> DecisionData:
-        """The sub-dataset made of the given episode positions (kept in store order)."""
+        """The sub-dataset made of the given episode positions (kept in their order)."""
         positions = np.sort(np.asarray(positions, dtype=np.int64))
         rows = np.concatenate([np.arange(self.starts[p], self.starts[p] + self.lengths[p]) for p in positions]) \
             if len(positions) else np.zeros(0, dtype=np.int64)
@@ -57,7 +58,8 @@ class DecisionData:
         episode = np.repeat(np.arange(len(positions)), lengths)
         metas = [self.episode_meta[p] for p in positions] if self.episode_meta is not None else None
         return DecisionData(self.store, self.observations[rows], self.labels[rows], episode,
-                            [self.episode_ids[p] for p in positions], starts, lengths, metas, self.schema_version)
+                            [self.episode_ids[p] for p in positions], starts, lengths, metas, self.schema_version,
+                            self.rows[rows] if self.rows is not None else None)
 
     def sequences(self) -> list[np.ndarray]:
         """Per-episode row indices, in order (for sequence models and stateful replay)."""
@@ -103,13 +105,19 @@ def load_decisions(store_path: str | Path) -> DecisionData:
     labels = imitation_labels(cols)
     if ((labels < 0) | (labels >= N_ACTIONS)).any():
         raise DataError(f"store {store_path}: actions outside 0..{N_ACTIONS - 1} ({', '.join(ACTION_NAMES)})")
-    episode = np.asarray(cols["episode"], dtype=np.int64)
-    order = np.argsort(episode, kind="stable")  # group by episode, keep epoch order within one
-    obs, labels, episode = obs[order], labels[order], episode[order]
+    # Episodes in a canonical order (run seed, index, id), not the order they were committed in:
+    # parallel workers commit in completion order, and training must not depend on it.
+    canonical = sorted(range(n), key=lambda i: (int(metas[i]["seed"]), int(metas[i]["index"]), str(metas[i]["id"])))
+    position = np.empty(n, dtype=np.int64)
+    position[canonical] = np.arange(n)
+    episode = position[np.asarray(cols["episode"], dtype=np.int64)]
+    rows = np.argsort(episode, kind="stable")  # group by episode, keep epoch order within one
+    obs, labels, episode = obs[rows], labels[rows], episode[rows]
     lengths = np.bincount(episode, minlength=n).astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    metas = [metas[i] for i in canonical]
     ids = [str(m["id"]) for m in metas]
-    return DecisionData(store_path, obs, labels, episode, ids, starts, lengths, metas, version)
+    return DecisionData(store_path, obs, labels, episode, ids, starts, lengths, metas, version, rows)
 
 
 def require_schema(data: DecisionData, version: int, what: str) -> None:

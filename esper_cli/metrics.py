@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from .contracts import ACTION_NAMES, N_ACTIONS
+from .contracts import ACTION_NAMES, FEATURE_NAMES, N_ACTIONS, SeedStage
 from .decisions import DataError
 
 LABELS = list(range(N_ACTIONS))
@@ -52,3 +52,20 @@ def balanced_accuracy_label(metrics: dict[str, Any], where: str) -> str:
         return "balanced accuracy"
     n_scored = len(metrics.get("labels", ACTION_NAMES)) - len(missing)
     return f"balanced accuracy ({n_scored} of {n_scored + len(missing)} classes; no {'/'.join(missing)} in {where})"
+
+
+def seed_stages(observations: np.ndarray) -> np.ndarray:
+    """The managed seed's stage at each decision (DORMANT where no seed is active), from raw observations."""
+    has = observations[:, FEATURE_NAMES.index("has_active_seed")] > 0.5
+    stage = observations[:, FEATURE_NAMES.index("seed_stage")].astype(np.int64)
+    return np.where(has, stage, int(SeedStage.DORMANT))
+
+
+def agreement_by_stage(agree: np.ndarray, stages: np.ndarray) -> dict[str, dict[str, int]]:
+    """Decisions and disagreements per seed stage (where do two policies part ways?)."""
+    out = {}
+    for s in np.unique(stages):
+        m = stages == s
+        name = SeedStage(int(s)).name if int(s) in SeedStage._value2member_map_ else f"stage {int(s)}"
+        out[name] = {"decisions": int(m.sum()), "disagreements": int((~agree[m]).sum())}
+    return out

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from .contracts import Decision, TrainingSnapshot
+import numpy as np
+
+from .contracts import FEATURE_NAMES, N_ACTIONS, Action, Decision, TrainingSnapshot
 
 if TYPE_CHECKING:
     from .plugins import Registry
@@ -49,3 +51,27 @@ def policy_version(registry: Registry, name: str, agent: Any = None) -> str:
         return str(own)
     plugin = registry.plugin_of("policy", name)
     return str(plugin.version) if plugin is not None and plugin.version else "unknown"
+
+
+def valid_actions(obs: TrainingSnapshot) -> list[Action]:
+    """The actions that are not no-ops in the state `obs` describes, in action order."""
+    if obs.has_active_seed:
+        return [Action.WAIT, Action.ADVANCE, Action.CULL]
+    if obs.available_slots > 0:
+        return [Action.WAIT, Action.GERMINATE]
+    return [Action.WAIT]
+
+
+_ACTIVE, _SLOTS = FEATURE_NAMES.index("has_active_seed"), FEATURE_NAMES.index("available_slots")
+
+
+def valid_action_mask(observations: np.ndarray) -> np.ndarray:
+    """`valid_actions` for raw observation vectors, (N, 27) or (27,): a boolean (N, 4) or (4,) mask."""
+    x = np.asarray(observations)
+    active, free = x[..., _ACTIVE] > 0.5, x[..., _SLOTS] > 0.5
+    mask = np.zeros((*x.shape[:-1], N_ACTIONS), dtype=bool)
+    mask[..., Action.WAIT] = True
+    mask[..., Action.GERMINATE] = ~active & free
+    mask[..., Action.ADVANCE] = active
+    mask[..., Action.CULL] = active
+    return mask

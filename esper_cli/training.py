@@ -11,6 +11,9 @@ Reads top to bottom, like the training loop it is:
 5. `train_policy`     - Adam + weighted cross-entropy on shuffled mini-batches (MLP) or whole
                          episodes in order (GRU); the epoch with the best validation balanced
                          accuracy is kept (early stopping) and saved as a safetensors checkpoint.
+                         With `objective="outcome"` the labels are the actions taken and each
+                         decision's loss is scaled by its advantage weight (`offline.py`, AWR);
+                         the epoch with the lowest weighted validation loss is kept.
 6. `classification_metrics` - accuracy, balanced accuracy, per-class P/R/F1, confusion matrix,
                          and the classes without support (a score that leaves them out says so).
 
@@ -24,7 +27,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +49,26 @@ from .decisions import (
     split_episodes,
 )
 from .metrics import LABELS, classification_metrics
+from .offline import (
+    AWR,
+    DEFAULT_MAX_WEIGHT,
+    DEFAULT_TEMPERATURE,
+    advantage_weights,
+    check_awr_options,
+    explored,
+    load_outcomes,
+)
 from .paths import default_checkpoint_path
 from .plugins import Registry, build_registry
 from .preprocess import class_weights, fit_normaliser, parse_class_weights
 from .trainable import TrainablePolicy
 
 IGNORE = -100  # label of padded time steps in a batch of episodes (ignored by the loss)
+OBJECTIVES = ("bc", "outcome")
+#: Class weights of `objective="outcome"` when none are given. AWR's target is
+#: mu(a|s) exp(A/T): balancing the classes on top pushes every rare action (CULL, exploratory
+#: GERMINATEs) up whatever its advantage, which on held-out seeds only widened the spread.
+OUTCOME_CLASS_WEIGHTS = "none"
 
 
 @dataclass
@@ -66,9 +83,12 @@ class TrainConfig:
     layers: int | None = None  # GRU layers
     seed: int = 0
     val_fraction: float = 0.2
-    class_weights: str = "auto"
+    class_weights: str | None = None  # None = "auto" for bc, OUTCOME_CLASS_WEIGHTS for outcome
     patience: int = 100  # stop after this many epochs without a better validation score
     allow_missing_classes: bool = False
+    objective: str = "bc"  # "bc": imitate the labels; "outcome": advantage-weighted regression
+    temperature: float = DEFAULT_TEMPERATURE  # outcome: AWR temperature, in accuracy points
+    max_weight: float = DEFAULT_MAX_WEIGHT  # outcome: cap on a decision's AWR weight
 
 
 @dataclass
@@ -80,6 +100,7 @@ class EpochStats:
     val_balanced_accuracy: float
     best_epoch: int
     best_balanced_accuracy: float
+    best_val_loss: float = math.nan  # the kept epoch's validation loss (outcome keeps the lowest)
 
 
 @dataclass
@@ -89,14 +110,18 @@ class Tensors:
     x: torch.Tensor
     y: torch.Tensor
     rows: np.ndarray | None = None  # GRU: (B, T) row index into the flat data, -1 for padding
+    w: torch.Tensor | None = None  # per-decision loss weights (outcome learning); None = all 1
 
 
-def to_tensors(data: DecisionData, mean: np.ndarray, std: np.ndarray, sequence: bool) -> Tensors:
+def to_tensors(data: DecisionData, mean: np.ndarray, std: np.ndarray, sequence: bool,
+               sample_weights: np.ndarray | None = None) -> Tensors:
     """Normalise once, up front; a sequence model gets episodes padded to the longest one."""
     x = torch.from_numpy((data.observations - mean) / std)
     y = torch.from_numpy(data.labels)
     if not sequence:
-        return Tensors(x, y)
+        return Tensors(x, y, w=None if sample_weights is None else torch.from_numpy(sample_weights))
+    if sample_weights is not None:
+        raise ValueError("per-decision weights are not supported for sequence networks")
     t_max = int(data.lengths.max()) if len(data.lengths) else 0
     rows = np.full((data.n_episodes, t_max), -1, dtype=np.int64)
     for e, (s, n) in enumerate(zip(data.starts, data.lengths)):
@@ -109,13 +134,21 @@ def to_tensors(data: DecisionData, mean: np.ndarray, std: np.ndarray, sequence: 
 
 
 def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-                           zero_weights: bool = True) -> torch.Tensor:
+                           zero_weights: bool = True, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Class-weighted mean cross-entropy (padding ignored) that is 0, not NaN, on a batch whose
     every label has weight 0 (torch's mean divides by the batch's total weight: 0/0 there).
 
     `zero_weights=False` promises every weight is positive: torch's own mean is then safe, and
     about twice as fast on the small batches of the training loop.
+
+    `sample_weight` (one per row, flat inputs only) multiplies each row's class weight: the mean
+    is then sum(c_y * s * CE) / sum(c_y * s), as torch weighs its class-weighted mean.
     """
+    if sample_weight is not None:
+        per_row = weight[y] * sample_weight
+        total = (F.cross_entropy(logits, y, reduction="none") * per_row).sum()
+        norm = per_row.sum()
+        return total / norm if norm > 0 else total * 0.0
     if not zero_weights:
         return F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE)
     total = F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE, reduction="sum")
@@ -133,7 +166,9 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: Tensors,
     for i in range(0, len(perm), batch_size):
         idx = perm[i : i + batch_size]
         logits = model(data.x[idx])
-        loss = weighted_cross_entropy(logits.reshape(-1, N_ACTIONS), data.y[idx].reshape(-1), weight, zero_weights)
+        sample_weight = None if data.w is None else data.w[idx]
+        loss = weighted_cross_entropy(logits.reshape(-1, N_ACTIONS), data.y[idx].reshape(-1), weight, zero_weights,
+                                      sample_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -148,7 +183,7 @@ def predict(model: nn.Module, data: Tensors, weight: torch.Tensor, sequence: boo
     model.eval()
     logits = model(data.x).reshape(-1, N_ACTIONS)
     y = data.y.reshape(-1)
-    loss = float(weighted_cross_entropy(logits, y, weight))
+    loss = float(weighted_cross_entropy(logits, y, weight, sample_weight=data.w))
     pred = logits.argmax(dim=1).numpy()
     if sequence:  # drop the padding, back to flat row order
         keep = data.rows.reshape(-1) >= 0
@@ -209,6 +244,19 @@ class Prepared:
     mean: np.ndarray
     std: np.ndarray
     weights: np.ndarray
+    awr: AWR | None = None  # objective "outcome": per-decision advantage weights of each side
+
+
+def check_objective(cfg: TrainConfig, trainable: TrainablePolicy) -> None:
+    """Refuse (one line, naming --objective) an unknown objective or outcome learning of a
+    sequence network (its per-decision weights would have to follow the episode padding)."""
+    if cfg.objective not in OBJECTIVES:
+        raise DataError(f"unknown objective {cfg.objective!r} (choose {' or '.join(OBJECTIVES)})", option="objective")
+    if cfg.objective == "outcome":
+        if trainable.sequence:
+            raise DataError(f"outcome learning supports non-sequence policies (e.g. mlp); {cfg.policy!r} is a "
+                            "sequence policy: train it with --objective bc", option="objective")
+        check_awr_options(cfg.temperature, cfg.max_weight)
 
 
 def prepare_training(
@@ -233,12 +281,22 @@ def prepare_training(
         cfg.lr = trainable.lr
     if cfg.epochs < 1 or hp["batch_size"] < 1 or not cfg.lr > 0:
         raise DataError("the training epochs, the batch size and the learning rate must be positive")
+    check_objective(cfg, trainable)
+    outcome = cfg.objective == "outcome"
+    if cfg.class_weights is None:
+        cfg.class_weights = OUTCOME_CLASS_WEIGHTS if outcome else "auto"
     weight_spec = parse_class_weights(cfg.class_weights)
     out_path = Path(out) if out is not None else default_checkpoint_path(policy)
     check_writable_checkpoint(out_path)  # before any work: never train for a file we may not write
 
     data = load_decisions(store_path)
     require_schema(data, SCHEMA_VERSION, "simic train")
+    if outcome:  # learn from what was done and how it turned out, not from expert labels
+        outcomes = load_outcomes(data)
+        data = replace(data, labels=outcomes.actions)
+        if not explored(outcomes.behaviour_prob) and log is not None:
+            log(f"store {data.store} has no exploration (every behaviour probability is 1 or unknown): outcome "
+                "learning needs actions that vary; collect with `simic collect --explore 0.2`")
     missing = [ACTION_NAMES[c] for c in LABELS if not (data.labels == c).any()]
     if missing and not cfg.allow_missing_classes:
         raise DataError(f"store {data.store} has no {'/'.join(missing)} decisions, so the policy could never learn "
@@ -264,7 +322,9 @@ def prepare_training(
     if log is not None and (weights[present] == 0).any():
         log(f"class weights {cfg.class_weights}: {'/'.join(ACTION_NAMES[c] for c in present if weights[c] == 0)} "
             "get weight 0, so the policy is not trained to predict them")
-    return Prepared(cfg, trainable, hp, out_path, data, train, val, mean, std, weights)
+    awr = advantage_weights(data, outcomes, train_pos, val_pos, mean, std, seed=cfg.seed,
+                            temperature=cfg.temperature, max_weight=cfg.max_weight) if outcome else None
+    return Prepared(cfg, trainable, hp, out_path, data, train, val, mean, std, weights, awr)
 
 
 def train_policy(
@@ -293,8 +353,9 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
     sequence = prep.trainable.sequence
     weights, mean, std = prep.weights, prep.mean, prep.std
     weight_t = torch.from_numpy(weights)
-    tr = to_tensors(train, mean, std, sequence)  # normalised once, up front
-    va = to_tensors(val, mean, std, sequence)
+    awr = prep.awr
+    tr = to_tensors(train, mean, std, sequence, None if awr is None else awr.train_weights)  # normalised once
+    va = to_tensors(val, mean, std, sequence, None if awr is None else awr.val_weights)
 
     # -- model and optimiser, seeded: same store + seed + config = same checkpoint (on CPU)
     torch.manual_seed(cfg.seed)
@@ -302,9 +363,12 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
     model = prep.trainable.network(**network_options(hp))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
-    # -- the loop: keep the epoch with the best validation balanced accuracy (ties: lower val loss)
+    # -- the loop: keep the epoch with the best validation balanced accuracy (ties: lower val loss);
+    # outcome learning keeps the lowest advantage-weighted validation loss instead: agreeing with
+    # the behaviour's actions is not its goal, doing what turned out well on unseen episodes is.
     history: list[dict[str, float]] = []
-    best_key, best_epoch, best_state = (-1.0, 0.0), 0, None
+    best_key, best_epoch, best_state = (-math.inf, 0.0), 0, None
+    best_val_loss, best_bal = math.nan, 0.0
     interrupted = False
     started = time.perf_counter()
     try:
@@ -317,14 +381,14 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
                 warnings.simplefilter("ignore")
                 bal = float(balanced_accuracy_score(val.labels, pred))
             acc = float((pred == val.labels).mean())
-            key = (round(bal, 9), -val_loss)
+            key = (round(bal, 9), -val_loss) if awr is None else (-val_loss, round(bal, 9))
             if key > best_key:
-                best_key, best_epoch = key, epoch
+                best_key, best_epoch, best_val_loss, best_bal = key, epoch, val_loss, bal
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                             "val_accuracy": acc, "val_balanced_accuracy": bal})
             if on_epoch is not None:
-                on_epoch(EpochStats(epoch, train_loss, val_loss, acc, bal, best_epoch, best_key[0]))
+                on_epoch(EpochStats(epoch, train_loss, val_loss, acc, bal, best_epoch, best_bal, best_val_loss))
             if epoch - best_epoch >= cfg.patience:
                 break
     except KeyboardInterrupt:
@@ -346,9 +410,14 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
         "interrupted": interrupted,
         "seconds": seconds,
         "decisions_per_second": len(history) * len(train.labels) / max(seconds, 1e-9),
+        "objective": cfg.objective,
     }
+    if awr is not None:  # the kept epoch's score, and how the advantages were made
+        metrics["val_weighted_loss"] = best_val_loss
+        metrics["outcome"] = awr.summary
     meta = {
         "policy": cfg.policy,
+        "objective": cfg.objective,
         "hparams": hp,
         "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("hidden", "layers", "batch_size")},
         "normalisation": {"kind": "standardise", "fitted_on": "train episodes",
@@ -366,6 +435,11 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
         "history": history,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if awr is not None:
+        # Exploration took invalid actions only as no-ops; their advantages say nothing, so the
+        # policy that decides from this checkpoint never picks one (the mlp plugin reads this).
+        meta["mask_invalid"] = True
+        meta["outcome"] = awr.summary
     path = save_checkpoint(prep.out, dict(model.state_dict()), meta)
     return path, {**metrics, "checkpoint": str(path), "n_train_episodes": train.n_episodes,
                   "n_val_episodes": val.n_episodes, "class_weights": weights.tolist()}

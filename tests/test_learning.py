@@ -352,6 +352,12 @@ def test_cli_eval_heuristic_is_a_100_percent_sanity_check(store, tmp_path):
     ev = json.loads(result.stdout)
     assert ev["accuracy"] == 1.0 and ev["balanced_accuracy"] == 1.0 and ev["n_episodes"] == 6
     assert "no checkpoint" in ev["split_note"]
+    # Agreement per seed stage covers every decision; the heuristic never departs from itself.
+    assert sum(c["decisions"] for c in ev["by_stage"].values()) == ev["n_decisions"]
+    assert "DORMANT" in ev["by_stage"] and all(c["disagreements"] == 0 for c in ev["by_stage"].values())
+    wait = json.loads(invoke("eval", "--policy", "wait", "--store", store, "--json").stdout)
+    # `wait` departs from the labels exactly where the heuristic germinated (all with no seed active).
+    assert wait["by_stage"]["DORMANT"]["disagreements"] == ev["per_class"]["GERMINATE"]["support"] >= 1
     png = tmp_path / "cm.png"
     result = invoke("eval", "--policy", "heuristic", "--store", store, "--plot", png)
     assert result.exit_code == 0, result.output

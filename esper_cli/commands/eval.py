@@ -17,7 +17,7 @@ from rich.table import Table
 
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..decisions import DataError, load_decisions, require_schema
-from ..metrics import balanced_accuracy_label, classification_metrics
+from ..metrics import agreement_by_stage, balanced_accuracy_label, classification_metrics, seed_stages
 from ..policy import policy_version
 from ..replay import replay, select_split
 from .common import choose, err, fail, option_error, out, registry
@@ -33,6 +33,16 @@ def per_class_table(report: dict[str, Any]) -> Table:
             table.add_row(name, "-", "-", "-", "0")
         else:
             table.add_row(name, f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", str(c["support"]))
+    return table
+
+
+def stage_table(by_stage: dict[str, dict[str, int]]) -> Table:
+    """Agreement with the stored labels per seed stage: where a policy follows the rules, where not."""
+    table = Table(title="Agreement by seed stage")
+    for col in ("stage", "decisions", "agreement"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for stage, c in by_stage.items():
+        table.add_row(stage, str(c["decisions"]), f"{100 * (1 - c['disagreements'] / c['decisions']):.2f}%")
     return table
 
 
@@ -146,6 +156,8 @@ def evaluate(
         "checkpoint": str(ckpt.path) if ckpt is not None else None,
         "store": str(store_path), "split": split, "split_note": note,
         "n_episodes": part.n_episodes, **report,
+        # Where the policy departs from the labels, by the seed's stage at the decision.
+        "by_stage": agreement_by_stage(pred == part.labels, seed_stages(part.observations)),
     }
     if plot is not None:
         try:
@@ -167,4 +179,5 @@ def evaluate(
     head.add_row(balanced_accuracy_label(report, "the scored episodes"), f"[bold]{report['balanced_accuracy']:.4f}[/]")
     out.print(head)
     out.print(per_class_table(report))
+    out.print(stage_table(result["by_stage"]))
     out.print(confusion_table(report))

@@ -1,4 +1,5 @@
-"""`simic train`: behaviour-clone a learned Tamiyo (mlp, gru, or a plugin's) from an episode store."""
+"""`simic train`: behaviour-clone a learned Tamiyo (mlp, gru, or a plugin's) from an episode store,
+or, with `--objective outcome`, learn from the stored rewards (advantage-weighted regression)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from ..contracts import ACTION_NAMES
 from ..decisions import DataError
 from ..interrupt import keep_work_on_interrupt
 from ..metrics import balanced_accuracy_label
+from ..offline import DEFAULT_MAX_WEIGHT, DEFAULT_TEMPERATURE
 from ..paths import default_checkpoint_path, default_store_path
-from ..training import EpochStats, fit, prepare_training, trainable_policy
+from ..training import OUTCOME_CLASS_WEIGHTS, EpochStats, fit, prepare_training, trainable_policy
 from .common import err, fail, option_error, out, registry
 
 
@@ -39,17 +41,37 @@ def _hidden(spec: Optional[str], defaults: Mapping[str, Any]) -> Any:
     return sizes
 
 
+def outcome_rows(table: Table, metrics: dict[str, Any]) -> None:
+    """What outcome learning made of the rewards: the value fit, the advantages, the weights, and
+    the kept epoch's weighted validation loss (its selection score)."""
+    awr, val = metrics["outcome"], metrics["val"]
+    value, adv, w = awr["value"], awr["advantage"], awr["weights"]
+    table.add_row("AWR temperature / max weight", f"{awr['temperature']:g} points / {awr['max_weight']:g}")
+    table.add_row("value fit MSE train / val (points²)", f"{value['train_mse']:.3f} / {value['val_mse']:.3f} "
+                  f"(predicting the mean: {value['val_mse_of_mean']:.3f})")
+    table.add_row("advantage std train / val", f"{adv['train_std']:.3f} / {adv['val_std']:.3f} points")
+    table.add_row("weights: effective sample size", f"{w['effective_sample_size']:.0f} of {w['n_train']} "
+                  f"({w['capped_fraction']:.1%} capped)")
+    table.add_row("val weighted loss (kept epoch)", f"[bold]{metrics['val_weighted_loss']:.4f}[/]")
+    table.add_row("val agreement with taken actions", f"{val['accuracy']:.4f}")
+
+
 def summary_table(policy: str, metrics: dict[str, Any], store: Path) -> Table:
     """The end-of-training summary: data, weights, the kept epoch and its validation scores."""
     val, trn = metrics["val"], metrics["train"]
     table = Table(title=f"simic train {policy}", show_header=False)
     table.add_row("store", str(store))
     table.add_row("checkpoint", metrics["checkpoint"])
+    table.add_row("objective", metrics.get("objective", "bc"))
     table.add_row("episodes train / val", f"{metrics['n_train_episodes']} / {metrics['n_val_episodes']}")
     table.add_row("decisions train / val", f"{trn['n_decisions']} / {val['n_decisions']}")
     table.add_row("class weights", "  ".join(f"{a} {w:.3g}" for a, w in zip(ACTION_NAMES, metrics["class_weights"])))
     stopped = " (interrupted)" if metrics.get("interrupted") else ""
     table.add_row("best epoch / run", f"{metrics['best_epoch']} / {metrics['epochs_run']}{stopped}")
+    if "outcome" in metrics:
+        outcome_rows(table, metrics)
+        table.add_row("time", f"{metrics['seconds']:.1f} s ({metrics['decisions_per_second']:,.0f} decisions/s)")
+        return table
     table.add_row(f"train {balanced_accuracy_label(trn, 'training')}", f"{trn['balanced_accuracy']:.4f}")
     table.add_row("val accuracy", f"{val['accuracy']:.4f}")
     table.add_row(f"val {balanced_accuracy_label(val, 'validation')}", f"[bold]{val['balanced_accuracy']:.4f}[/]")
@@ -63,8 +85,10 @@ def summary_table(policy: str, metrics: dict[str, Any], store: Path) -> Table:
 def train(
     store: Optional[Path] = typer.Option(None, "--store", help="Episode store to learn from (default: $SIMIC_HOME/episodes.h5)."),
     policy: str = typer.Option("mlp", "--policy", help="Trainable policy: mlp, gru, or a plugin's (`simic plugins` marks them)."),
-    class_weights: str = typer.Option("auto", "--class-weights",
-                                      help="auto (sklearn 'balanced', finite when a class is absent), none, or W,G,A,C."),
+    class_weights: Optional[str] = typer.Option(
+        None, "--class-weights", show_default=False,
+        help=f"auto (sklearn 'balanced', finite when a class is absent), none, or W,G,A,C "
+             f"[default: auto; {OUTCOME_CLASS_WEIGHTS} with --objective outcome]."),
     epochs: int = typer.Option(1000, "--epochs", min=1, help="Maximum training epochs (early stopping after --patience epochs without a better validation score keeps the best)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the episode split, initial weights and batch order."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Fraction of episodes held out for validation."),
@@ -78,6 +102,18 @@ def train(
     patience: int = typer.Option(100, "--patience", min=1, help="Stop after this many epochs without a better validation score."),
     allow_missing_classes: bool = typer.Option(False, "--allow-missing-classes",
                                                help="Train even if the store has no example of some action."),
+    objective: str = typer.Option(
+        "bc", "--objective",
+        help="bc: imitate the stored actions (expert labels where recorded). outcome: learn from the stored "
+             "rewards by advantage-weighted regression (needs a store collected with --explore; mlp or a "
+             "plugin's non-sequence policy)."),
+    temperature: float = typer.Option(
+        DEFAULT_TEMPERATURE, "--temperature",
+        help="outcome: AWR temperature in accuracy points; a decision's weight is exp(advantage / T), so "
+             "lower = greedier, higher = closer to imitation."),
+    max_weight: float = typer.Option(
+        DEFAULT_MAX_WEIGHT, "--max-weight",
+        help="outcome: cap on a decision's weight exp(advantage / T), so a few lucky episodes cannot dominate."),
     threads: int = typer.Option(1, "--threads", min=1, help="Torch CPU threads (1 is fastest for these small networks)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the summary table."),
 ) -> None:
@@ -87,6 +123,12 @@ def train(
     sides); features are normalised with statistics of the training episodes; the loss is
     class-weighted cross-entropy (WAIT dominates). The epoch with the best validation balanced
     accuracy is kept and saved with its metadata as a safetensors checkpoint.
+
+    With --objective outcome (advantage-weighted regression, Peng et al. 2019) the policy learns
+    the actions actually taken, each weighted by exp(advantage / T): advantage = the accuracy the
+    episode went on to gain from that decision minus what a value network fitted on the training
+    episodes expects from that state. The epoch with the lowest weighted validation loss is kept;
+    the checkpoint never picks an action that is invalid in the state.
     """
     reg = registry()
     try:
@@ -109,7 +151,8 @@ def train(
     def on_epoch(s: EpochStats) -> None:
         progress.update(job, completed=s.epoch, stats=(
             f"loss {s.train_loss:.4f}  val loss {s.val_loss:.4f}  val bal-acc {s.val_balanced_accuracy:.4f}  "
-            f"best {s.best_balanced_accuracy:.4f}@{s.best_epoch}"))
+            f"best {s.best_balanced_accuracy:.4f}@{s.best_epoch}" if objective == "bc" else
+            f"loss {s.train_loss:.4f}  val weighted loss {s.val_loss:.4f}  best {s.best_val_loss:.4f}@{s.best_epoch}"))
 
     keep_work_on_interrupt()
     try:  # every input check happens here, before the progress bar appears
@@ -118,7 +161,8 @@ def train(
             log=lambda msg: err.print(f"[yellow]Warning:[/] {msg}", highlight=False, soft_wrap=True),
             epochs=epochs, seed=seed, val_fraction=val_fraction, class_weights=class_weights,
             hidden=_hidden(hidden, trainable.defaults), lr=lr, batch_size=batch_size, patience=patience,
-            allow_missing_classes=allow_missing_classes, registry=reg)
+            allow_missing_classes=allow_missing_classes, objective=objective, temperature=temperature,
+            max_weight=max_weight, registry=reg)
         err.print(f"{prep.train.n_episodes} training / {prep.val.n_episodes} validation episodes "
                   f"({len(prep.train.labels)} / {len(prep.val.labels)} decisions) from {store_path}", highlight=False)
         with progress:

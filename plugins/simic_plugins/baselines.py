@@ -18,19 +18,10 @@ import numpy as np
 
 from esper_cli import hookimpl
 from esper_cli.contracts import Action, Decision, TrainingSnapshot
-from esper_cli.policy import EpisodeContext
+from esper_cli.policy import EpisodeContext, valid_actions
 
 #: The random policy's stream of the episode's seed (the environment uses 0-2 and 4, DAgger 3).
 RANDOM_STREAM = 5
-
-
-def valid_actions(obs: TrainingSnapshot) -> list[Action]:
-    """The actions that are not no-ops in the state `obs` describes, in action order."""
-    if obs.has_active_seed:
-        return [Action.WAIT, Action.ADVANCE, Action.CULL]
-    if obs.available_slots > 0:
-        return [Action.WAIT, Action.GERMINATE]
-    return [Action.WAIT]
 
 
 class WaitTamiyo:

@@ -19,7 +19,7 @@ import numpy as np
 from esper_cli import hookimpl
 from esper_cli.checkpoint import Checkpoint, CheckpointError, load_policy_checkpoint, to_numpy
 from esper_cli.contracts import N_FEATURES, Action, Decision, TrainingSnapshot, check_finite
-from esper_cli.policy import EpisodeContext
+from esper_cli.policy import EpisodeContext, valid_action_mask
 from esper_cli.trainable import TrainablePolicy
 
 VERSION = "1.0"
@@ -48,15 +48,31 @@ def folded_input_layer(weight: np.ndarray, bias: np.ndarray, ckpt: Checkpoint) -
     return w.astype(np.float32), b.astype(np.float32)
 
 
+#: The sampling draws' stream of the episode's seed (the environment uses 0-2 and 4, DAgger 3,
+#: `random` 5, exploration 6).
+SAMPLE_STREAM = 7
+
+
 class MLPTamiyo:
-    """Tamiyo as an MLP over the normalised 27 features. Stateless; has a batched fast path."""
+    """Tamiyo as an MLP over the normalised 27 features. Has a batched fast path.
+
+    Greedy by default (the most probable action). With `sample=True` it draws its action from the
+    softmax, from the episode's seed (`draw` picks another sequence of draws on the same episode),
+    and reports the distribution (`Decision.probabilities`): the stochastic policy `simic improve`
+    fine-tunes. A checkpoint whose metadata says
+    `mask_invalid` (outcome-trained ones) never picks an action that is a no-op in the state.
+    """
 
     name = "mlp"
 
-    def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
+    def __init__(self, checkpoint: str | Path | None = None, sample: bool = False, draw: int = 0,
+                 **options: Any) -> None:
         if options:
-            raise ValueError(f"unknown mlp option(s): {', '.join(sorted(options))} (known: checkpoint)")
+            raise ValueError(f"unknown mlp option(s): {', '.join(sorted(options))} (known: checkpoint, sample, draw)")
+        self.sample, self.draw = bool(sample), int(draw)
+        self._rng: np.random.Generator | None = None
         self.checkpoint = load_policy_checkpoint("mlp", checkpoint)
+        self.mask_invalid = bool(self.checkpoint.meta.get("mask_invalid", False))
         self.version = f"{VERSION}+{self.checkpoint.sha256[:8]}"  # which weights made a decision
         arrays = to_numpy(self.checkpoint.tensors)
         n_layers = len(self.checkpoint.meta["hparams"]["hidden"]) + 1
@@ -74,7 +90,9 @@ class MLPTamiyo:
             raise CheckpointError(f"checkpoint {self.checkpoint.path} does not match an MLP of its hparams ({exc})") from None
 
     def reset(self, context: EpisodeContext) -> None:
-        """Nothing to reset: the MLP decides from the current observation alone."""
+        """A sampling MLP restarts its draws from the episode's seed; a greedy one keeps no state."""
+        if self.sample:
+            self._rng = np.random.default_rng(np.random.SeedSequence([context.rng_seed, SAMPLE_STREAM, self.draw]))
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Raw (unnormalised) observations (N, 27) or (27,) -> logits (N, 4) or (4,)."""
@@ -86,9 +104,20 @@ class MLPTamiyo:
         return x
 
     def decide(self, obs: TrainingSnapshot, context: EpisodeContext | None = None) -> Decision:
-        """The most probable action; confidence = its softmax probability."""
-        a, p = best_action(self.logits(obs.to_vector()))  # to_vector also rejects NaN/inf
-        return Decision(Action(a), f"mlp p={p:.2f}", p)
+        """The most probable action (or a draw, when sampling); confidence = its softmax probability."""
+        x = obs.to_vector()  # to_vector also rejects NaN/inf
+        logits = self.logits(x)
+        if self.mask_invalid:
+            logits = np.where(valid_action_mask(x), logits, -np.inf)
+        if not self.sample:
+            a, p = best_action(logits)
+            return Decision(Action(a), f"mlp p={p:.2f}", p)
+        if self._rng is None:
+            raise RuntimeError("a sampling mlp draws from the episode's seed: call reset(context) first")
+        z = np.exp(logits.astype(np.float64) - logits.max())
+        probs = z / z.sum()
+        a = int(self._rng.choice(len(probs), p=probs))
+        return Decision(Action(a), f"mlp sampled p={probs[a]:.2f}", float(probs[a]), probabilities=tuple(probs.tolist()))
 
     def decide_batch(self, observations: np.ndarray) -> np.ndarray:
         """Actions (N,) for N independent raw observations (N, 27)."""
@@ -96,7 +125,10 @@ class MLPTamiyo:
         if x.ndim != 2 or x.shape[1] != N_FEATURES:
             raise ValueError(f"observations must have shape (N, {N_FEATURES}), got {x.shape}")
         check_finite(x, "observations")
-        return self.logits(x).argmax(axis=1).astype(np.int64)
+        logits = self.logits(x)
+        if self.mask_invalid:
+            logits = np.where(valid_action_mask(x), logits, -np.inf)
+        return logits.argmax(axis=1).astype(np.int64)
 
 
 def mlp_network(hidden: Sequence[int] = (64, 32)) -> Any:

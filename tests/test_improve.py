@@ -1,0 +1,164 @@
+"""`simic improve`: PPO on a policy's own live episodes (real episodes, tiny configs).
+
+The win itself is measured by benchmarks and closed-loop comparisons, not here: these tests check
+the machinery (the update's math, reproducibility across runners, the checkpoint, Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import invoke, one_line_error
+from simic_plugins.mlp import MLPTamiyo
+
+from esper_cli.checkpoint import load_checkpoint
+from esper_cli.contracts import EpisodeConfig, TrainingSnapshot
+from esper_cli.improve import Batch, ImproveConfig, ValueNet, improve, make_batch, masked_log_probs, ppo_update
+from esper_cli.plugins import build_registry
+from esper_cli.policy import valid_action_mask
+
+TINY = EpisodeConfig(epochs=5)
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+
+
+def tiny_config(out: Path, **overrides) -> ImproveConfig:
+    options = {"episode": TINY, "out": out, "episodes": 4, "episodes_per_update": 2, "group": 2,
+               "bootstrap_episodes": 4, "lr": 3e-3} | overrides
+    return ImproveConfig(**options)
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    ta, tb = load_checkpoint(a).tensors, load_checkpoint(b).tensors
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.fixture(scope="module")
+def serial_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("improve") / "mlp.safetensors"
+    result = improve(tiny_config(out), build_registry())
+    return out, result
+
+
+# ------------------------------------------------------------------------------------- the math
+def test_a_group_of_draws_on_one_seed_is_credited_relative_to_its_mean(serial_run):
+    out, _ = serial_run
+    from esper_cli.store import EpisodeReader
+
+    with EpisodeReader(out.with_name("mlp.bootstrap.h5")) as reader:
+        a, b, c = reader.episode(0), reader.episode(1), reader.episode(2)
+    a.policy_options = (("draw", 0),)
+    b.index, b.policy_options = a.index, (("draw", 1),)  # as if a second draw on a's seed
+    batch = make_batch([c, b, a], np.zeros(27, np.float32), np.ones(27, np.float32))
+    total = {id(e): sum(d.outcome.reward for d in e.decisions) for e in (a, b, c)}
+    n = len(a.decisions)
+    # (index, draw) order: a, b (one group), then c alone; every decision gets its episode's credit
+    assert np.allclose(batch.advantages[:n].numpy(), (total[id(a)] - total[id(b)]) / 2, atol=1e-4)
+    assert np.allclose(batch.advantages[n : 2 * n].numpy(), (total[id(b)] - total[id(a)]) / 2, atol=1e-4)
+    assert np.allclose(batch.advantages[2 * n :].numpy(), 0.0)
+    assert float(batch.returns[0]) == pytest.approx(total[id(a)], abs=1e-4)  # return-to-go at the start
+
+
+def test_a_ppo_update_raises_the_probability_of_an_action_with_positive_advantage():
+    torch.manual_seed(0)
+    policy = torch.nn.Linear(27, 4)
+    obs = torch.zeros(64, 27)
+    obs[:, 5] = torch.linspace(-1, 1, 64)  # states differ a little; the baseline is a constant
+    mask = torch.tensor([[True, True, False, False]]).repeat(64, 1)  # WAIT or GERMINATE only
+    actions = torch.tensor([0, 1] * 32)
+    with torch.no_grad():
+        logp_old = masked_log_probs(policy, obs, mask).gather(1, actions[:, None]).squeeze(1)
+    returns = torch.where(actions == 1, 2.0, 0.0)  # GERMINATE paid off, WAIT did not
+    batch = Batch(obs, mask, actions, logp_old, returns)
+    value = ValueNet(1.0, 1.0)
+    cfg = tiny_config(Path("unused"), lr=1e-2, minibatch=32)
+    before = masked_log_probs(policy, obs, mask).exp()[:, 1].mean()
+    opt, vopt = torch.optim.Adam(policy.parameters(), lr=1e-2), torch.optim.Adam(value.parameters(), lr=1e-2)
+    stats = ppo_update(policy, value, opt, vopt, batch, cfg, torch.Generator().manual_seed(0))
+    after = masked_log_probs(policy, obs, mask).exp()
+    assert after[:, 1].mean() > before + 0.02  # within the clip range of one update
+    assert torch.all(after[:, 2:] < 1e-6)  # invalid actions keep probability 0
+    assert stats["clip_fraction"] >= 0 and np.isfinite(stats["value_loss"])
+
+
+# --------------------------------------------------------------------------------- the loop
+def test_improve_writes_an_mlp_checkpoint_with_its_episodes_and_curve(serial_run):
+    out, result = serial_run
+    assert result.episodes_used == 8 and result.bootstrap_episodes == 4 and len(result.history) == 2
+    ckpt = load_checkpoint(out, expect_policy="mlp")
+    assert ckpt.meta["objective"] == "ppo" and ckpt.meta["mask_invalid"] is True
+    # Every episode of the run is listed, so `simic compare` keeps off their seeds: the bootstrap's
+    # (0-3) and the updates' (the two draws of an update share one seed: update u ran on 4 + u).
+    assert sorted(e[2] for e in ckpt.meta["split"]["episodes"]) == list(range(6))
+    assert ckpt.meta["improve"]["episodes_used"] == 8
+    policy = MLPTamiyo(checkpoint=out)
+    obs = np.zeros(27, dtype=np.float32)  # no seed, no free slot: only WAIT is valid
+    assert int(policy.decide(TrainingSnapshot.from_vector(obs)).action) == 0
+    assert valid_action_mask(obs).tolist() == [True, False, False, False]
+
+
+def test_two_workers_give_the_serial_checkpoint(serial_run, tmp_path):
+    out = tmp_path / "mlp.safetensors"
+    improve(tiny_config(out, workers=2), build_registry())
+    assert same_tensors(out, serial_run[0])
+    assert same_tensors(out.with_name("mlp.bc.safetensors"), serial_run[0].with_name("mlp.bc.safetensors"))
+
+
+@pytest.mark.skipif(not HAVE_RAY, reason='the ray extra is not installed (pip install -e ".[ray]")')
+def test_ray_gives_the_serial_checkpoint(serial_run, tmp_path):
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    out = tmp_path / "mlp.safetensors"
+    improve(tiny_config(out, backend="ray", workers=2), build_registry())
+    assert same_tensors(out, serial_run[0])
+
+
+def test_cli_from_a_checkpoint_json_and_plot(serial_run, tmp_path):
+    start = serial_run[0].with_name("mlp.bc.safetensors")
+    out, png = tmp_path / "better.safetensors", tmp_path / "curve.png"
+    result = invoke("improve", "--from", start, "--out", out, "--episodes", 2, "--episodes-per-update", 1,
+                    "--group", 1, "--epochs", 5, "--explore", 0.2, "--json", "--plot", png)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["episodes_used"] == 2 and summary["bootstrap_episodes"] == 0 and summary["updates"] == 2
+    assert [r["episodes_used"] for r in summary["history"]] == [1, 2]
+    assert png.stat().st_size > 0 and load_checkpoint(out).meta["improve"]["start"] == str(start)
+
+
+def test_cli_bad_inputs_are_one_line_errors(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    assert "--from" in one_line_error(invoke("improve", "--from", text, "--out", tmp_path / "o.safetensors"))
+    assert "mlp" in one_line_error(invoke("improve", "--policy", "gru"))
+    assert "--out" in one_line_error(invoke("improve", "--out", text))  # never overwrite a file we did not write
+    assert text.read_text() == "not a checkpoint"
+
+
+def test_ctrl_c_keeps_the_best_checkpoint_so_far(serial_run, tmp_path):
+    out = tmp_path / "mlp.safetensors"
+    env = {**os.environ, "SIMIC_HOME": str(tmp_path)}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "esper_cli", "improve", "--from", str(serial_run[0].with_name("mlp.bc.safetensors")),
+         "--out", str(out), "--episodes", "50", "--episodes-per-update", "1", "--group", "1", "--epochs", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not out.exists() and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.2)
+        assert out.exists(), child.stderr.read() if child.poll() is not None else "no checkpoint after 120 s"
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 130, stderr
+    assert "the best policy so far is in" in stderr and "Traceback" not in stderr
+    ckpt = load_checkpoint(out, expect_policy="mlp")
+    assert ckpt.meta["objective"] == "ppo" and 0 <= ckpt.meta["improve"]["best_update"] < 50
