@@ -69,7 +69,7 @@ class ImproveConfig:
     bootstrap_episodes: int = 50  # heuristic episodes behaviour cloning starts from (without `start`)
     bootstrap_store: Path | None = None  # where they are kept (default: next to `out`)
     expert: str = "heuristic"  # the policy the bootstrap clones
-    lr: float = 3e-4
+    lr: float = 1e-3
     value_lr: float = 1e-3
     clip: float = 0.2
     update_epochs: int = 4
@@ -409,6 +409,7 @@ def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | 
 
 
 def _curve_row(u: int, episodes: list[Episode], stats: dict[str, float], used: int) -> dict[str, Any]:
+    episodes = sorted(episodes, key=lambda e: (e.index, draw_of(e)))  # sums in a worker-independent order
     returns = [sum(d.outcome.reward for d in ep.decisions) for ep in episodes]
     return {"update": u, "episodes_used": used, "mean_return": float(np.mean(returns)),
             "final_accuracy": float(np.mean([ep.final_accuracy for ep in episodes])),

@@ -12,15 +12,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    ProgressColumn,
     SpinnerColumn,
-    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
-from rich.text import Text
 
 from ..collection import collect_episodes
 from ..contracts import MAX_SEED, Episode
@@ -31,14 +28,7 @@ from ..policy import policy_version
 from ..runner import DEFAULT_RETRIES, BackendUnavailable, JobFailed
 from ..store import EpisodeWriter, StoreError
 from .common import choose, episode_config, err, fail, out, registry, workers_and_backend
-
-
-class RateColumn(ProgressColumn):
-    """Episodes per second over the run so far."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.2f} ep/s" if speed else "-- ep/s", style="progress.data.speed")
+from .tables import RateColumn
 
 
 def progress_bar() -> Progress:

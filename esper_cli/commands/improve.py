@@ -29,8 +29,8 @@ from ..interrupt import keep_work_on_interrupt
 from ..paths import default_checkpoint_path
 from ..runner import BackendUnavailable, JobFailed
 from ..store import StoreError
-from .collect import RateColumn
 from .common import choose, episode_config, err, fail, option_error, out, registry, workers_and_backend
+from .tables import RateColumn
 
 
 def progress_reporter(progress: Progress) -> ImproveProgress:
@@ -101,7 +101,7 @@ def improve_command(
     out_path: Optional[Path] = typer.Option(None, "--out", help="The improved checkpoint (default: $SIMIC_HOME/checkpoints/mlp-improved.safetensors); "
                                                                "the best policy so far is kept there during the run."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Run seed of every episode, and seed of the updates."),
-    lr: float = typer.Option(3e-4, "--lr", min=0.0, help="Adam learning rate of the policy."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Adam learning rate of the policy."),
     entropy: float = typer.Option(0.01, "--entropy", min=0.0, help="Entropy bonus (keeps the policy exploring)."),
     explore: float = typer.Option(0.0, "--explore", min=0.0, max=1.0, help="Probability of a uniform valid action instead of the policy's draw."),
     epochs: int = typer.Option(25, "--epochs", min=1, help="Training epochs (= decisions) per episode."),

@@ -5,8 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from rich.progress import ProgressColumn, Task
 from rich.table import Table
 from rich.text import Text
+
+
+class RateColumn(ProgressColumn):
+    """Episodes per second over the run so far."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} ep/s" if speed else "-- ep/s", style="progress.data.speed")
 
 
 def _shade(fraction: float, diagonal: bool) -> str:
