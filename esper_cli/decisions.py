@@ -48,11 +48,17 @@ class DecisionData:
     def n_episodes(self) -> int:
         return len(self.episode_ids)
 
+    def rows_of(self, positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The decision rows of the given episode positions, in position order (as `select` keeps them)."""
+        positions = np.sort(np.asarray(positions, dtype=np.int64))
+        if not len(positions):
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.arange(self.starts[p], self.starts[p] + self.lengths[p]) for p in positions])
+
     def select(self, positions: Sequence[int] | np.ndarray) -> DecisionData:
         """The sub-dataset made of the given episode positions (kept in their order)."""
         positions = np.sort(np.asarray(positions, dtype=np.int64))
-        rows = np.concatenate([np.arange(self.starts[p], self.starts[p] + self.lengths[p]) for p in positions]) \
-            if len(positions) else np.zeros(0, dtype=np.int64)
+        rows = self.rows_of(positions)
         lengths = self.lengths[positions]
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(positions) else lengths
         episode = np.repeat(np.arange(len(positions)), lengths)

@@ -298,7 +298,7 @@ def fit_value(value: ValueNet, value_opt: torch.optim.Optimizer, batch: Batch, c
 
 # ================================================================================ the loop
 def bootstrap(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress) -> tuple[Path, int]:
-    """Behaviour-clone the expert from `bootstrap_episodes` of its episodes; (checkpoint, episodes run)."""
+    """Behaviour-clone the expert from `bootstrap_episodes` of its episodes; (checkpoint, episodes it learned from)."""
     store = cfg.bootstrap_path()
     progress.on_stage(f"bootstrap: collect {cfg.expert}", cfg.bootstrap_episodes)
     with EpisodeWriter(store) as writer:

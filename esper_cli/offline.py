@@ -58,7 +58,9 @@ def load_outcomes(data: DecisionData) -> Outcomes:
             cols = reader.decisions()
     except StoreError as exc:
         raise DataError(str(exc)) from None
-    order = data.rows if data.rows is not None else np.argsort(np.asarray(cols["episode"]), kind="stable")
+    if data.rows is None:
+        raise DataError("decisions without their store rows: load them with `load_decisions`")
+    order = data.rows
     outcomes = Outcomes(np.asarray(cols["actions"], dtype=np.int64)[order],
                         np.asarray(cols["reward"], dtype=np.float64)[order],
                         np.asarray(cols["behaviour_prob"], dtype=np.float64)[order])
@@ -73,14 +75,6 @@ def explored(behaviour_prob: np.ndarray) -> bool:
     """Whether any decision was taken with probability below 1 (a store collected with --explore)."""
     known = behaviour_prob[behaviour_prob >= 0]
     return bool((known < 1.0 - 1e-9).any())
-
-
-def episode_rows(data: DecisionData, positions: np.ndarray) -> np.ndarray:
-    """The row indices of episodes `positions`, in the order `DecisionData.select` keeps them."""
-    positions = np.sort(np.asarray(positions, dtype=np.int64))
-    if not len(positions):
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate([np.arange(data.starts[p], data.starts[p] + data.lengths[p]) for p in positions])
 
 
 # ----------------------------------------------------------------------------- 1. returns
@@ -205,7 +199,7 @@ def advantage_weights(data: DecisionData, outcomes: Outcomes, train_pos: np.ndar
     """
     check_awr_options(temperature, max_weight)
     g = returns_to_go(outcomes.rewards, data.starts, data.lengths)
-    tr, va = episode_rows(data, train_pos), episode_rows(data, val_pos)
+    tr, va = data.rows_of(train_pos), data.rows_of(val_pos)
     x = torch.from_numpy((data.observations - mean) / std)
     value = fit_value(x[tr], g[tr], x[va], g[va], seed)
     adv_train, adv_val = g[tr] - value.predict(x[tr]), g[va] - value.predict(x[va])

@@ -55,11 +55,7 @@ def policy_version(registry: Registry, name: str, agent: Any = None) -> str:
 
 def valid_actions(obs: TrainingSnapshot) -> list[Action]:
     """The actions that are not no-ops in the state `obs` describes, in action order."""
-    if obs.has_active_seed:
-        return [Action.WAIT, Action.ADVANCE, Action.CULL]
-    if obs.available_slots > 0:
-        return [Action.WAIT, Action.GERMINATE]
-    return [Action.WAIT]
+    return [a for a, ok in zip(Action, valid_action_mask(obs.to_vector())) if ok]
 
 
 _ACTIVE, _SLOTS = FEATURE_NAMES.index("has_active_seed"), FEATURE_NAMES.index("available_slots")
