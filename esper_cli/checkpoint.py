@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from .contracts import FEATURE_NAMES, SCHEMA_NAME, SCHEMA_VERSION
+from .contracts import FEATURE_NAMES, N_FEATURES, SCHEMA_NAME, SCHEMA_VERSION
 from .paths import default_checkpoint_path
 
 if TYPE_CHECKING:  # torch takes seconds to import; loading a plugin module must not pay for it
@@ -70,6 +70,22 @@ class Checkpoint:
         """(mean, std) fitted on the training episodes, float64."""
         norm = self.meta["normalisation"]
         return np.asarray(norm["mean"], dtype=np.float64), np.asarray(norm["std"], dtype=np.float64)
+
+    @property
+    def input_range(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(low, high) per feature, float32: the range of the training episodes, to which a policy
+        clips each observation before normalising it. None for a checkpoint saved without one."""
+        norm = self.meta["normalisation"]
+        if "low" not in norm and "high" not in norm:
+            return None
+        try:
+            low, high = (np.asarray(norm[k], dtype=np.float32) for k in ("low", "high"))
+        except (KeyError, TypeError, ValueError):
+            low = high = np.empty(0, dtype=np.float32)
+        if low.shape != (N_FEATURES,) or high.shape != (N_FEATURES,) or not (
+                np.isfinite(low).all() and np.isfinite(high).all() and (low <= high).all()):
+            raise CheckpointError(f"checkpoint {self.path} has an invalid input range")
+        return low, high
 
 
 def feature_schema() -> dict[str, Any]:

@@ -49,7 +49,7 @@ class DaggerProgress:
     on_stage: Callable[[str, int], None] = _nothing  # a stage begins: its description, its planned steps
     on_episode: Callable[[], None] = _nothing  # one episode of a collect or compare stage finished
     on_train_epoch: Callable[[EpochStats], None] = _nothing  # training finished an epoch
-    on_trained: Callable[[int], None] = _nothing  # training stopped after this many epochs (early stopping)
+    on_trained: Callable[[int], None] = _nothing  # training ran this many epochs
     on_round: Callable[[dict[str, Any]], None] = _nothing  # a round finished: its result
     log: Callable[[str], None] = _nothing  # a warning worth showing the user (one line, plain text)
 

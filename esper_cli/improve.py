@@ -167,8 +167,11 @@ def improve_job(job: EpisodeJob, context: Any = None) -> Episode:
     return episode
 
 
-def make_batch(episodes: list[Episode], mean: np.ndarray, std: np.ndarray) -> Batch:
+def make_batch(episodes: list[Episode], mean: np.ndarray, std: np.ndarray,
+               bounds: tuple[np.ndarray, np.ndarray] | None = None) -> Batch:
     """Every decision of `episodes`, in (index, draw) order so the batch is worker-independent.
+    Observations are clipped to `bounds` (the start checkpoint's input range, as the policy that
+    acted clipped them) and normalised.
 
     Episodes that share an index (a seed: the same initial weights and data order) form a group;
     with groups, each decision's advantage is its episode's return minus the mean return of its
@@ -191,7 +194,8 @@ def make_batch(episodes: list[Episode], mean: np.ndarray, std: np.ndarray) -> Ba
         relative = totals_a - np.array([totals_a[groups_a == g].mean() for g in groups_a])
         advantages = torch.from_numpy(np.repeat(relative, lengths).astype(np.float32))
     x = np.asarray(raw, dtype=np.float32)
-    return Batch(obs=torch.from_numpy(((x - mean) / std).astype(np.float32)),
+    seen = x if bounds is None else np.clip(x, *bounds)
+    return Batch(obs=torch.from_numpy(((seen - mean) / std).astype(np.float32)),
                  mask=torch.from_numpy(valid_action_mask(x)),
                  actions=torch.tensor(actions, dtype=torch.int64),
                  logp_old=torch.log(torch.tensor(probs, dtype=torch.float32).clamp_min(1e-8)),
@@ -296,6 +300,11 @@ def fit_value(value: ValueNet, value_opt: torch.optim.Optimizer, batch: Batch, c
             "value_loss": float(np.mean(losses))}
 
 
+#: How the bootstrap behaviour-clones the expert: no feature penalty, no input clipping, the epoch
+#: with the best validation balanced accuracy, early stopping after 100 epochs without one.
+BOOTSTRAP_TRAINING = {"feature_penalty": 0.0, "clip_inputs": False, "select": "balanced_accuracy", "patience": 100}
+
+
 # ================================================================================ the loop
 def bootstrap(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress) -> tuple[Path, int]:
     """Behaviour-clone the expert from `bootstrap_episodes` of its episodes; (checkpoint, episodes it learned from)."""
@@ -311,8 +320,10 @@ def bootstrap(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress)
                         policy_error=False)
     ckpt = cfg.out.with_name(f"{cfg.out.stem}.bc{cfg.out.suffix}")
     progress.on_stage("bootstrap: behaviour cloning", 1)
+    # The start PPO fine-tunes is part of this recipe (the README's measured runs): plain behaviour
+    # cloning, not `simic train`'s defaults, which are chosen to imitate on other seeds' states.
     path, metrics = train_policy(store, "mlp", out=ckpt, registry=registry, seed=cfg.seed, class_weights="auto",
-                                 allow_missing_classes=True, log=progress.log)
+                                 allow_missing_classes=True, log=progress.log, **BOOTSTRAP_TRAINING)
     if metrics["interrupted"]:  # Ctrl-C in behaviour cloning stops the run (its episodes are kept)
         raise KeyboardInterrupt
     return path, cfg.bootstrap_episodes
@@ -372,7 +383,7 @@ def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | 
                                     policy_error=False)
                 result.episodes_used += len(episodes)
                 seen += [_episode_record(ep) for ep in sorted(episodes, key=lambda e: e.index) if draw_of(ep) == 0]
-                batch = make_batch(episodes, mean, std)
+                batch = make_batch(episodes, mean, std, base.input_range)
                 if value is None:  # seeded here: in-process episodes reseed torch's global generator
                     with torch.random.fork_rng():
                         torch.manual_seed(cfg.seed)

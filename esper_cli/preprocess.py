@@ -24,6 +24,18 @@ def fit_normaliser(observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
+def fit_range(observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature min and max of the training observations (float32).
+
+    A policy clips every observation to this range before normalising it, in validation and when
+    it decides: a network knows nothing of states beyond the ones it learned from, and a ReLU
+    network extrapolates linearly, so a feature far outside (the accuracy of a host that never
+    learns, a plateau three times as long) would otherwise sway a confident, wrong decision.
+    """
+    x = observations.astype(np.float32)
+    return x.min(axis=0), x.max(axis=0)
+
+
 def parse_class_weights(spec: str) -> str | list[float]:
     """`auto`, `none`, or four comma-separated non-negative weights W,G,A,C."""
     s = spec.strip().lower()

@@ -38,9 +38,15 @@ class TrainablePolicy:
     --hidden/--layers`, and `batch_size` (decisions, or episodes for a sequence network) is the
     training batch. `lr` is the default Adam learning rate. The network is built under
     `torch.manual_seed(seed)`, so its initial weights follow the training seed.
+
+    `input_weight` names the parameter (shape (out, 27)) that reads the normalised observation,
+    one column per feature. A policy that names one can be trained with a feature penalty
+    (`simic train --feature-penalty`, default `feature_penalty`): a group lasso over its columns.
     """
 
     network: Callable[..., nn.Module]
     defaults: Mapping[str, Any] = field(default_factory=lambda: {"batch_size": 32})
     sequence: bool = False
     lr: float = 1e-3
+    input_weight: str | None = None
+    feature_penalty: float = 0.0

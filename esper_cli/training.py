@@ -6,14 +6,15 @@ Reads top to bottom, like the training loop it is:
 2. `split_episodes`   - a seeded train/validation split *by episode* (never by decision: decisions
                          of one episode are correlated, so a per-decision split leaks); every
                          class in two or more episodes gets one on each side.
-3. `fit_normaliser`   - feature mean/std fitted on the training episodes only.
+3. `fit_normaliser`   - feature mean/std and range (`fit_range`) fitted on the training episodes
+                         only; every other observation is clipped to that range first.
 4. `class_weights`    - sklearn's balanced weights (WAIT is ~94% of decisions).
 5. `train_policy`     - Adam + weighted cross-entropy on shuffled mini-batches (MLP) or whole
-                         episodes in order (GRU); the epoch with the best validation balanced
-                         accuracy is kept (early stopping) and saved as a safetensors checkpoint.
+                         episodes in order (GRU), plus a group lasso over the input layer's
+                         per-feature weights (`feature_group_lasso`); the epoch with the lowest
+                         weighted validation loss is kept and saved as a safetensors checkpoint.
                          With `objective="outcome"` the labels are the actions taken and each
-                         decision's loss is scaled by its advantage weight (`offline.py`, AWR);
-                         the epoch with the lowest weighted validation loss is kept.
+                         decision's loss is scaled by its advantage weight (`offline.py`, AWR).
 6. `classification_metrics` - accuracy, balanced accuracy, per-class P/R/F1, confusion matrix,
                          and the classes without support (a score that leaves them out says so).
 
@@ -38,7 +39,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
 from .checkpoint import check_writable_checkpoint, save_checkpoint
-from .contracts import ACTION_NAMES, N_ACTIONS, SCHEMA_VERSION
+from .contracts import ACTION_NAMES, FEATURE_NAMES, N_ACTIONS, N_FEATURES, SCHEMA_VERSION
 from .decisions import (
     DataError,
     DecisionData,
@@ -60,10 +61,11 @@ from .offline import (
 )
 from .paths import default_checkpoint_path
 from .plugins import Registry, build_registry
-from .preprocess import class_weights, fit_normaliser, parse_class_weights
+from .preprocess import class_weights, fit_normaliser, fit_range, parse_class_weights
 from .trainable import TrainablePolicy
 
 IGNORE = -100  # label of padded time steps in a batch of episodes (ignored by the loss)
+SELECTIONS = ("loss", "balanced_accuracy")
 OBJECTIVES = ("bc", "outcome")
 #: Class weights of `objective="outcome"` when none are given. AWR's target is
 #: mu(a|s) exp(A/T): balancing the classes on top pushes every rare action (CULL, exploratory
@@ -84,11 +86,14 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.2
     class_weights: str | None = None  # None = "auto" for bc, OUTCOME_CLASS_WEIGHTS for outcome
-    patience: int = 100  # stop after this many epochs without a better validation score
+    patience: int | None = None  # stop after this many epochs without a lower validation loss; None = never
     allow_missing_classes: bool = False
     objective: str = "bc"  # "bc": imitate the labels; "outcome": advantage-weighted regression
     temperature: float = DEFAULT_TEMPERATURE  # outcome: AWR temperature, in accuracy points
     max_weight: float = DEFAULT_MAX_WEIGHT  # outcome: cap on a decision's AWR weight
+    feature_penalty: float | None = None  # group lasso on the input weights; None = the trainable's default
+    select: str = "loss"  # the kept epoch: lowest weighted val "loss", or highest "balanced_accuracy"
+    clip_inputs: bool = True  # clip validation and deployment inputs to the training range
 
 
 @dataclass
@@ -114,9 +119,12 @@ class Tensors:
 
 
 def to_tensors(data: DecisionData, mean: np.ndarray, std: np.ndarray, sequence: bool,
-               sample_weights: np.ndarray | None = None) -> Tensors:
-    """Normalise once, up front; a sequence model gets episodes padded to the longest one."""
-    x = torch.from_numpy((data.observations - mean) / std)
+               sample_weights: np.ndarray | None = None,
+               bounds: tuple[np.ndarray, np.ndarray] | None = None) -> Tensors:
+    """Clip to `bounds` (the training range) and normalise once, up front; a sequence model gets
+    episodes padded to the longest one."""
+    obs = data.observations if bounds is None else np.clip(data.observations, *bounds)
+    x = torch.from_numpy((obs - mean) / std)
     y = torch.from_numpy(data.labels)
     if not sequence:
         return Tensors(x, y, w=None if sample_weights is None else torch.from_numpy(sample_weights))
@@ -156,9 +164,23 @@ def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weight: torch.
     return total / norm if norm > 0 else total * 0.0
 
 
+def feature_group_lasso(weight: torch.Tensor) -> torch.Tensor:
+    """Sum over the observation features of the L2 norm of each feature's input weights (a column
+    of `weight`, shape (out, 27)): the group lasso (Yuan & Lin, 2006).
+
+    It drives a feature's whole column toward zero unless the labels need it. Tamiyo's rules read a
+    few features; a network that also leans on the others (accuracy levels, loss history) follows
+    them off the training range, e.g. in an episode whose host never learns, and misplaces its
+    thresholds on another seed's states. The inputs are standardised, so one penalty fits all.
+    """
+    return weight.norm(dim=0).sum()
+
+
 def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: Tensors, weight: torch.Tensor,
-                    batch_size: int, gen: torch.Generator) -> float:
-    """One pass over shuffled mini-batches (of decisions, or of whole episodes for a GRU)."""
+                    batch_size: int, gen: torch.Generator, input_weight: torch.Tensor | None = None,
+                    feature_penalty: float = 0.0) -> float:
+    """One pass over shuffled mini-batches (of decisions, or of whole episodes for a GRU); returns the
+    mean cross-entropy (the feature penalty is minimised with it but not part of the figure)."""
     model.train()
     perm = torch.randperm(len(data.x), generator=gen)
     total, count = 0.0, 0
@@ -169,8 +191,9 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: Tensors,
         sample_weight = None if data.w is None else data.w[idx]
         loss = weighted_cross_entropy(logits.reshape(-1, N_ACTIONS), data.y[idx].reshape(-1), weight, zero_weights,
                                       sample_weight)
+        penalised = loss + feature_penalty * feature_group_lasso(input_weight) if feature_penalty else loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        penalised.backward()
         opt.step()
         total += loss.item() * len(idx)
         count += len(idx)
@@ -243,8 +266,46 @@ class Prepared:
     val: DecisionData
     mean: np.ndarray
     std: np.ndarray
+    bounds: tuple[np.ndarray, np.ndarray] | None  # the training episodes' range of each feature (None: no clipping)
     weights: np.ndarray
     awr: AWR | None = None  # objective "outcome": per-decision advantage weights of each side
+
+
+def check_feature_penalty(cfg: TrainConfig, trainable: TrainablePolicy) -> None:
+    """Resolve the feature penalty (None = the policy's default) and refuse, in one line naming
+    --feature-penalty, a negative one or one for a network that names no input weight."""
+    if cfg.feature_penalty is None:
+        cfg.feature_penalty = trainable.feature_penalty if trainable.input_weight else 0.0
+    if not (math.isfinite(cfg.feature_penalty) and cfg.feature_penalty >= 0):
+        raise DataError(f"feature penalty {cfg.feature_penalty}: expected a finite number >= 0",
+                        option="feature_penalty")
+    if cfg.feature_penalty > 0 and not trainable.input_weight:
+        raise DataError(f"policy {cfg.policy!r} names no input weight to penalise (TrainablePolicy.input_weight); "
+                        "train it with a feature penalty of 0", option="feature_penalty")
+
+
+def input_weight(model: nn.Module, name: str | None, policy: str) -> torch.Tensor | None:
+    """The parameter `name` of `model`, checked to read the 27 features (None without a name)."""
+    if not name:
+        return None
+    param = dict(model.named_parameters()).get(name)
+    if param is None or param.dim() != 2 or param.shape[1] != N_FEATURES:
+        raise DataError(f"policy {policy!r}: its input weight {name!r} is not a (out, {N_FEATURES}) parameter of "
+                        "its network", option="feature_penalty")
+    return param
+
+
+def input_feature_norms(weight: torch.Tensor) -> dict[str, float]:
+    """Each feature's input-weight norm (its column's L2 norm), largest first: which features the
+    trained policy reads."""
+    norms = weight.detach().norm(dim=0).tolist()
+    return dict(sorted(zip(FEATURE_NAMES, norms), key=lambda kv: -kv[1]))
+
+
+def features_read(norms: dict[str, float], share: float = 0.1) -> list[str]:
+    """The features whose input-weight norm is at least `share` of the largest, largest first."""
+    top = max(norms.values(), default=0.0)
+    return [name for name, n in norms.items() if top > 0 and n >= share * top]
 
 
 def check_objective(cfg: TrainConfig, trainable: TrainablePolicy) -> None:
@@ -279,9 +340,12 @@ def prepare_training(
     hp = _hparams(cfg, trainable)
     if cfg.lr is None:
         cfg.lr = trainable.lr
-    if cfg.epochs < 1 or hp["batch_size"] < 1 or not cfg.lr > 0:
-        raise DataError("the training epochs, the batch size and the learning rate must be positive")
+    if cfg.epochs < 1 or hp["batch_size"] < 1 or not cfg.lr > 0 or (cfg.patience is not None and cfg.patience < 1):
+        raise DataError("the training epochs, the batch size, the learning rate and the patience must be positive")
     check_objective(cfg, trainable)
+    check_feature_penalty(cfg, trainable)
+    if cfg.select not in SELECTIONS:
+        raise DataError(f"unknown selection {cfg.select!r} (choose {' or '.join(SELECTIONS)})")
     outcome = cfg.objective == "outcome"
     if cfg.class_weights is None:
         cfg.class_weights = OUTCOME_CLASS_WEIGHTS if outcome else "auto"
@@ -313,6 +377,7 @@ def prepare_training(
         log(f"no {'/'.join(unscored)} decision is in the validation episodes (it occurs in too few episodes); "
             f"validation balanced accuracy covers {len(np.unique(val.labels))} of {N_ACTIONS} classes")
     mean, std = fit_normaliser(train.observations)  # training episodes only: no peeking at val
+    bounds = fit_range(train.observations) if cfg.clip_inputs else None
     weights = class_weights(train.labels, weight_spec)
     present = np.unique(train.labels)
     if not (weights[present] > 0).any():
@@ -324,7 +389,7 @@ def prepare_training(
             "get weight 0, so the policy is not trained to predict them")
     awr = advantage_weights(data, outcomes, train_pos, val_pos, mean, std, seed=cfg.seed,
                             temperature=cfg.temperature, max_weight=cfg.max_weight) if outcome else None
-    return Prepared(cfg, trainable, hp, out_path, data, train, val, mean, std, weights, awr)
+    return Prepared(cfg, trainable, hp, out_path, data, train, val, mean, std, bounds, weights, awr)
 
 
 def train_policy(
@@ -354,18 +419,21 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
     weights, mean, std = prep.weights, prep.mean, prep.std
     weight_t = torch.from_numpy(weights)
     awr = prep.awr
-    tr = to_tensors(train, mean, std, sequence, None if awr is None else awr.train_weights)  # normalised once
-    va = to_tensors(val, mean, std, sequence, None if awr is None else awr.val_weights)
+    # Validation sees what deployment sees: observations clipped to the training range.
+    tr = to_tensors(train, mean, std, sequence, None if awr is None else awr.train_weights)
+    va = to_tensors(val, mean, std, sequence, None if awr is None else awr.val_weights, prep.bounds)
 
     # -- model and optimiser, seeded: same store + seed + config = same checkpoint (on CPU)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = prep.trainable.network(**network_options(hp))
+    inputs = input_weight(model, prep.trainable.input_weight, cfg.policy)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
-    # -- the loop: keep the epoch with the best validation balanced accuracy (ties: lower val loss);
-    # outcome learning keeps the lowest advantage-weighted validation loss instead: agreeing with
-    # the behaviour's actions is not its goal, doing what turned out well on unseen episodes is.
+    # -- the loop: keep the epoch with the lowest (class- or advantage-) weighted validation loss,
+    # ties to the better balanced accuracy (select="loss"). The validation split is a few episodes
+    # with a handful of CULLs: its balanced accuracy moves in steps of one decision and reaches 1.0
+    # long before the model has settled, while the weighted loss is its smooth counterpart.
     history: list[dict[str, float]] = []
     best_key, best_epoch, best_state = (-math.inf, 0.0), 0, None
     best_val_loss, best_bal = math.nan, 0.0
@@ -373,7 +441,8 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
     started = time.perf_counter()
     try:
         for epoch in range(1, cfg.epochs + 1):
-            train_loss = train_one_epoch(model, opt, tr, weight_t, hp["batch_size"], gen)
+            train_loss = train_one_epoch(model, opt, tr, weight_t, hp["batch_size"], gen, inputs,
+                                         cfg.feature_penalty or 0.0)
             if not math.isfinite(train_loss):
                 raise DataError(f"training diverged at epoch {epoch} (loss {train_loss}); try a lower learning rate")
             pred, val_loss = predict(model, va, weight_t, sequence)
@@ -381,7 +450,7 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
                 warnings.simplefilter("ignore")
                 bal = float(balanced_accuracy_score(val.labels, pred))
             acc = float((pred == val.labels).mean())
-            key = (round(bal, 9), -val_loss) if awr is None else (-val_loss, round(bal, 9))
+            key = (-val_loss, round(bal, 9)) if cfg.select == "loss" else (round(bal, 9), -val_loss)
             if key > best_key:
                 best_key, best_epoch, best_val_loss, best_bal = key, epoch, val_loss, bal
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -389,7 +458,7 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
                             "val_accuracy": acc, "val_balanced_accuracy": bal})
             if on_epoch is not None:
                 on_epoch(EpochStats(epoch, train_loss, val_loss, acc, bal, best_epoch, best_bal, best_val_loss))
-            if epoch - best_epoch >= cfg.patience:
+            if cfg.patience is not None and epoch - best_epoch >= cfg.patience:
                 break
     except KeyboardInterrupt:
         if best_state is None:
@@ -411,7 +480,10 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
         "seconds": seconds,
         "decisions_per_second": len(history) * len(train.labels) / max(seconds, 1e-9),
         "objective": cfg.objective,
+        "feature_penalty": cfg.feature_penalty,
     }
+    if inputs is not None:
+        metrics["input_feature_norms"] = input_feature_norms(inputs)
     if awr is not None:  # the kept epoch's score, and how the advantages were made
         metrics["val_weighted_loss"] = best_val_loss
         metrics["outcome"] = awr.summary
@@ -420,8 +492,10 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
         "objective": cfg.objective,
         "hparams": hp,
         "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("hidden", "layers", "batch_size")},
-        "normalisation": {"kind": "standardise", "fitted_on": "train episodes",
-                          "mean": mean.tolist(), "std": std.tolist()},
+        "normalisation": {"kind": "standardise" if prep.bounds is None else "clip to [low, high], then standardise",
+                          "fitted_on": "train episodes", "mean": mean.tolist(), "std": std.tolist(),
+                          **({} if prep.bounds is None else {"low": prep.bounds[0].tolist(),
+                                                             "high": prep.bounds[1].tolist()})},
         "split": {"by": "episode", "stratified_by": "rarest action", "seed": cfg.seed,
                   "val_fraction": cfg.val_fraction, "store": str(prep.data.store),
                   "train_ids": list(train.episode_ids), "val_ids": list(val.episode_ids),

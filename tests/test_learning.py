@@ -23,6 +23,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from esper_cli.checkpoint import CheckpointError, digest, load_checkpoint, save_checkpoint
 from esper_cli.contracts import ACTION_NAMES, N_FEATURES, TrainingSnapshot
 from esper_cli.decisions import DataError, load_decisions, split_episodes
+from esper_cli.improve import BOOTSTRAP_TRAINING
 from esper_cli.metrics import classification_metrics
 from esper_cli.preprocess import class_weights, fit_normaliser, parse_class_weights
 from esper_cli.replay import replay, select_split
@@ -143,6 +144,31 @@ def test_training_is_seeded(store, tmp_path):
     assert ca.meta["split"] == cb.meta["split"]
 
 
+def test_every_epoch_runs_and_the_lowest_validation_loss_is_kept(store, tmp_path):
+    path, metrics = train_policy(store, "mlp", out=tmp_path / "all.safetensors", epochs=30, allow_missing_classes=True)
+    history = load_checkpoint(path).meta["history"]
+    assert metrics["epochs_run"] == len(history) == 30
+    assert metrics["best_epoch"] == min(history, key=lambda h: h["val_loss"])["epoch"]
+
+    _, early = train_policy(store, "mlp", out=tmp_path / "early.safetensors", epochs=500, patience=5,
+                            allow_missing_classes=True)
+    assert early["epochs_run"] == early["best_epoch"] + 5 < 500
+    with pytest.raises(DataError, match="patience must be positive"):
+        train_policy(store, "mlp", out=tmp_path / "never.safetensors", patience=0, allow_missing_classes=True)
+
+
+def test_simic_improves_bootstrap_recipe_keeps_plain_behaviour_cloning(store, tmp_path):
+    path, metrics = train_policy(store, "mlp", out=tmp_path / "boot.safetensors", epochs=30,
+                                 allow_missing_classes=True, **BOOTSTRAP_TRAINING)
+    ckpt = load_checkpoint(path)
+    assert ckpt.input_range is None and ckpt.meta["train_config"]["feature_penalty"] == 0.0
+    history = ckpt.meta["history"]
+    best = max(history, key=lambda h: (round(h["val_balanced_accuracy"], 9), -h["val_loss"]))
+    assert metrics["best_epoch"] == best["epoch"]
+    with pytest.raises(DataError, match="unknown selection"):
+        train_policy(store, "mlp", out=tmp_path / "never.safetensors", select="accuracy", allow_missing_classes=True)
+
+
 def test_mlp_policy_matches_the_trained_torch_network(store, mlp_checkpoint):
     policy = MLPTamiyo(checkpoint=mlp_checkpoint)
     ckpt = policy.checkpoint
@@ -150,8 +176,9 @@ def test_mlp_policy_matches_the_trained_torch_network(store, mlp_checkpoint):
     net.load_state_dict(ckpt.tensors)
     obs = load_decisions(store).observations
     mean, std = ckpt.normalisation
+    seen = np.clip(obs, *ckpt.input_range)  # the validation episodes may leave the training range
     with torch.no_grad():
-        expected = net(torch.from_numpy(((obs - mean) / std).astype(np.float32))).numpy()
+        expected = net(torch.from_numpy(((seen - mean) / std).astype(np.float32))).numpy()
     np.testing.assert_allclose(policy.logits(obs), expected, atol=1e-4)
     batch = policy.decide_batch(obs)
     single = [policy.decide(TrainingSnapshot.from_vector(o)) for o in obs[:30]]
@@ -170,8 +197,9 @@ def test_gru_live_decisions_equal_whole_episode_replay(store, gru_checkpoint):
     mean, std = ckpt.normalisation
     for rows in data.sequences()[:3]:
         obs = data.observations[rows]
+        seen = np.clip(obs, *ckpt.input_range)
         with torch.no_grad():
-            logits = net(torch.from_numpy(((obs - mean) / std).astype(np.float32))[None])
+            logits = net(torch.from_numpy(((seen - mean) / std).astype(np.float32))[None])
         policy.reset(None)
         live = [int(policy.decide(TrainingSnapshot.from_vector(o)).action) for o in obs]
         assert live == logits[0].argmax(1).tolist() == policy.decide_episode(obs).tolist()
@@ -302,6 +330,36 @@ def test_checkpoints_refuse_pickles_tampering_and_other_schemas(mlp_checkpoint, 
         GRUTamiyo(checkpoint=mlp_checkpoint)
     with pytest.raises(CheckpointError, match="simic train --policy mlp"):
         MLPTamiyo()  # no default checkpoint in this test's SIMIC_HOME
+
+
+def test_policies_clip_observations_to_the_training_range(store, mlp_checkpoint, gru_checkpoint, tmp_path):
+    data = load_decisions(store)
+    ckpt = load_checkpoint(mlp_checkpoint)
+    train = data.select([data.episode_ids.index(i) for i in ckpt.meta["split"]["train_ids"]])
+    low, high = ckpt.input_range
+    np.testing.assert_array_equal(low, train.observations.min(axis=0))
+    np.testing.assert_array_equal(high, train.observations.max(axis=0))
+
+    # A state far outside the training range decides as its nearest state in range does.
+    far = data.observations.copy()
+    far[:, :21] = far[:, :21] * 50 - 1000  # the host's numbers (accuracies, losses, plateau), not the seed's
+    for policy in (MLPTamiyo(checkpoint=mlp_checkpoint), GRUTamiyo(checkpoint=gru_checkpoint)):
+        decide = policy.decide_batch if isinstance(policy, MLPTamiyo) else policy.decide_episode
+        np.testing.assert_array_equal(decide(far[:25]), decide(np.clip(far[:25], low, high)))
+
+    # A checkpoint saved without a range (before it was recorded) loads and decides unclipped.
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(mlp_checkpoint.read_bytes())
+    _resign(old, lambda m: [m["normalisation"].pop(k) for k in ("low", "high")])
+    policy = MLPTamiyo(checkpoint=old)
+    assert policy.input_range is None
+    assert not np.array_equal(policy.logits(far[:25]), policy.logits(np.clip(far[:25], low, high)))
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(mlp_checkpoint.read_bytes())
+    _resign(bad, lambda m: m["normalisation"].update(low=m["normalisation"]["high"], high=m["normalisation"]["low"]))
+    with pytest.raises(CheckpointError, match="invalid input range"):
+        MLPTamiyo(checkpoint=bad)
 
 
 def test_a_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path):

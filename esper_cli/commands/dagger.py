@@ -85,7 +85,7 @@ def dagger(
     episodes_per_round: int = typer.Option(10, "--episodes-per-round", min=1, help="Episodes collected per round."),
     bootstrap_episodes: int = typer.Option(50, "--bootstrap-episodes", min=2, help="Expert episodes collected first if the store is empty."),
     store: Optional[Path] = typer.Option(None, "--store", help="The aggregated episode store (default: $SIMIC_HOME/episodes.h5)."),
-    out_path: Optional[Path] = typer.Option(None, "--out", help="Final checkpoint (default: $SIMIC_HOME/checkpoints/<policy>.safetensors); "
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Final checkpoint (default: $SIMIC_HOME/checkpoints/POLICY.safetensors); "
                                                                "each round's is kept next to it."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Run seed of the bootstrap episodes; round r collects with seed + r."),
     eval_seed: Optional[int] = typer.Option(None, "--eval-seed", min=0, max=MAX_SEED,
@@ -96,7 +96,7 @@ def dagger(
     task: str = typer.Option("digits", "--task", help="Training task."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder holding cifar-10-batches-py (for --task cifar10)."),
     device: str = typer.Option("cpu", "--device", help="Torch device for the episodes."),
-    train_epochs: int = typer.Option(1000, "--train-epochs", min=1, help="Maximum training epochs per round (early stopping keeps the best)."),
+    train_epochs: int = typer.Option(1000, "--train-epochs", min=1, help="Training epochs per round (the epoch with the lowest validation loss is kept)."),
     train_seed: int = typer.Option(0, "--train-seed", min=0, help="Seed of the split, initial weights and batch order."),
     allow_missing_classes: bool = typer.Option(False, "--allow-missing-classes", help="Train even if some action never occurs."),
     workers: Optional[str] = typer.Option(None, "--workers", "-w", help="Episodes run in parallel: a number or 'auto'."),

@@ -21,7 +21,7 @@ from ..interrupt import keep_work_on_interrupt
 from ..metrics import balanced_accuracy_label
 from ..offline import DEFAULT_MAX_WEIGHT, DEFAULT_TEMPERATURE
 from ..paths import default_checkpoint_path, default_store_path
-from ..training import OUTCOME_CLASS_WEIGHTS, EpochStats, fit, prepare_training, trainable_policy
+from ..training import OUTCOME_CLASS_WEIGHTS, EpochStats, features_read, fit, prepare_training, trainable_policy
 from .common import err, fail, option_error, out, registry
 
 
@@ -66,6 +66,10 @@ def summary_table(policy: str, metrics: dict[str, Any], store: Path) -> Table:
     table.add_row("episodes train / val", f"{metrics['n_train_episodes']} / {metrics['n_val_episodes']}")
     table.add_row("decisions train / val", f"{trn['n_decisions']} / {val['n_decisions']}")
     table.add_row("class weights", "  ".join(f"{a} {w:.3g}" for a, w in zip(ACTION_NAMES, metrics["class_weights"])))
+    if metrics.get("input_feature_norms"):
+        read = features_read(metrics["input_feature_norms"])
+        table.add_row(f"features read (penalty {metrics['feature_penalty']:g})",
+                      f"{len(read)} of {len(metrics['input_feature_norms'])}: {', '.join(read)}")
     stopped = " (interrupted)" if metrics.get("interrupted") else ""
     table.add_row("best epoch / run", f"{metrics['best_epoch']} / {metrics['epochs_run']}{stopped}")
     if "outcome" in metrics:
@@ -89,17 +93,24 @@ def train(
         None, "--class-weights", show_default=False,
         help=f"auto (sklearn 'balanced', finite when a class is absent), none, or W,G,A,C "
              f"[default: auto; {OUTCOME_CLASS_WEIGHTS} with --objective outcome]."),
-    epochs: int = typer.Option(1000, "--epochs", min=1, help="Maximum training epochs (early stopping after --patience epochs without a better validation score keeps the best)."),
+    epochs: int = typer.Option(1000, "--epochs", min=1, help="Training epochs; the epoch with the lowest validation loss is kept."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the episode split, initial weights and batch order."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Fraction of episodes held out for validation."),
     out_path: Optional[Path] = typer.Option(None, "--out",
-                                            help="Checkpoint file (default: $SIMIC_HOME/checkpoints/<policy>.safetensors); "
+                                            help="Checkpoint file (default: $SIMIC_HOME/checkpoints/POLICY.safetensors); "
                                                  "an existing file is only replaced if it is a Simic checkpoint."),
     hidden: Optional[str] = typer.Option(None, "--hidden", help="Hidden sizes: 64,32 (mlp, default) or one size for gru (default 16)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default 1e-3 for mlp, 3e-3 for gru)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
                                              help="Mini-batch: decisions for mlp (default 32), episodes for gru (default 1)."),
-    patience: int = typer.Option(100, "--patience", min=1, help="Stop after this many epochs without a better validation score."),
+    patience: Optional[int] = typer.Option(
+        None, "--patience", min=1, show_default=False,
+        help="Stop early after this many epochs without a lower validation loss [default: run every epoch]."),
+    feature_penalty: Optional[float] = typer.Option(
+        None, "--feature-penalty", show_default=False,
+        help="Group lasso on the input layer's per-feature weights: pushes the policy to read only the "
+             "observation features its labels depend on, so it stays right on states unlike its training "
+             "episodes (0 = off) [default: 0.01 for mlp; 0 for a policy that names no input weight]."),
     allow_missing_classes: bool = typer.Option(False, "--allow-missing-classes",
                                                help="Train even if the store has no example of some action."),
     objective: str = typer.Option(
@@ -121,8 +132,9 @@ def train(
 
     Episodes are split into training and validation by a seeded shuffle (never one episode on both
     sides); features are normalised with statistics of the training episodes; the loss is
-    class-weighted cross-entropy (WAIT dominates). The epoch with the best validation balanced
-    accuracy is kept and saved with its metadata as a safetensors checkpoint.
+    class-weighted cross-entropy (WAIT dominates), plus a group-lasso penalty on the input layer
+    (--feature-penalty). The epoch with the lowest class-weighted validation loss is kept and
+    saved with its metadata as a safetensors checkpoint.
 
     With --objective outcome (advantage-weighted regression, Peng et al. 2019) the policy learns
     the actions actually taken, each weighted by exp(advantage / T): advantage = the accuracy the
@@ -151,7 +163,7 @@ def train(
     def on_epoch(s: EpochStats) -> None:
         progress.update(job, completed=s.epoch, stats=(
             f"loss {s.train_loss:.4f}  val loss {s.val_loss:.4f}  val bal-acc {s.val_balanced_accuracy:.4f}  "
-            f"best {s.best_balanced_accuracy:.4f}@{s.best_epoch}" if objective == "bc" else
+            f"best {s.best_val_loss:.4f}@{s.best_epoch} (bal-acc {s.best_balanced_accuracy:.4f})" if objective == "bc" else
             f"loss {s.train_loss:.4f}  val weighted loss {s.val_loss:.4f}  best {s.best_val_loss:.4f}@{s.best_epoch}"))
 
     keep_work_on_interrupt()
@@ -162,7 +174,7 @@ def train(
             epochs=epochs, seed=seed, val_fraction=val_fraction, class_weights=class_weights,
             hidden=_hidden(hidden, trainable.defaults), lr=lr, batch_size=batch_size, patience=patience,
             allow_missing_classes=allow_missing_classes, objective=objective, temperature=temperature,
-            max_weight=max_weight, registry=reg)
+            max_weight=max_weight, feature_penalty=feature_penalty, registry=reg)
         err.print(f"{prep.train.n_episodes} training / {prep.val.n_episodes} validation episodes "
                   f"({len(prep.train.labels)} / {len(prep.val.labels)} decisions) from {store_path}", highlight=False)
         with progress:
@@ -176,7 +188,7 @@ def train(
         raise typer.Exit(130) from None
 
     if metrics["epochs_run"] < epochs and not metrics["interrupted"]:
-        err.print(f"Early stop: no better validation score for {patience} epochs; kept epoch {metrics['best_epoch']}.")
+        err.print(f"Early stop: no lower validation loss for {patience} epochs; kept epoch {metrics['best_epoch']}.")
     if as_json:
         out.print_json(json.dumps({"policy": policy, "store": str(store_path), **metrics}))
     else:

@@ -39,6 +39,7 @@ class GRUTamiyo:
             raise ValueError(f"unknown gru option(s): {', '.join(sorted(options))} (known: checkpoint)")
         self.checkpoint = load_policy_checkpoint("gru", checkpoint)
         self.version = f"{VERSION}+{self.checkpoint.sha256[:8]}"
+        self.input_range = self.checkpoint.input_range  # clip to the training range (None: older checkpoints)
         a = to_numpy(self.checkpoint.tensors)
         hp = self.checkpoint.meta["hparams"]
         try:
@@ -73,6 +74,8 @@ class GRUTamiyo:
 
     def _step(self, x: np.ndarray, h: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One epoch through every layer: raw observation (27,) -> (logits (4,), new hidden state)."""
+        if self.input_range is not None:
+            x = np.clip(x, *self.input_range)
         new_h, k, obs = [], 2 * self.hidden, x
         for (w_ih, b_ih, w_hh, b_hh), h_l in zip(self._layers, h):
             gi, gh = x @ w_ih + b_ih, h_l @ w_hh + b_hh

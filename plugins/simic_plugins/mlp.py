@@ -73,6 +73,7 @@ class MLPTamiyo:
         self._rng: np.random.Generator | None = None
         self.checkpoint = load_policy_checkpoint("mlp", checkpoint)
         self.mask_invalid = bool(self.checkpoint.meta.get("mask_invalid", False))
+        self.input_range = self.checkpoint.input_range  # clip to the training range (None: older checkpoints)
         self.version = f"{VERSION}+{self.checkpoint.sha256[:8]}"  # which weights made a decision
         arrays = to_numpy(self.checkpoint.tensors)
         n_layers = len(self.checkpoint.meta["hparams"]["hidden"]) + 1
@@ -96,6 +97,8 @@ class MLPTamiyo:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Raw (unnormalised) observations (N, 27) or (27,) -> logits (N, 4) or (4,)."""
+        if self.input_range is not None:
+            x = np.clip(x, *self.input_range)
         last = len(self._layers) - 1
         for i, (w, b) in enumerate(self._layers):
             x = x @ w + b
@@ -131,6 +134,12 @@ class MLPTamiyo:
         return logits.argmax(axis=1).astype(np.int64)
 
 
+#: Default group-lasso weight on the first layer's per-feature columns (`simic train
+#: --feature-penalty`): strong enough to silence the features a rule-based expert never reads, so
+#: the imitation holds on other seeds' states, weak enough to keep its thresholds sharp.
+FEATURE_PENALTY = 1e-2
+
+
 def mlp_network(hidden: Sequence[int] = (64, 32)) -> Any:
     """The torch network `simic train --policy mlp` fits (imported here: deciding needs no torch)."""
     from .networks import MLPNet
@@ -145,4 +154,5 @@ def register_policies(register: Callable[[str, Callable[..., Any]], None]) -> No
 
 @hookimpl
 def register_trainable_policies(register: Callable[[str, TrainablePolicy], None]) -> None:
-    register("mlp", TrainablePolicy(mlp_network, {"hidden": [64, 32], "batch_size": 32}))
+    register("mlp", TrainablePolicy(mlp_network, {"hidden": [64, 32], "batch_size": 32},
+                                    input_weight="layers.0.weight", feature_penalty=FEATURE_PENALTY))

@@ -52,12 +52,16 @@ class LinearTamiyo:
         # (x - mean) / std @ W.T + b, folded into one affine map of the raw observation.
         self._w = (weight / std).T
         self._b = bias - (weight / std) @ mean
+        self._range = self.checkpoint.input_range  # training clips validation to this range; so do we
 
     def reset(self, context: EpisodeContext) -> None:
         """Stateless: nothing to reset."""
 
     def decide(self, observation: TrainingSnapshot, context: EpisodeContext | None = None) -> Decision:
-        logits = observation.to_vector() @ self._w + self._b
+        x = observation.to_vector()
+        if self._range is not None:
+            x = np.clip(x, *self._range)
+        logits = x @ self._w + self._b
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         action = int(probs.argmax())
