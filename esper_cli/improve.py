@@ -94,6 +94,10 @@ class ImproveConfig:
     def bootstrap_path(self) -> Path:
         return self.bootstrap_store or self.out.with_name(f"{self.out.stem}.bootstrap.h5")
 
+    def bootstrap_checkpoint(self) -> Path:
+        """Where the bootstrap's behaviour-cloned start is written (next to `out`)."""
+        return self.out.with_name(f"{self.out.stem}.bc{self.out.suffix}")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["episode"] = self.episode.to_dict()
@@ -207,7 +211,7 @@ def make_batch(episodes: list[Episode], mean: np.ndarray, std: np.ndarray,
 def mean_entropy(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> float:
     """Mean entropy (nats) of the masked policy with its logits divided by `temperature`."""
     with torch.no_grad():
-        logp = F.log_softmax((policy(obs) / temperature).masked_fill(~mask, -1e9), dim=-1)
+        logp = masked_log_probs(policy, obs, mask, temperature)
         return float(-(logp.exp() * logp).sum(-1).mean())
 
 
@@ -235,9 +239,10 @@ def soften(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, target: flo
 
 
 # ================================================================================ 3. the update
-def masked_log_probs(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log pi(. | s) over the valid actions only (an invalid action has probability 0)."""
-    return F.log_softmax(policy(obs).masked_fill(~mask, -1e9), dim=-1)
+def masked_log_probs(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(. | s) over the valid actions only (an invalid action has probability 0), with the
+    logits divided by `temperature`."""
+    return F.log_softmax((policy(obs) / temperature).masked_fill(~mask, -1e9), dim=-1)
 
 
 def value_step(value: ValueNet, value_opt: torch.optim.Optimizer, obs: torch.Tensor, returns: torch.Tensor) -> float:
@@ -318,7 +323,7 @@ def bootstrap(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress)
     if result.lost:
         raise JobFailed(result.lost[0].job, f"{len(result.lost)} bootstrap episode(s) lost: worker died",
                         policy_error=False)
-    ckpt = cfg.out.with_name(f"{cfg.out.stem}.bc{cfg.out.suffix}")
+    ckpt = cfg.bootstrap_checkpoint()
     progress.on_stage("bootstrap: behaviour cloning", 1)
     # The start PPO fine-tunes is part of this recipe (the README's measured runs): plain behaviour
     # cloning, not `simic train`'s defaults, which are chosen to imitate on other seeds' states.
@@ -367,7 +372,8 @@ def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | 
         with make_runner(cfg.backend, cfg.workers, ray_address=cfg.ray_address, registry=registry) as runner:
             for u in range(cfg.updates):
                 n = min(cfg.episodes_per_update, cfg.episodes - u * cfg.episodes_per_update)
-                save_checkpoint(current, dict(policy.state_dict()), _meta(base, cfg, seen, result, policy_only=True))
+                acting = {k: v.detach().clone() for k, v in policy.state_dict().items()}  # the update changes policy
+                save_checkpoint(current, acting, _meta(base, cfg, seen, result, policy_only=True))
                 seeds = max(1, n // cfg.group)  # whole groups
                 first = first_index + u * cfg.seeds_per_update
                 jobs = (EpisodeJob(policy="mlp", config=episode_config, seed=cfg.seed, index=first + i // cfg.group,
@@ -404,7 +410,7 @@ def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | 
                 # them), so the best is the episodes' own checkpoint; on disk at once for Ctrl-C.
                 if row["running_mean_return"] > best_score:
                     best_score, result.best_update = row["running_mean_return"], u
-                    best = load_checkpoint(current, expect_policy="mlp").tensors
+                    best = acting
                     save_checkpoint(cfg.out, best, _meta(base, cfg, seen, result))
                 progress.on_update(row)
     except KeyboardInterrupt:

@@ -64,8 +64,6 @@ def load_outcomes(data: DecisionData) -> Outcomes:
     outcomes = Outcomes(np.asarray(cols["actions"], dtype=np.int64)[order],
                         np.asarray(cols["reward"], dtype=np.float64)[order],
                         np.asarray(cols["behaviour_prob"], dtype=np.float64)[order])
-    if len(outcomes.actions) != len(data.labels):
-        raise DataError(f"store {data.store} changed while it was read; try again")
     if not np.isfinite(outcomes.rewards).all():
         raise DataError(f"store {data.store}: {int((~np.isfinite(outcomes.rewards)).sum())} rewards are NaN or inf")
     return outcomes

@@ -32,6 +32,18 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def check_plot(plot: Path | None) -> None:
+    """Refuse, before any work, a --plot that is not a .png path or that matplotlib cannot draw."""
+    if plot is None:
+        return
+    if plot.suffix.lower() != ".png":
+        fail(f"--plot {plot}: the file name must end in .png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        fail("--plot needs matplotlib, which is not installed: pip install 'simic\\[plot]'")  # '\\[' escapes Rich markup
+
+
 def registry() -> Registry:
     """The registries, reporting on stderr any plugin that failed (the rest keep working)."""
     reg = build_registry()

@@ -38,7 +38,7 @@ from ..comparison import (
 from ..contracts import ACTION_NAMES, MAX_SEED, Episode
 from ..interrupt import keep_work_on_interrupt
 from ..runner import BackendUnavailable, JobFailed
-from .common import episode_config, err, fail, out, registry, workers_and_backend
+from .common import check_plot, episode_config, err, fail, out, registry, workers_and_backend
 from .tables import confusion_table
 
 
@@ -159,15 +159,9 @@ def compare(
     """
     if mode not in MODES:
         fail(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
-    if plot is not None and plot.suffix.lower() != ".png":
-        fail(f"--plot {plot}: expected a .png path")
+    check_plot(plot)
     if plot is not None and mode == "shadow":
         fail("--plot draws closed-loop curves: use it with --mode both or closed-loop")
-    if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            fail('--plot needs matplotlib: pip install "simic[plot]"')
     reg = registry()
     n_workers = workers_and_backend(workers, backend, ray_address)
     if mode == "shadow" and len(policies) < 2:

@@ -20,7 +20,7 @@ from ..decisions import DataError, load_decisions, require_schema
 from ..metrics import agreement_by_stage, balanced_accuracy_label, classification_metrics, seed_stages
 from ..policy import policy_version
 from ..replay import replay, select_split
-from .common import choose, err, fail, option_error, out, registry
+from .common import check_plot, choose, err, fail, option_error, out, registry
 from .tables import confusion_table
 
 
@@ -108,13 +108,7 @@ def evaluate(
 
     if split not in ("val", "train", "all"):
         fail(f"--split {split!r}: expected val, train or all")
-    if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            fail("--plot needs matplotlib, which is not installed: pip install 'simic\\[plot]'")  # '\\[' escapes Rich markup
-        if plot.suffix.lower() != ".png":
-            fail(f"--plot {plot}: the file name must end in .png")
+    check_plot(plot)
     reg = registry()
     options: dict[str, Any] = {}
     if checkpoint is not None:

@@ -29,7 +29,7 @@ from ..interrupt import keep_work_on_interrupt
 from ..paths import default_checkpoint_path
 from ..runner import BackendUnavailable, JobFailed
 from ..store import StoreError
-from .common import choose, episode_config, err, fail, option_error, out, registry, workers_and_backend
+from .common import check_plot, choose, episode_config, err, fail, option_error, out, registry, workers_and_backend
 from .tables import RateColumn
 
 
@@ -125,13 +125,7 @@ def improve_command(
     """
     if policy != "mlp":
         fail(f"--policy {policy!r}: simic improve fine-tunes mlp policies only")
-    if plot is not None and plot.suffix.lower() != ".png":
-        fail(f"--plot {plot}: the file name must end in .png")
-    if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            fail("--plot needs matplotlib, which is not installed: pip install 'simic\\[plot]'")
+    check_plot(plot)
     reg = registry()
     choose("policy", policy, reg.policies, "--policy")
     n_workers = workers_and_backend(workers, backend, ray_address)
@@ -149,7 +143,7 @@ def improve_command(
                         lr=lr, entropy=entropy, explore=explore, workers=n_workers, backend=backend,
                         ray_address=ray_address, threads=threads)
     try:  # every file this run writes, before any episode runs
-        for path in (target, *(() if start else (target.with_name(f"{target.stem}.bc{target.suffix}"),))):
+        for path in (target, *(() if start else (cfg.bootstrap_checkpoint(),))):
             check_writable_checkpoint(path)
     except CheckpointError as exc:
         fail(escape(f"--out: {exc}"))

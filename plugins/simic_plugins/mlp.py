@@ -59,8 +59,8 @@ class MLPTamiyo:
     Greedy by default (the most probable action). With `sample=True` it draws its action from the
     softmax, from the episode's seed (`draw` picks another sequence of draws on the same episode),
     and reports the distribution (`Decision.probabilities`): the stochastic policy `simic improve`
-    fine-tunes. A checkpoint whose metadata says
-    `mask_invalid` (outcome-trained ones) never picks an action that is a no-op in the state.
+    fine-tunes. A checkpoint whose metadata says `mask_invalid` (outcome-trained ones) never picks
+    an action that is a no-op in the state.
     """
 
     name = "mlp"
@@ -106,12 +106,14 @@ class MLPTamiyo:
                 np.maximum(x, 0.0, out=x)
         return x
 
+    def _action_logits(self, x: np.ndarray) -> np.ndarray:
+        """`logits`, with the actions invalid in each state at -inf when the checkpoint says `mask_invalid`."""
+        logits = self.logits(x)
+        return np.where(valid_action_mask(x), logits, -np.inf) if self.mask_invalid else logits
+
     def decide(self, obs: TrainingSnapshot, context: EpisodeContext | None = None) -> Decision:
         """The most probable action (or a draw, when sampling); confidence = its softmax probability."""
-        x = obs.to_vector()  # to_vector also rejects NaN/inf
-        logits = self.logits(x)
-        if self.mask_invalid:
-            logits = np.where(valid_action_mask(x), logits, -np.inf)
+        logits = self._action_logits(obs.to_vector())  # to_vector also rejects NaN/inf
         if not self.sample:
             a, p = best_action(logits)
             return Decision(Action(a), f"mlp p={p:.2f}", p)
@@ -128,10 +130,7 @@ class MLPTamiyo:
         if x.ndim != 2 or x.shape[1] != N_FEATURES:
             raise ValueError(f"observations must have shape (N, {N_FEATURES}), got {x.shape}")
         check_finite(x, "observations")
-        logits = self.logits(x)
-        if self.mask_invalid:
-            logits = np.where(valid_action_mask(x), logits, -np.inf)
-        return logits.argmax(axis=1).astype(np.int64)
+        return self._action_logits(x).argmax(axis=1).astype(np.int64)
 
 
 #: Default group-lasso weight on the first layer's per-feature columns (`simic train
