@@ -304,3 +304,45 @@ def load_policy_checkpoint(policy: str, checkpoint: str | Path | None) -> Checkp
 def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """float32 numpy copies of every tensor (for the lean numpy forward pass of `decide`)."""
     return {k: v.detach().cpu().float().numpy().copy() for k, v in tensors.items()}
+
+
+@dataclass(frozen=True)
+class CheckpointOrigin:
+    """Which checkpoint a built policy decides with, as the framework knows it (never from the policy).
+
+    `path` is the checkpoint handed to the policy's factory (or the default one a trainable
+    policy's factory loads without one); `meta` is that file's metadata. `known` is False when the
+    episodes it learned from cannot be told: the policy holds a checkpoint nobody handed it, or
+    the checkpoint records no `split`. Then none of its episodes may be called held-out.
+    """
+
+    path: Path | None = None
+    meta: dict[str, Any] | None = None
+    known: bool = True
+
+    @property
+    def split(self) -> dict[str, Any] | None:
+        """The checkpoint's `split` record (its training and validation episodes), if any."""
+        split = (self.meta or {}).get("split")
+        return split if isinstance(split, dict) and split else None
+
+
+def checkpoint_origin(name: str, options: dict[str, Any], agent: Any, *, trainable: bool) -> CheckpointOrigin:
+    """The checkpoint policy `name` was built from with factory `options` (see `CheckpointOrigin`).
+
+    `trainable`: the name is a registered trainable policy, whose factory loads its default
+    checkpoint (`load_policy_checkpoint`) when given none. Raises `CheckpointError` for a path that
+    is not a readable checkpoint (the factory would have refused it too).
+    """
+    given = options.get("checkpoint")
+    if given is not None:
+        path = Path(given).expanduser()
+    elif trainable and default_checkpoint_path(name).is_file():
+        path = default_checkpoint_path(name)
+    else:
+        # Nothing was handed over. A trainable policy built anyway, or one holding a checkpoint,
+        # found its weights by itself: what they learned from is unknown.
+        return CheckpointOrigin(known=not (trainable or hasattr(agent, "checkpoint")))
+    meta = load_checkpoint(path).meta
+    origin = CheckpointOrigin(path=path, meta=meta)
+    return origin if origin.split is not None else CheckpointOrigin(path=path, meta=meta, known=False)

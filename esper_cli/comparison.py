@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, CheckpointOrigin, checkpoint_origin
 from .contracts import (
     ACTION_NAMES,
     MAX_SEED,
@@ -99,12 +99,13 @@ def build_policy(factory: Any, spec: PolicySpec) -> Any:
 
 
 def resolve_specs(values: list[str], reg: Registry, expert: str | None, *,
-                  splits: dict[str, Mapping[str, Any]] | None = None) -> tuple[list[PolicySpec], dict[str, str]]:
+                  origins: dict[str, CheckpointOrigin] | None = None) -> tuple[list[PolicySpec], dict[str, str]]:
     """Parse and check every policy (registered, buildable: checkpoint present and readable).
 
-    Returns the specs and each spec's version (`policy_version`). With `splits`, also fills it
-    with the `split` record of each compared policy's checkpoint (label -> record; policies
-    without a checkpoint are left out), so a comparison can avoid its episodes."""
+    Returns the specs and each spec's version (`policy_version`). With `origins`, also fills it
+    with the checkpoint each compared policy was built from (label -> `CheckpointOrigin`, as the
+    framework handed it; policies with no checkpoint are left out), so a comparison can avoid the
+    episodes they learned from, or say it cannot."""
     try:
         specs = parse_specs(values)
     except ValueError as exc:
@@ -122,9 +123,13 @@ def resolve_specs(values: list[str], reg: Registry, expert: str | None, *,
             raise CompareError(f"policy {spec.label!r}: {exc}") from None
         except Exception as exc:
             raise CompareError(f"policy {spec.label!r} could not be created: {type(exc).__name__}: {exc}") from None
-        meta = getattr(getattr(agent, "checkpoint", None), "meta", None)
-        if splits is not None and spec in specs and isinstance(meta, Mapping) and meta.get("split"):
-            splits[spec.label] = meta["split"]
+        if origins is not None and spec in specs:
+            try:
+                origin = checkpoint_origin(spec.name, spec.options, agent, trainable=spec.name in reg.trainables)
+            except CheckpointError as exc:
+                raise CompareError(f"policy {spec.label!r}: {exc}") from None
+            if origin.path is not None or not origin.known:
+                origins[spec.label] = origin
         versions[spec.label] = policy_version(reg, spec.name, agent)
     return specs, versions
 

@@ -47,6 +47,7 @@ from torch import nn
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .collection import collect_episodes
 from .contracts import Episode, EpisodeConfig
+from .decisions import DataError
 from .offline import returns_to_go, value_network
 from .plugins import Registry
 from .policy import policy_version, valid_action_mask
@@ -83,13 +84,21 @@ class ImproveConfig:
     ray_address: str | None = None
     threads: int = 1
 
+    def __post_init__(self) -> None:
+        # Each update runs whole groups: a count that is not a multiple of `group` would be rounded
+        # up to one, silently spending more episodes than asked for.
+        for option, value in (("episodes_per_update", self.episodes_per_update), ("episodes", self.episodes)):
+            if value < 1 or value % self.group:
+                raise DataError(f"{value} is not a positive multiple of the group ({self.group} draws per seed)",
+                                option=option)
+
     @property
     def updates(self) -> int:
         return math.ceil(self.episodes / self.episodes_per_update)
 
     @property
     def seeds_per_update(self) -> int:
-        return max(1, self.episodes_per_update // self.group)
+        return self.episodes_per_update // self.group
 
     def bootstrap_path(self) -> Path:
         return self.bootstrap_store or self.out.with_name(f"{self.out.stem}.bootstrap.h5")
@@ -374,7 +383,7 @@ def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | 
                 n = min(cfg.episodes_per_update, cfg.episodes - u * cfg.episodes_per_update)
                 acting = {k: v.detach().clone() for k, v in policy.state_dict().items()}  # the update changes policy
                 save_checkpoint(current, acting, _meta(base, cfg, seen, result, policy_only=True))
-                seeds = max(1, n // cfg.group)  # whole groups
+                seeds = n // cfg.group  # whole groups (the config's counts are multiples of the group)
                 first = first_index + u * cfg.seeds_per_update
                 jobs = (EpisodeJob(policy="mlp", config=episode_config, seed=cfg.seed, index=first + i // cfg.group,
                                    policy_options={"checkpoint": str(current), "sample": True, "draw": i % cfg.group},

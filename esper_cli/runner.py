@@ -473,7 +473,10 @@ class RayRunner(BaseRunner):
                 if address:
                     ray.init(address=address, **common)
                 else:  # a private local cluster, offline, no dashboard
-                    ray.init(num_cpus=workers or available_cpus(), include_dashboard=False, **common)
+                    # address="local": without it Ray joins whatever cluster its address file
+                    # names, even one that died without `ray stop`; a running one is joined only
+                    # when asked (`ray_address`).
+                    ray.init(address="local", num_cpus=workers or available_cpus(), include_dashboard=False, **common)
             except Exception as exc:
                 where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
                 raise BackendUnavailable(f"could not start or reach {where}: {type(exc).__name__}: {exc}") from None

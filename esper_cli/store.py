@@ -616,6 +616,14 @@ class MissingIndices:
         return f"MissingIndices(n={self.n}, done={len(self._done)})"
 
 
+class _StaleLock(Exception):
+    """The lock file was deleted (by the writer closing) between our opening and locking it."""
+
+
+#: Tries to lock a store whose lock file a closing writer keeps deleting under us.
+_LOCK_ATTEMPTS = 8
+
+
 class EpisodeWriter:
     """Appends episodes to a store, one atomic commit per `append`; one writer at a time.
 
@@ -638,13 +646,21 @@ class EpisodeWriter:
         if self.real_path.exists():
             # Refuse what is plainly not a store before a lock file appears next to it.
             _check_file(self.real_path)
-        lock_path = self._sibling("lock")
-        made_lock = not lock_path.exists()
+        lock_path = self._lock_path = self._sibling("lock")
         # thread_local=False: the writer may be closed from another thread than the one that opened it.
-        self._lock = FileLock(lock_path, thread_local=False)
+        # A closing writer deletes the lock file (no litter next to a store, even after a kill: the
+        # next writer's close removes it), so a lock is ours only if it is still the file at the path.
+        self._lock = FileLock(lock_path, thread_local=False, on_acquired=self._check_lock_file)
         try:
             self.real_path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock.acquire(timeout=lock_timeout)
+            for _ in range(_LOCK_ATTEMPTS):
+                try:
+                    self._lock.acquire(timeout=lock_timeout)
+                    break
+                except _StaleLock:  # the holder deleted it as we locked it: lock the file there now
+                    continue
+            else:
+                raise Timeout(str(lock_path))
         except Timeout:  # before OSError: filelock's Timeout is one
             raise StoreLockedError(f"episode store {self.path} is locked: another process is "
                                    "writing it (wait for it to finish)") from None
@@ -654,15 +670,21 @@ class EpisodeWriter:
             self._open()
         except BaseException as exc:
             self._close_file()
-            # A refused store keeps no lock file of ours. Only then: a process already waiting on
-            # the lock would hold a deleted file while a newcomer locks a new one, two writers; a
-            # refused path refuses them both, a failed write (disk full) might not.
-            if made_lock and isinstance(exc, StoreError):
-                lock_path.unlink(missing_ok=True)
+            self._lock_path.unlink(missing_ok=True)  # held: see close()
             self._lock.release()
             if isinstance(exc, (OSError, RuntimeError)):  # permissions, disk full, ...
                 raise _write_error(f"cannot write episode store {self.path}", exc) from None
             raise
+
+    def _check_lock_file(self, fd: int) -> None:
+        """Refuse a lock taken on a lock file that a closing writer has just deleted: a newcomer may
+        already hold the file now at the path, and two writers must never both think they hold it."""
+        try:
+            current = os.stat(self._lock_path)
+        except FileNotFoundError:
+            raise _StaleLock from None
+        if not os.path.samestat(os.fstat(fd), current):
+            raise _StaleLock
 
     def _sibling(self, suffix: str) -> Path:
         return self.real_path.with_name(f"{self.real_path.name}.{suffix}")
@@ -766,6 +788,8 @@ class EpisodeWriter:
         try:
             problem = self._close_file()
         finally:
+            # Deleted while still held, so no writer can lock this file after we let it go.
+            self._lock_path.unlink(missing_ok=True)
             self._lock.release()
         if problem is not None and not quiet:
             raise _write_error(f"closing episode store {self.path} failed", problem,

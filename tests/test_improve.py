@@ -140,6 +140,35 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path):
     assert "mlp" in one_line_error(invoke("improve", "--policy", "gru"))
     assert "--out" in one_line_error(invoke("improve", "--out", text))  # never overwrite a file we did not write
     assert text.read_text() == "not a checkpoint"
+    # Whole groups only: 2 episodes per update in groups of 4 would run 4.
+    out = tmp_path / "groups.safetensors"
+    assert "--episodes-per-update" in one_line_error(invoke("improve", "--out", out, "--group", 4,
+                                                            "--episodes-per-update", 2))
+    assert "--episodes:" in one_line_error(invoke("improve", "--out", out, "--group", 4, "--episodes", 6))
+    assert not list(tmp_path.glob("groups*"))  # refused before any file was made
+
+
+@pytest.mark.slow
+def test_a_rerun_after_sigkill_leaves_no_lock_file(tmp_path):
+    out = tmp_path / "mlp.safetensors"
+    args = [sys.executable, "-m", "esper_cli", "improve", "--out", str(out), "--bootstrap-episodes", "4",
+            "--episodes", "1", "--episodes-per-update", "1", "--group", "1", "--epochs", "3"]
+    env = {**os.environ, "SIMIC_HOME": str(tmp_path)}
+    child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    lock = tmp_path / "mlp.bootstrap.h5.lock"
+    try:
+        deadline = time.monotonic() + 120
+        while not lock.exists() and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.05)
+        assert lock.exists(), "the bootstrap store was never opened"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        child.kill()
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_checkpoint(out, expect_policy="mlp").meta["objective"] == "ppo"
+    assert not list(tmp_path.glob("*.lock")), sorted(p.name for p in tmp_path.iterdir())
 
 
 def test_ctrl_c_keeps_the_best_checkpoint_so_far(serial_run, tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import one_line_error
 from typer.testing import CliRunner
 
 import esper_cli
@@ -288,6 +289,94 @@ def test_a_plugin_registers_a_trainable_policy_that_simic_train_fits_and_compare
     assert not_trainable.exit_code == 2
     assert "policy 'heuristic' cannot be trained: no plugin registers it as trainable (trainable: centroid, gru, mlp)" \
         in not_trainable.stderr
+
+
+class ForgetfulTamiyo(CentroidTamiyo):
+    """A trainable policy as the docs allow: it decides with the tensors and keeps no `checkpoint`."""
+
+    name = "forgetful"
+
+    def __init__(self, checkpoint=None) -> None:
+        from esper_cli import load_policy_checkpoint
+
+        ckpt = load_policy_checkpoint("forgetful", checkpoint)
+        self.centroids = ckpt.tensors["centroids"].double().numpy()
+        self.mean, self.std = ckpt.normalisation
+
+
+class HoarderTamiyo(ForgetfulTamiyo):
+    """Not trainable, and loads a checkpoint nobody handed it: its training episodes are unknown."""
+
+    name = "hoarder"
+    path: Path | None = None
+
+    def __init__(self) -> None:
+        from esper_cli import load_policy_checkpoint
+
+        self.checkpoint = load_policy_checkpoint("forgetful", self.path)
+        self.centroids = self.checkpoint.tensors["centroids"].double().numpy()
+        self.mean, self.std = self.checkpoint.normalisation
+
+
+class ForgetfulPlugin:
+    @hookimpl
+    def register_policies(self, register):
+        register("forgetful", ForgetfulTamiyo)
+        register("hoarder", HoarderTamiyo)
+
+    @hookimpl
+    def register_trainable_policies(self, register):
+        from esper_cli import TrainablePolicy
+
+        register("forgetful", TrainablePolicy(CentroidNet, {"scale": 0.5, "batch_size": 16}, lr=0.05))
+
+
+@pytest.fixture
+def forgetful(use_plugin, tmp_path, simic_home, monkeypatch):
+    """A store of run seed 0 and a `forgetful` checkpoint trained on it at its default path."""
+    use_plugin(ForgetfulPlugin(), "forgetful-plugin")
+    store = tmp_path / "s.h5"
+    ckpt = simic_home / "checkpoints" / "forgetful.safetensors"
+    assert simic("collect", "--episodes", "6", "--store", str(store), *TINY).exit_code == 0
+    result = simic("train", "--policy", "forgetful", "--store", str(store), "--out", str(ckpt), "--epochs", "2",
+                   "--allow-missing-classes", "--val-fraction", "0.5")
+    assert result.exit_code == 0, result.output
+    monkeypatch.setattr(HoarderTamiyo, "path", ckpt)
+    return store, ckpt, load_checkpoint(ckpt).meta["split"]
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["--checkpoint", "default checkpoint"])
+def test_eval_holds_out_a_trainable_policys_training_episodes_without_its_help(forgetful, named):
+    store, ckpt, split = forgetful
+    which = ["--checkpoint", str(ckpt)] if named else ["--policy", "forgetful"]
+    result = simic("eval", *which, "--store", str(store), "--split", "val", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["n_episodes"] == 6 - len(split["train_ids"]) == len(split["val_ids"])
+    assert "held-out" in report["split_note"] and report["checkpoint"] == str(ckpt)
+
+
+def test_compare_picks_a_seed_a_trainable_policy_did_not_train_on_without_its_help(forgetful):
+    _, ckpt, _ = forgetful
+    result = simic("compare", "heuristic", f"forgetful={ckpt}", "--episodes", "1", "--mode", "closed-loop",
+                   "--json", *TINY)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["seed"] != 0 and report["seed_choice"]["held_out"]
+    assert report["seed_choice"]["checkpoints_trained_on"] == ["forgetful"]
+
+
+def test_a_policy_holding_a_checkpoint_nobody_handed_it_is_never_called_held_out(forgetful):
+    store, _, _ = forgetful
+    line = one_line_error(simic("eval", "--policy", "hoarder", "--store", str(store), "--split", "val"),
+                          "--split val", "hoarder")
+    assert "--split all" in line
+    assert simic("eval", "--policy", "hoarder", "--store", str(store), "--split", "all").exit_code == 0
+    result = simic("compare", "heuristic", "hoarder", "--episodes", "1", "--mode", "closed-loop", "--json", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "Warning:" in result.stderr and "'hoarder'" in result.stderr
+    choice = json.loads(result.stdout)["seed_choice"]
+    assert not choice["held_out"] and choice["training_unknown"] == ["hoarder"]
 
 
 def test_a_plugin_registered_for_one_test_is_gone_afterwards():

@@ -308,3 +308,28 @@ def test_ctrl_c_stops_the_workers_and_keeps_committed_episodes(tmp_path):
     assert not [pid for pid in workers if _alive(pid)]  # every worker process is gone with it
     with EpisodeReader(store) as reader:
         assert reader.n_episodes >= 2 and reader.n_decisions == reader.n_episodes * 4
+
+
+@needs_ray
+@pytest.mark.slow
+def test_ray_without_an_address_starts_its_own_cluster_past_a_dead_ones_address_file(tmp_path):
+    # A cluster that died without `ray stop` leaves its address in <tmp>/ray/ray_current_cluster;
+    # Ray's default `ray.init()` would try to join it. The temp dir is short: Ray's socket paths
+    # must fit in 107 bytes.
+    import tempfile
+
+    temp = Path(tempfile.mkdtemp(prefix="sr", dir="/tmp"))
+    (temp / "ray").mkdir()
+    (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")  # nothing listens there
+    store = tmp_path / "ray.h5"
+    env = {**os.environ, "TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        done = subprocess.run([sys.executable, "-m", "esper_cli", "collect", "--backend", "ray", "--workers", "1",
+                               "-n", "1", "--store", str(store), *TINY], env=env, capture_output=True, text=True,
+                              timeout=240)
+    finally:
+        subprocess.run(["rm", "-rf", str(temp)], check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with EpisodeReader(store) as reader:
+        assert reader.n_episodes == 1

@@ -371,6 +371,31 @@ def test_second_writer_in_same_process_is_locked(tmp_path):
             EpisodeWriter(path)
 
 
+def test_a_writer_waiting_on_a_closing_writers_lock_excludes_the_next_one(tmp_path):
+    # The closing writer deletes its lock file while still holding it; a writer already blocked on
+    # that file must not end up holding a deleted file while a newcomer locks a fresh one.
+    import threading
+
+    path = tmp_path / "s.h5"
+    first = EpisodeWriter(path)
+    waiting: dict[str, EpisodeWriter] = {}
+    thread = threading.Thread(target=lambda: waiting.setdefault("w", EpisodeWriter(path, lock_timeout=30)))
+    thread.start()
+    time.sleep(0.5)  # the second writer is now blocked on the first's lock file
+    first.close()
+    thread.join(timeout=30)
+    second = waiting["w"]
+    try:
+        with pytest.raises(StoreLockedError):
+            EpisodeWriter(path)
+        second.append(make_episode(0))
+    finally:
+        second.close()
+    assert not Path(f"{path}.lock").exists()
+    with EpisodeReader(path) as r:
+        assert r.n_episodes == 1
+
+
 def test_reader_in_same_process_as_writer(tmp_path):
     path = tmp_path / "s.h5"
     with EpisodeWriter(path) as w:
@@ -511,4 +536,4 @@ def test_leftover_temp_files_are_removed(tmp_path):
         (tmp_path / f"s.h5.{suffix}").write_bytes(b"half a file")
     with EpisodeWriter(path) as w:
         assert w.n_episodes == 1 and not w.recovered
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5", "s.h5.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]  # a closed writer leaves no lock file

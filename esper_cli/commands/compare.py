@@ -4,7 +4,6 @@ whether a learned policy can replace the heuristic (see `esper_cli.comparison`).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ..checkpoint import CheckpointOrigin
 from ..comparison import (
     MODES,
     CompareError,
@@ -168,22 +168,28 @@ def compare(
         fail("--mode shadow needs at least two policies: the first drives, the others are asked")
     expert_name = None if expert.lower() == "none" else expert
     try:
-        splits: dict[str, Mapping[str, Any]] = {}
-        specs, versions = resolve_specs(policies, reg, expert_name, splits=splits)
+        origins: dict[str, CheckpointOrigin] = {}
+        specs, versions = resolve_specs(policies, reg, expert_name, origins=origins)
     except CompareError as exc:
         fail(escape(str(exc)))
     auto_seed = seed is None
     config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads)
     # Evaluating on the episodes a checkpoint learned from flatters it (the prototype's
     # eval-on-training-data bug): by default run seeds none of them came from.
+    splits = {label: o.split for label, o in origins.items() if o.split is not None}
+    unknown = sorted(label for label, o in origins.items() if not o.known)
     trained = set().union(*(trained_rng_seeds(split, config.task) for split in splits.values()))
     what = f"a compared checkpoint ({', '.join(splits)}) trained or validated on" if splits \
         else "a compared policy was trained on"
     seed, overlap, notice = pick_seed(seed, trained, episodes, what=what)
     if notice is not None:
         err.print(notice, markup=False, highlight=False, soft_wrap=True)
-    seed_choice = {"auto": auto_seed, "held_out": not overlap, "overlapping_indices": overlap,
-                   "checkpoints_trained_on": sorted(splits)}
+    if unknown:
+        err.print(f"Warning: which episodes {', '.join(map(repr, unknown))} learned from is unknown (a checkpoint "
+                  "not named as NAME=PATH, or one recording no training episodes), so this comparison may not "
+                  "be held out for it; name its checkpoint as NAME=PATH", markup=False, highlight=False, soft_wrap=True)
+    seed_choice = {"auto": auto_seed, "held_out": not overlap and not unknown, "overlapping_indices": overlap,
+                   "checkpoints_trained_on": sorted(splits), "training_unknown": unknown}
 
     closed = mode in ("both", "closed-loop")
     per_episode = len(specs) if closed else 1

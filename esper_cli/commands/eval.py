@@ -13,9 +13,10 @@ from typing import Any, Optional
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from ..checkpoint import CheckpointError, load_checkpoint
+from ..checkpoint import CheckpointError, checkpoint_origin, load_checkpoint
 from ..decisions import DataError, load_decisions, require_schema
 from ..metrics import agreement_by_stage, balanced_accuracy_label, classification_metrics, seed_stages
 from ..policy import policy_version
@@ -127,15 +128,24 @@ def evaluate(
         fail(str(exc))
     except Exception as exc:
         fail(f"policy {policy!r} could not be created: {type(exc).__name__}: {exc}")
-    ckpt = getattr(agent, "checkpoint", None)
-    trained = ckpt.meta.get("split") if ckpt is not None else None
+    # Which episodes the policy learned from comes from the checkpoint this command handed it,
+    # never from the policy object.
+    try:
+        origin = checkpoint_origin(policy, options, agent, trainable=policy in reg.trainables)
+    except CheckpointError as exc:
+        fail(str(exc))
+    if not origin.known and split != "all":
+        what = f"checkpoint {origin.path} records no training episodes" if origin.path is not None else \
+            "it holds a checkpoint that no --checkpoint named, so its training episodes are unknown"
+        fail(escape(f"--split {split}: policy {policy!r} cannot be scored on held-out episodes: {what}; "
+                    "name its checkpoint with --checkpoint, or score --split all"))
     store_path = store or default_store_path()
 
     try:
         data = load_decisions(store_path)
-        if ckpt is not None:  # a learned policy reads the schema it was trained on, nothing else
-            require_schema(data, int(ckpt.meta["feature_schema"]["version"]), f"checkpoint {ckpt.path}")
-        positions, note = select_split(data, split, trained, policy)
+        if origin.meta is not None:  # a learned policy reads the schema it was trained on, nothing else
+            require_schema(data, int(origin.meta["feature_schema"]["version"]), f"checkpoint {origin.path}")
+        positions, note = select_split(data, split, origin.split, policy)
         part = data.select(positions)
     except DataError as exc:
         fail(option_error(exc))
@@ -147,7 +157,7 @@ def evaluate(
     version = policy_version(reg, policy, agent)
     result = {
         "policy": policy, "policy_version": version,
-        "checkpoint": str(ckpt.path) if ckpt is not None else None,
+        "checkpoint": str(origin.path) if origin.path is not None else None,
         "store": str(store_path), "split": split, "split_note": note,
         "n_episodes": part.n_episodes, **report,
         # Where the policy departs from the labels, by the seed's stage at the decision.
@@ -156,7 +166,7 @@ def evaluate(
     if plot is not None:
         try:
             plot.parent.mkdir(parents=True, exist_ok=True)
-            write_plot(plot, report, ckpt.meta.get("history") if ckpt is not None else None,
+            write_plot(plot, report, (origin.meta or {}).get("history"),
                        f"{policy} on {store_path.name} ({split})")
         except OSError as exc:
             fail(f"--plot {plot}: cannot write: {exc.strerror or exc}")

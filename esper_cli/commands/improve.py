@@ -138,10 +138,13 @@ def improve_command(
             fail(escape(f"--from: {exc}"))
         if base.meta.get("feature_schema", {}).get("version") is None:
             fail(escape(f"--from {start}: the checkpoint records no feature schema"))
-    cfg = ImproveConfig(episode=config, out=target, start=start, episodes=episodes,
-                        episodes_per_update=episodes_per_update, group=group, seed=seed, bootstrap_episodes=bootstrap_episodes,
-                        lr=lr, entropy=entropy, explore=explore, workers=n_workers, backend=backend,
-                        ray_address=ray_address, threads=threads)
+    try:
+        cfg = ImproveConfig(episode=config, out=target, start=start, episodes=episodes,
+                            episodes_per_update=episodes_per_update, group=group, seed=seed,
+                            bootstrap_episodes=bootstrap_episodes, lr=lr, entropy=entropy, explore=explore,
+                            workers=n_workers, backend=backend, ray_address=ray_address, threads=threads)
+    except DataError as exc:
+        fail(option_error(exc))
     try:  # every file this run writes, before any episode runs
         for path in (target, *(() if start else (cfg.bootstrap_checkpoint(),))):
             check_writable_checkpoint(path)
