@@ -37,6 +37,7 @@ from esper_cli.plugins import (
 )
 from esper_cli.store import EpisodeReader
 from esper_cli.tasks import BUILTIN_TASKS, Task
+from esper_cli.trainable import TrainablePolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -570,3 +571,31 @@ def test_every_hookspec_is_documented_handled_and_tested():
         assert name in HOOK_KINDS, f"build_registry does not handle {name}"
     assert set(HOOK_KINDS) == set(names)
     assert set(get_plugin_manager().hook.__dict__) >= set(names)
+
+
+# ------------------------------------------------------------------------------ piped output
+class LongNames:
+    """A plugin whose names are wider than an 80-column table leaves them."""
+
+    @hookimpl
+    def register_policies(self, register):
+        register("probe_mlp_with_a_name_long_enough_to_be_cut", WaitThenGrow)
+
+    @hookimpl
+    def register_trainable_policies(self, register):
+        register("probe_mlp_with_a_name_long_enough_to_be_cut", TrainablePolicy(network=lambda **_: None))
+
+
+def test_piped_tables_are_never_ellipsized(tmp_path):
+    # CliRunner's stdout is not a terminal, like `simic plugins | cat`.
+    with registered_plugin(LongNames(), name="simic-probe-policy-from-a-distribution-with-a-long-name"):
+        table = simic("plugins")
+        compare = simic("compare", "heuristic", "probe_mlp_with_a_name_long_enough_to_be_cut", "--episodes", "1",
+                        "--epochs", "2")
+    assert table.exit_code == 0, table.output
+    assert "simic-probe-policy-from-a-distribution-with-a-long-name" in table.stdout
+    assert "probe_mlp_with_a_name_long_enough_to_be_cut (trainable)" in table.stdout
+    assert compare.exit_code == 0, compare.output
+    for header in ("final val", "Δ val vs heuristic", "Δ test 95% CI", "expert agreement"):
+        assert header in compare.stdout
+    assert "…" not in table.stdout + compare.stdout

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 
 from ..contracts import EpisodeConfig
@@ -15,7 +15,26 @@ from ..plugins import Registry, build_registry
 if TYPE_CHECKING:
     import torch
 
-out = Console()  # data: tables and JSON
+#: The width data is laid out in when stdout is not a terminal: wider than any table Simic prints,
+#: so every cell keeps its whole text. Rich renders a table at its natural width, never padded to this.
+PIPED_WIDTH = 10_000
+
+
+class DataConsole(Console):
+    """The stdout console. On a terminal it fits the window, as Rich does; piped to a file or a
+    program it has no window to fit, and Rich's fallback (80 columns, or the width of whatever
+    terminal stdin or stderr is) would ellipsize table cells: names and headers a reader needs
+    whole. So off a terminal it is PIPED_WIDTH wide."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        dims = super().size
+        if self._width is None and not self.is_terminal:
+            return ConsoleDimensions(PIPED_WIDTH, dims.height)
+        return dims
+
+
+out = DataConsole()  # data: tables and JSON
 err = Console(stderr=True)  # progress and diagnostics
 
 
