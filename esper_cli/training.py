@@ -221,6 +221,8 @@ def trainable_policy(name: str, registry: Registry | None = None) -> TrainablePo
     checkpoints), or a one-line `DataError` naming the trainable ones."""
     reg = registry or build_registry()
     trainable = reg.trainables.get(name)
+    if trainable is None and name not in reg.policies and reg.unknown("policy", name).startswith("policy unavailable"):
+        raise DataError(f"policy {name!r} cannot be trained: {reg.unknown('policy', name)}")
     if trainable is None or name not in reg.policies:
         known = ", ".join(n for n in sorted(reg.trainables) if n in reg.policies) or "none"
         why = "no plugin registers it as trainable" if trainable is None else "no policy of that name decides with it"

@@ -84,8 +84,12 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def choose(kind: str, name: str, table: dict, option: str) -> None:
+def choose(kind: str, name: str, table: dict, option: str, reg: Registry | None = None) -> None:
+    """Exit 2 unless `name` is in `table` (the registry's `kind`s); with `reg`, the message names
+    a plugin that failed to load and may be why the name is missing."""
     if name not in table:
+        if reg is not None:
+            fail(escape(f"{option} {name!r}: {reg.unknown(kind, name)}"))
         known = ", ".join(sorted(table)) or "none"
         fail(f"{option} {name!r}: unknown {kind} (available: {known})")
 
@@ -117,7 +121,7 @@ def episode_config(reg: Registry, *, task: str, epochs: int, device: str, data_d
 
     from ..tasks import TaskError
 
-    choose("task", task, reg.tasks, "--task")
+    choose("task", task, reg.tasks, "--task", reg)
     resolve_device(device)
     torch.set_num_threads(threads)
     try:
