@@ -1,8 +1,9 @@
 """Simic: learn Tamiyo controllers for morphogenetic training (Esper-Lite).
 
 The public API for plugins, and only it, is listed in `__all__`: the hook marker, the policy
-contract (observation, action, decision, episode context, protocol) and the trainable-policy
-contract (with the checkpoint loader its factory calls). Everything else is internal.
+contract (observation and its feature names and meanings, action, which actions are valid,
+decision, episode context, protocol) and the trainable-policy contract (with the checkpoint
+loader its factory calls and what it returns). Everything else is internal.
 """
 
 from __future__ import annotations
@@ -11,10 +12,19 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .checkpoint import load_policy_checkpoint
-    from .contracts import N_ACTIONS, N_FEATURES, Action, Decision, SeedStage, TrainingSnapshot
+    from .checkpoint import Checkpoint, CheckpointError, load_policy_checkpoint
+    from .contracts import (
+        FEATURE_MEANINGS,
+        FEATURE_NAMES,
+        N_ACTIONS,
+        N_FEATURES,
+        Action,
+        Decision,
+        SeedStage,
+        TrainingSnapshot,
+    )
     from .hookspecs import hookimpl
-    from .policy import EpisodeContext, Policy
+    from .policy import EpisodeContext, Policy, valid_action_mask
     from .trainable import TrainablePolicy
 
 __version__ = "0.1.0"
@@ -24,13 +34,15 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "hookimpl": "hookspecs",
     "Action": "contracts", "Decision": "contracts", "SeedStage": "contracts", "TrainingSnapshot": "contracts",
-    "N_ACTIONS": "contracts", "N_FEATURES": "contracts",
-    "EpisodeContext": "policy", "Policy": "policy",
-    "TrainablePolicy": "trainable", "load_policy_checkpoint": "checkpoint",
+    "N_ACTIONS": "contracts", "N_FEATURES": "contracts", "FEATURE_NAMES": "contracts", "FEATURE_MEANINGS": "contracts",
+    "EpisodeContext": "policy", "Policy": "policy", "valid_action_mask": "policy",
+    "TrainablePolicy": "trainable", "load_policy_checkpoint": "checkpoint", "Checkpoint": "checkpoint",
+    "CheckpointError": "checkpoint",
 }
 __all__ = [
     "__version__", "hookimpl", "Action", "Decision", "SeedStage", "TrainingSnapshot", "N_ACTIONS", "N_FEATURES",
-    "EpisodeContext", "Policy", "TrainablePolicy", "load_policy_checkpoint",
+    "FEATURE_NAMES", "FEATURE_MEANINGS", "EpisodeContext", "Policy", "valid_action_mask", "TrainablePolicy",
+    "load_policy_checkpoint", "Checkpoint", "CheckpointError",
 ]
 
 

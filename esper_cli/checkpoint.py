@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 
 from .contracts import FEATURE_NAMES, N_FEATURES, SCHEMA_NAME, SCHEMA_VERSION
 from .paths import default_checkpoint_path
+from .trainable import network_hparams
 
 if TYPE_CHECKING:  # torch takes seconds to import; loading a plugin module must not pay for it
     import torch
@@ -54,7 +55,8 @@ class CheckpointError(Exception):
 
 @dataclass
 class Checkpoint:
-    """A loaded, validated checkpoint: `tensors` by name and the `meta` JSON object."""
+    """A loaded, validated checkpoint: `tensors` (torch, by name: the network's `state_dict()`),
+    the `meta` JSON object, and views of it: `hparams`, `normalisation`, `input_range`."""
 
     path: Path
     tensors: dict[str, torch.Tensor]
@@ -63,7 +65,14 @@ class Checkpoint:
 
     @property
     def policy(self) -> str:
+        """The policy type it was trained for (`meta["policy"]`, e.g. "mlp")."""
         return str(self.meta["policy"])
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The network's hyper-parameters, ready for `TrainablePolicy.network(**hparams)`: the
+        stored `meta["hparams"]` without the training-only keys (`batch_size`)."""
+        return network_hparams(self.meta.get("hparams") or {})
 
     @property
     def normalisation(self) -> tuple[np.ndarray, np.ndarray]:

@@ -113,8 +113,7 @@ def resolve_specs(values: list[str], reg: Registry, expert: str | None, *,
     names = [s.name for s in specs] + ([expert] if expert else [])
     for name in names:
         if name not in reg.policies:
-            known = ", ".join(sorted(reg.policies)) or "none"
-            raise CompareError(f"policy {name!r}: unknown policy (available: {known})")
+            raise CompareError(f"policy {name!r}: {reg.unknown('policy', name)}")
     versions: dict[str, str] = {}
     for spec in specs + ([PolicySpec(expert, label=f"expert {expert}")] if expert else []):
         try:

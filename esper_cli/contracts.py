@@ -89,9 +89,9 @@ class TrainingSnapshot:
     best_val_accuracy: float = _feature("best val_accuracy so far")
     best_val_loss: float = _feature("best val_loss so far")
     loss_history_5: tuple[float, ...] = _feature(
-        "val_loss {back} epoch(s) back ... now (oldest first, left-padded)", length=HISTORY_LEN)
+        "val_loss {ago}", length=HISTORY_LEN)
     accuracy_history_5: tuple[float, ...] = _feature(
-        "val_accuracy {back} epoch(s) back ... now (oldest first, left-padded)", length=HISTORY_LEN)
+        "val_accuracy {ago}", length=HISTORY_LEN)
     has_active_seed: bool = _feature("1 if a seed is GERMINATED, TRAINING or BLENDING, else 0", bool)
     seed_stage: SeedStage = _feature("the seed's SeedStage code (DORMANT = 0 without one)",
                                      lambda x: SeedStage(int(x)))
@@ -143,7 +143,9 @@ def _feature_meanings() -> dict[str, str]:
             out[f.name] = meaning
         else:  # loss_history_5 -> loss_history_0..4
             stem = f.name.rsplit("_", 1)[0]
-            out.update({f"{stem}_{i}": meaning.format(back=n - i) for i in range(n)})
+            # Oldest first; the last entry is the current value.
+            ago = [f"{n - 1 - i} epoch(s) ago (epoch 0's while fewer have passed)" for i in range(n - 1)] + ["now"]
+            out.update({f"{stem}_{i}": meaning.format(ago=ago[i]) for i in range(n)})
     return out
 
 
@@ -151,6 +153,15 @@ def _feature_meanings() -> dict[str, str]:
 FEATURE_MEANINGS: dict[str, str] = _feature_meanings()
 FEATURE_NAMES: tuple[str, ...] = tuple(FEATURE_MEANINGS)
 N_FEATURES = len(FEATURE_NAMES)
+
+
+def feature_table() -> str:
+    """The features as a Markdown table (index, name, meaning), in vector order: what
+    docs/plugins.md shows between its `features` markers, so the docs cannot drift from the code.
+    `python -m esper_cli.contracts` prints it."""
+    cell = {name: meaning.replace("|", r"\|") for name, meaning in FEATURE_MEANINGS.items()}
+    rows = [f"| {i} | `{name}` | {cell[name]} |" for i, name in enumerate(FEATURE_NAMES)]
+    return "\n".join(["| # | feature | meaning |", "|---|---|---|", *rows])
 
 
 def check_finite(array: np.ndarray, what: str) -> None:
@@ -380,3 +391,7 @@ class Episode:
         for d in self.decisions:
             counts[Action(d.action).name] += 1
         return counts
+
+
+if __name__ == "__main__":
+    print(feature_table())

@@ -95,10 +95,54 @@ class Registry:
         owner = self.owners.get((kind, name))
         return self.plugins.get(owner) if owner else None
 
+    def unknown(self, kind: str, name: str) -> str:
+        """Why `name` is not a registered `kind` ("policy", "task", ...), in one line: "unknown
+        policy (available: ...)", or, where a plugin that failed to load may have been meant to
+        provide it, that plugin and its error.
+
+        A plugin that failed to import cannot say what it would have registered, so it is named
+        as *the* cause only when it is recognisably the one: its plugin, module or distribution
+        carries the name, or one of its errors is about that very name (an invalid registration);
+        any other plugin that loaded nothing because of an error "may have provided it".
+        """
+        attr = dict(HOOK_KINDS.values())[kind]
+        known = ", ".join(sorted(getattr(self, attr))) or "none"
+        culprits, suspects = [], []
+        for info in self.plugins.values():
+            if not info.errors or (info.module is None and info.distribution is None):
+                continue  # healthy, or a SIMIC_LOAD_PLUGINS name that matched nothing installed
+            if _provides(info, kind, name):
+                culprits.append(info)
+            elif not any(getattr(info, a) for a in dict(HOOK_KINDS.values()).values()):
+                suspects.append(info)
+        if culprits:
+            why = "; ".join(f"plugin '{p.name}' {_failure(p)}" for p in culprits)
+            return f"{kind} unavailable: {why} (available: {known})"
+        if suspects:
+            why = "; ".join(f"plugin '{p.name}' {_failure(p)}" for p in suspects)
+            return f"unknown {kind}; {why}, and may have provided it (available: {known})"
+        return f"unknown {kind} (available: {known})"
+
     @property
     def problems(self) -> list[tuple[str, str]]:
         """(plugin name, problem) for every plugin that failed to load or to register something."""
         return [(p.name, e) for p in self.plugins.values() for e in p.errors]
+
+
+def _provides(info: PluginInfo, kind: str, name: str) -> bool:
+    """Whether a failed plugin is recognisably the one that would have registered `name`."""
+    target = _normalize(name)
+    module = (info.module or "").split(":")[0]
+    names = {info.name, module, module.rsplit(".", 1)[-1], info.distribution or ""}
+    if target in {_normalize(n) for n in names if n} or (
+            info.distribution and _normalize(info.distribution).endswith(f"-{target}")):
+        return True
+    return any(f"{kind} '{name}'" in e for e in info.errors)
+
+
+def _failure(info: PluginInfo) -> str:
+    """A plugin's problems as a clause: "failed to import m: ImportError: ..." reads on its own."""
+    return info.error if (info.error or "").startswith("failed") else f"failed to load: {info.error}"
 
 
 class SimicPluginManager(pluggy.PluginManager):

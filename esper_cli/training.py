@@ -62,7 +62,7 @@ from .offline import (
 from .paths import default_checkpoint_path
 from .plugins import Registry, build_registry
 from .preprocess import class_weights, fit_normaliser, fit_range, parse_class_weights
-from .trainable import TrainablePolicy
+from .trainable import TrainablePolicy, network_hparams
 
 IGNORE = -100  # label of padded time steps in a batch of episodes (ignored by the loss)
 SELECTIONS = ("loss", "balanced_accuracy")
@@ -221,6 +221,8 @@ def trainable_policy(name: str, registry: Registry | None = None) -> TrainablePo
     checkpoints), or a one-line `DataError` naming the trainable ones."""
     reg = registry or build_registry()
     trainable = reg.trainables.get(name)
+    if trainable is None and name not in reg.policies and reg.unknown("policy", name).startswith("policy unavailable"):
+        raise DataError(f"policy {name!r} cannot be trained: {reg.unknown('policy', name)}")
     if trainable is None or name not in reg.policies:
         known = ", ".join(n for n in sorted(reg.trainables) if n in reg.policies) or "none"
         why = "no plugin registers it as trainable" if trainable is None else "no policy of that name decides with it"
@@ -236,7 +238,7 @@ def build_network(name: str, hparams: dict[str, Any], registry: Registry | None 
 
 def network_options(hparams: dict[str, Any]) -> dict[str, Any]:
     """The hyper-parameters a network is built from (the batch size is the training loop's)."""
-    return {k: v for k, v in hparams.items() if k != "batch_size"}
+    return network_hparams(hparams)
 
 
 def _hparams(cfg: TrainConfig, trainable: TrainablePolicy) -> dict[str, Any]:

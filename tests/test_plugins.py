@@ -38,6 +38,7 @@ from esper_cli.plugins import (
 )
 from esper_cli.store import EpisodeReader
 from esper_cli.tasks import BUILTIN_TASKS, Task
+from esper_cli.trainable import TrainablePolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -659,3 +660,66 @@ def test_every_hookspec_is_documented_handled_and_tested():
         assert name in HOOK_KINDS, f"build_registry does not handle {name}"
     assert set(HOOK_KINDS) == set(names)
     assert set(get_plugin_manager().hook.__dict__) >= set(names)
+
+
+# -------------------------------------------------------------- a name a broken plugin would have
+def error_line(result, *fragments: str) -> str:
+    """Exit 2 with one `Error:` line (after the failed plugin's warnings) naming `fragments`."""
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def test_a_policy_of_a_plugin_that_failed_to_import_is_reported_as_unavailable_and_why(fake_dist, tmp_path):
+    fake_dist("simic-never", {"never": "never_plugin"}, {"never_plugin": """
+        import simic_not_installed_anywhere
+    """})
+    store = str(tmp_path / "s.h5")
+    why = "plugin 'never' failed to import never_plugin: ModuleNotFoundError: No module named 'simic_not_installed_anywhere'"
+    line = error_line(simic("collect", "--policy", "never", "--store", store, *TINY),
+                          "--policy 'never': policy unavailable: " + why, "(available: gru, heuristic, mlp, random, wait)")
+    assert "unknown policy" not in line
+    error_line(simic("compare", "heuristic", "never", *TINY), "policy 'never': policy unavailable: " + why)
+    error_line(simic("eval", "--policy", "never", "--store", store), "policy unavailable: " + why)
+    error_line(simic("train", "--policy", "never", "--store", store), "cannot be trained: policy unavailable: " + why)
+
+
+def test_an_unknown_policy_names_the_plugins_that_failed_to_load_as_possible_causes(fake_dist, tmp_path):
+    fake_dist("simic-probe", {"simic-probe": "probe_plugin"}, {"probe_plugin": """
+        raise ImportError("needs scipy")
+    """})
+    line = error_line(simic("collect", "--policy", "never", "--store", str(tmp_path / "s.h5"), *TINY),
+                          "--policy 'never': unknown policy; plugin 'simic-probe' failed to import probe_plugin: "
+                          "ImportError: needs scipy, and may have provided it (available: gru, heuristic,")
+    assert "unavailable" not in line
+
+
+# ------------------------------------------------------------------------------ piped output
+class LongNames:
+    """A plugin whose names are wider than an 80-column table leaves them."""
+
+    @hookimpl
+    def register_policies(self, register):
+        register("probe_mlp_with_a_name_long_enough_to_be_cut", WaitThenGrow)
+
+    @hookimpl
+    def register_trainable_policies(self, register):
+        register("probe_mlp_with_a_name_long_enough_to_be_cut", TrainablePolicy(network=lambda **_: None))
+
+
+def test_piped_tables_are_never_ellipsized(tmp_path):
+    # CliRunner's stdout is not a terminal, like `simic plugins | cat`.
+    with registered_plugin(LongNames(), name="simic-probe-policy-from-a-distribution-with-a-long-name"):
+        table = simic("plugins")
+        compare = simic("compare", "heuristic", "probe_mlp_with_a_name_long_enough_to_be_cut", "--episodes", "1",
+                        "--epochs", "2")
+    assert table.exit_code == 0, table.output
+    assert "simic-probe-policy-from-a-distribution-with-a-long-name" in table.stdout
+    assert "probe_mlp_with_a_name_long_enough_to_be_cut (trainable)" in table.stdout
+    assert compare.exit_code == 0, compare.output
+    for header in ("final val", "Δ val vs heuristic", "Δ test 95% CI", "expert agreement"):
+        assert header in compare.stdout
+    assert "…" not in table.stdout + compare.stdout

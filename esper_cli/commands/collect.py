@@ -93,9 +93,9 @@ def collect(
     deterministic policy); EPS is part of the episodes' identity when set.
     """
     reg = registry()
-    choose("policy", policy, reg.policies, "--policy")
+    choose("policy", policy, reg.policies, "--policy", reg)
     if expert is not None:
-        choose("policy", expert, reg.policies, "--expert")
+        choose("policy", expert, reg.policies, "--expert", reg)
     elif beta is not None:
         fail("--beta mixes in an expert's actions: it needs --expert NAME")
     n_workers = workers_and_backend(workers, backend, ray_address)

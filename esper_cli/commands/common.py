@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 
 from ..contracts import EpisodeConfig
@@ -15,7 +15,26 @@ from ..plugins import Registry, build_registry
 if TYPE_CHECKING:
     import torch
 
-out = Console()  # data: tables and JSON
+#: The width data is laid out in when stdout is not a terminal: wider than any table Simic prints,
+#: so every cell keeps its whole text. Rich renders a table at its natural width, never padded to this.
+PIPED_WIDTH = 10_000
+
+
+class DataConsole(Console):
+    """The stdout console. On a terminal it fits the window, as Rich does; piped to a file or a
+    program it has no window to fit, and Rich's fallback (80 columns, or the width of whatever
+    terminal stdin or stderr is) would ellipsize table cells: names and headers a reader needs
+    whole. So off a terminal it is PIPED_WIDTH wide."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        dims = super().size
+        if self._width is None and not self.is_terminal:
+            return ConsoleDimensions(PIPED_WIDTH, dims.height)
+        return dims
+
+
+out = DataConsole()  # data: tables and JSON
 err = Console(stderr=True)  # progress and diagnostics
 
 
@@ -65,8 +84,12 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def choose(kind: str, name: str, table: dict, option: str) -> None:
+def choose(kind: str, name: str, table: dict, option: str, reg: Registry | None = None) -> None:
+    """Exit 2 unless `name` is in `table` (the registry's `kind`s); with `reg`, the message names
+    a plugin that failed to load and may be why the name is missing."""
     if name not in table:
+        if reg is not None:
+            fail(escape(f"{option} {name!r}: {reg.unknown(kind, name)}"))
         known = ", ".join(sorted(table)) or "none"
         fail(f"{option} {name!r}: unknown {kind} (available: {known})")
 
@@ -98,7 +121,7 @@ def episode_config(reg: Registry, *, task: str, epochs: int, device: str, data_d
 
     from ..tasks import TaskError
 
-    choose("task", task, reg.tasks, "--task")
+    choose("task", task, reg.tasks, "--task", reg)
     resolve_device(device)
     torch.set_num_threads(threads)
     try:

@@ -115,7 +115,7 @@ def dagger(
         fail(f"--policy {policy!r}: not a learned policy type (trainable: {', '.join(trainable) or 'none'})")
     if seed + rounds > MAX_SEED:  # round r collects with seed + r: the last must still fit the store
         fail(f"--seed {seed}: round {rounds} would collect with seed {seed + rounds}, over the largest run seed {MAX_SEED}")
-    choose("policy", expert, reg.policies, "--expert")
+    choose("policy", expert, reg.policies, "--expert", reg)
     n_workers = workers_and_backend(workers)
     config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads)
     store_path = store or default_store_path()

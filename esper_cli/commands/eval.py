@@ -121,7 +121,7 @@ def evaluate(
             fail(f"--checkpoint {checkpoint} is a {kind!r} checkpoint but --policy is {policy!r}")
         policy, options = kind, {"checkpoint": checkpoint}
     policy = policy or "mlp"
-    choose("policy", policy, reg.policies, "--policy")
+    choose("policy", policy, reg.policies, "--policy", reg)
     try:
         agent = reg.policies[policy](**options)
     except CheckpointError as exc:

@@ -127,7 +127,7 @@ def improve_command(
         fail(f"--policy {policy!r}: simic improve fine-tunes mlp policies only")
     check_plot(plot)
     reg = registry()
-    choose("policy", policy, reg.policies, "--policy")
+    choose("policy", policy, reg.policies, "--policy", reg)
     n_workers = workers_and_backend(workers, backend, ray_address)
     config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads)
     target = out_path or default_checkpoint_path("mlp-improved")

@@ -41,7 +41,7 @@ class GRUTamiyo:
         self.version = f"{VERSION}+{self.checkpoint.sha256[:8]}"
         self.input_range = self.checkpoint.input_range  # clip to the training range (None: older checkpoints)
         a = to_numpy(self.checkpoint.tensors)
-        hp = self.checkpoint.meta["hparams"]
+        hp = self.checkpoint.hparams
         try:
             self.hidden, n_layers = int(hp["hidden"]), int(hp.get("layers", 1))
             self._layers = []  # (W_ih^T, b_ih, W_hh^T, b_hh) per layer

@@ -76,7 +76,7 @@ class MLPTamiyo:
         self.input_range = self.checkpoint.input_range  # clip to the training range (None: older checkpoints)
         self.version = f"{VERSION}+{self.checkpoint.sha256[:8]}"  # which weights made a decision
         arrays = to_numpy(self.checkpoint.tensors)
-        n_layers = len(self.checkpoint.meta["hparams"]["hidden"]) + 1
+        n_layers = len(self.checkpoint.hparams["hidden"]) + 1
         try:
             layers = [(arrays[f"layers.{i}.weight"], arrays[f"layers.{i}.bias"]) for i in range(n_layers)]
             layers[0] = folded_input_layer(*layers[0], self.checkpoint)
