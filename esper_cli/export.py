@@ -37,7 +37,9 @@ observation (a terminal transition does not bootstrap), so every episode with a 
 exported, old stores' included. What d3rlpy's format has no slot for sits in an `simic` HDF5
 group beside d3rlpy's datasets (its loader reads only the datasets it names): `action_mask`
 (bool, one row per decision, store order), `episode_length`, `episode_id`, and the attributes
-`schema` (JSON) and `store`.
+`schema` (JSON) and `store`. d3rlpy's format keeps no action size: `ReplayBuffer.load` infers it
+from the largest action in the file (3 where no episode ever culled); `load_d3rlpy` rebuilds the
+buffer with Discrete(4).
 """
 
 from __future__ import annotations
@@ -329,3 +331,20 @@ def export_d3rlpy(store: Path, out: Path) -> D3rlpyExportResult:
         out.unlink(missing_ok=True)  # ours: it did not exist before
         raise
     return D3rlpyExportResult(path=out, episodes=len(ends), steps=int(lengths.sum()), skipped=skipped)
+
+
+def load_d3rlpy(path: Path) -> Any:
+    """Read a `export_d3rlpy` file as a d3rlpy `ReplayBuffer` over Simic's four actions.
+
+    `ReplayBuffer.load` alone gives the same episodes, with an action size inferred from the
+    largest action present, which is too small for data where CULL never occurs.
+    """
+    d3rlpy = import_d3rlpy()
+    ds = d3rlpy.dataset
+    with open(path, "rb") as f:
+        loaded = ds.ReplayBuffer.load(f, ds.InfiniteBuffer())
+    return ds.ReplayBuffer(ds.InfiniteBuffer(), episodes=loaded.episodes,
+                           observation_signature=loaded.dataset_info.observation_signature,
+                           action_signature=loaded.dataset_info.action_signature,
+                           reward_signature=loaded.dataset_info.reward_signature,
+                           action_space=d3rlpy.constants.ActionSpace.DISCRETE, action_size=N_ACTIONS)

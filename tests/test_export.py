@@ -179,3 +179,19 @@ def test_d3rlpy_export_never_overwrites_and_refuses_bad_input(store, tmp_path):
     one_line_error(invoke("export", "--format", "d3rlpy", "--store", empty, "--out", tmp_path / "z.h5"),
                    "no episodes")
     assert not any((tmp_path / n).exists() for n in ("x.h5", "y.h5", "z.h5"))
+
+
+def test_load_d3rlpy_keeps_four_actions_where_the_data_never_culls(tmp_path):
+    d3rlpy = pytest.importorskip("d3rlpy")
+    from esper_cli.contracts import Action
+    from esper_cli.export import export_d3rlpy, load_d3rlpy
+
+    episode = finished(0, 5)
+    no_cull = [replace(d, action=Action.WAIT) if d.action == Action.CULL else d for d in episode.decisions]
+    path = tmp_path / "s.h5"
+    with EpisodeWriter(path) as writer:
+        writer.append(replace(episode, decisions=no_cull))
+    export_d3rlpy(path, tmp_path / "d.h5")
+    assert load_d3rlpy(tmp_path / "d.h5").dataset_info.action_size == 4
+    with open(tmp_path / "d.h5", "rb") as f:  # what d3rlpy alone infers: the largest action + 1
+        assert d3rlpy.dataset.ReplayBuffer.load(f, d3rlpy.dataset.InfiniteBuffer()).dataset_info.action_size < 4
