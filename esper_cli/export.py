@@ -341,10 +341,12 @@ def load_d3rlpy(path: Path) -> Any:
     """
     d3rlpy = import_d3rlpy()
     ds = d3rlpy.dataset
-    with open(path, "rb") as f:
-        loaded = ds.ReplayBuffer.load(f, ds.InfiniteBuffer())
-    return ds.ReplayBuffer(ds.InfiniteBuffer(), episodes=loaded.episodes,
-                           observation_signature=loaded.dataset_info.observation_signature,
-                           action_signature=loaded.dataset_info.action_signature,
-                           reward_signature=loaded.dataset_info.reward_signature,
+    with open(path, "rb") as f:  # the episodes ReplayBuffer.load reads, without its inference logs
+        episodes = ds.io.load(ds.Episode, f)
+    if not episodes:
+        raise ExportError(f"{path} holds no d3rlpy episode")
+    first = episodes[0]
+    return ds.ReplayBuffer(ds.InfiniteBuffer(), episodes=episodes,
+                           observation_signature=first.observation_signature,
+                           action_signature=first.action_signature, reward_signature=first.reward_signature,
                            action_space=d3rlpy.constants.ActionSpace.DISCRETE, action_size=N_ACTIONS)

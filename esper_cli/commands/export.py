@@ -36,7 +36,8 @@ def export(
     kept are skipped and counted. Needs the rl extra: pip install "simic[rl]".
 
     d3rlpy: one d3rlpy episode per store episode (N observations, actions, rewards, terminal at
-    the last decision), read back with d3rlpy.dataset.ReplayBuffer.load(f, InfiniteBuffer());
+    the last decision), read back with esper_cli.export.load_d3rlpy (d3rlpy's ReplayBuffer.load
+    with the action size it does not store);
     action masks, episode ids and schema in the file's simic group. Needs the d3rlpy extra:
     pip install "simic[d3rlpy]".
 
@@ -107,8 +108,7 @@ def _export_d3rlpy(store_path: Path, path: Path, as_json: bool) -> None:
         fail(escape(f"writing {path} failed: {exc.strerror or exc}"), code=1)
     if result.skipped:
         err.print(f"[yellow]Skipped[/] {len(result.skipped)} episode(s) without a decision.", highlight=False)
-    load = (f"python -c \"import d3rlpy; d3rlpy.dataset.ReplayBuffer.load('{result.path}', "
-            "d3rlpy.dataset.InfiniteBuffer())\"")
+    load = f"python -c \"from esper_cli.export import load_d3rlpy; load_d3rlpy('{result.path}')\""
     if as_json:
         out.print_json(json.dumps({"format": "d3rlpy", "path": str(result.path), "episodes": result.episodes,
                                    "steps": result.steps, "skipped": result.skipped}))
