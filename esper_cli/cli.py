@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("eval", "evaluate", "Score a Tamiyo policy against the decisions stored in an episode store."),
     "compare": ("compare", "compare", "Compare Tamiyo policies live on real morphogenetic training runs."),
     "dagger": ("dagger", "dagger", "Run DAgger rounds: the learner acts, the expert labels, retrain, compare closed loop."),
-    "export": ("export", "export", "Export an episode store as a Minari dataset for offline-RL libraries."),
+    "export": ("export", "export", "Export an episode store as a Minari dataset or a d3rlpy dataset file for offline RL."),
     "improve": ("improve", "improve_command", "Fine-tune a learned Tamiyo on its own live episodes (PPO) toward higher final accuracy."),
 }
 

@@ -19,7 +19,10 @@ It is the very environment `simic collect` runs (`environment.MorphogeneticEnv`)
   (ADVANCE with no seed) is what it is in `run_episode`: a no-op that still trains the epoch, with
   reward reduced by `invalid_action_penalty` and `info["valid"]` False;
 - reward: the stored reward (validation accuracy change over the epoch, minus that penalty);
-- `terminated` after the last epoch (`epochs` steps); never truncated;
+- `terminated` after the last epoch (`epochs` steps); never truncated. The spec's
+  `max_episode_steps` is the episode's `epochs` (`gymnasium.make(ENV_ID, epochs=E).spec` says E,
+  so `TimeLimit`s rebuilt from it, as Minari's `recover_environment` and d3rlpy build them, never
+  cut an episode short);
 - info: `valid` and `message` (why a no-op), `action_mask` (int8, 1 = valid next), `seed_stage`
   (a `SeedStage` code) and its name, `epoch`, `val_accuracy`, `best_val_accuracy`, the outcome's
   `accuracy_change` / `loss_change`, the episode's `run_seed`, `index` and `rng_seed`; on the last
@@ -33,7 +36,9 @@ generator. An episode reproduces exactly on CPU.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -41,6 +46,7 @@ import numpy as np
 try:
     import gymnasium as gym
     from gymnasium import spaces
+    from gymnasium.envs.registration import EnvSpec
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"esper_cli.gym_env needs Gymnasium ({exc}); install the extra: "
                       'pip install "simic[rl]"') from None
@@ -108,6 +114,18 @@ class MorphogeneticGymEnv(gym.Env[np.ndarray, np.int64]):
     """
 
     metadata: dict[str, Any] = {"render_modes": []}
+    _spec: EnvSpec | None = None
+
+    # The registration cannot know `epochs` (a make() kwarg), and a registered max_episode_steps
+    # would truncate every longer episode: the spec make() assigns takes the episode's own length.
+    @property  # type: ignore[override]
+    def spec(self) -> EnvSpec | None:
+        """The Gymnasium spec `make` gave this env, with `max_episode_steps` = its `epochs`."""
+        return self._spec
+
+    @spec.setter
+    def spec(self, value: EnvSpec | None) -> None:
+        self._spec = None if value is None else replace(value, max_episode_steps=self.config.epochs)
 
     def __init__(self, task: str = "digits", epochs: int = 25, *, registry: Registry | None = None,
                  **config: Any) -> None:
@@ -130,6 +148,8 @@ class MorphogeneticGymEnv(gym.Env[np.ndarray, np.int64]):
               options: Mapping[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """Start an episode: `seed` = the run seed, `options["index"]` = the episode (default 0,
         or the next one of the current run when `seed` is None)."""
+        # Integral numpy seeds too: Minari's HDF5 backend reads stored seeds and options back as numpy.
+        seed = None if seed is None else operator.index(seed)
         super().reset(seed=seed)
         options = dict(options or {})
         if seed is not None:

@@ -63,6 +63,7 @@ from .contracts import (
     SeedStage,
     check_finite,
 )
+from .policy import valid_action_mask
 
 STORE_FORMAT = "simic-episode-store"
 STORE_VERSION = 1
@@ -990,13 +991,16 @@ class EpisodeReader:
     def columns(self, episodes: np.ndarray | Iterable[int] | None = None) -> dict[str, np.ndarray]:
         """One row per decision, every column a numpy array of the same length (store order).
 
-        For analysis and offline RL; `pandas.DataFrame` takes every column but 'observation'
-        (2-D, one column per name in `feature_names`). `episodes` selects episode positions
-        (None: all). Columns:
+        For analysis and offline RL; `pandas.DataFrame` takes every column but the 2-D
+        'observation' (one column per name in `feature_names`) and 'action_mask'. `episodes`
+        selects episode positions (None: all). Columns:
 
         - 'episode_id' (str), 'episode' (int64 position in the store), 'step' (0, 1, ... within
           the episode), 'last' (bool: the episode's final decision);
         - 'observation' (float32, N x len(feature_names));
+        - 'action_mask' (bool, N x 4, `contracts.Action` order): the actions valid in the state
+          the observation describes (`policy.valid_action_mask`, the rule the environment
+          applies), derived, not stored: what an offline learner masks its choices with;
         - 'action' (int8, index into contracts.ACTION_NAMES), 'valid' (bool: the action was
           applicable), 'confidence' (float64), 'expert_action' (int8, -1: no expert label);
         - 'reward' and the outcome measured after the decision's epoch: 'accuracy_change',
@@ -1023,6 +1027,7 @@ class EpisodeReader:
             "step": step,
             "last": step == np.repeat(counts, counts) - 1,
             "observation": cols["observations"],
+            "action_mask": valid_action_mask(cols["observations"]),
             "action": cols["actions"],
             "valid": cols["valid"],
             "confidence": cols["confidence"],

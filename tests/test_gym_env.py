@@ -95,3 +95,25 @@ def test_registered_by_module_reference():
     # Gymnasium imports the module named before the colon, which registers the id.
     env = gym.make(f"esper_cli.gym_env:{ENV_ID}", epochs=1)
     assert isinstance(env.unwrapped, MorphogeneticGymEnv)
+
+
+def test_spec_max_episode_steps_is_the_episode_length():
+    # Not a registered constant: the epochs kwarg of make() sets it, so no TimeLimit cuts a run short.
+    assert gym.make(ENV_ID).spec.max_episode_steps == 25
+    env = gym.make(ENV_ID, epochs=3)
+    assert env.spec.max_episode_steps == 3
+    again = gym.make(env.spec)  # as Minari's recover_environment rebuilds it: with a TimeLimit of 3
+    again.reset(seed=0)
+    ends = [again.step(0)[2:4] for _ in range(3)]
+    # The run ends at its last epoch, not before (TimeLimit flags its bound as truncated too).
+    assert [terminated for terminated, _ in ends] == [False, False, True] and not any(t for _, t in ends[:2])
+
+
+def test_reset_takes_numpy_integers():
+    # Minari's HDF5 backend reads stored seeds and options back as numpy integers.
+    env = MorphogeneticGymEnv(epochs=1)
+    first, info = env.reset(seed=np.int64(4), options={"index": np.int64(2)})
+    assert (info["run_seed"], info["index"]) == (4, 2)
+    np.testing.assert_array_equal(first, env.reset(seed=4, options={"index": 2})[0])
+    with pytest.raises(TypeError):
+        env.reset(seed=1.5)

@@ -161,3 +161,17 @@ def test_dagger_mixture_and_exploration_compose():
         valid = valid_actions(obs)
         mixture = (1 - beta) * (record.action == PLAN[obs.epoch]) + beta * (record.action == record.expert_action)
         assert record.behaviour_prob == pytest.approx((1 - eps) * mixture + eps * (record.action in valid) / len(valid))
+
+
+def test_columns_action_mask_is_what_the_environment_allowed(tmp_path):
+    # Crafted plays invalid actions (ADVANCE/CULL with no seed): the mask says so in the states
+    # where they were played, and allows every action the environment applied.
+    path = tmp_path / "s.h5"
+    with EpisodeWriter(path) as writer:
+        writer.append_many([run(Crafted(), 0.0), run(Crafted(), 0.5, index=1)])
+    with EpisodeReader(path) as reader:
+        cols = reader.columns()
+    mask = cols["action_mask"]
+    assert mask.shape == (len(cols["action"]), 4) and mask.dtype == bool
+    np.testing.assert_array_equal(mask[np.arange(len(mask)), cols["action"]], cols["valid"])
+    assert not cols["valid"].all() and mask[:, Action.WAIT].all()

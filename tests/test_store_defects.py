@@ -22,6 +22,7 @@ import pytest
 from test_store import make_episode, run_python
 
 from esper_cli.contracts import ACTION_NAMES, N_FEATURES
+from esper_cli.policy import valid_action_mask
 from esper_cli.store import EpisodeReader, EpisodeWriter, StoreError, StoreLockedError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,6 +325,9 @@ def test_columns_round_trip(tmp_path):
     assert list(cols["stage_after"]) == [int(d.outcome.stage_after) for _, _, d in rows]
     assert list(cols["blueprint"]) == [d.blueprint or "" for _, _, d in rows]
     assert [ACTION_NAMES[a] for a in cols["action"]] == [d.action.name for _, _, d in rows]
+    # Derived from each observation by the environment's own rule, not stored.
+    assert cols["action_mask"].shape == (len(rows), 4) and cols["action_mask"].dtype == bool
+    np.testing.assert_array_equal(cols["action_mask"], valid_action_mask(cols["observation"]))
 
     with EpisodeReader(path) as r:  # a selection: the same rows as the full table's
         some = r.columns([5, 1])
@@ -353,6 +357,7 @@ def test_columns_into_pandas(tmp_path):
         cols = r.columns()
         features = list(r.feature_names)
     obs = cols.pop("observation")
+    cols.pop("action_mask")  # 2-D as well
     frame = pd.concat([pd.DataFrame(cols), pd.DataFrame(obs, columns=features)], axis=1)
     assert len(frame) == 12
     assert frame.groupby("episode_id")["reward"].sum().to_dict() == pytest.approx(

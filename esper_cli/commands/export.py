@@ -1,4 +1,4 @@
-"""`simic export`: write an episode store in another library's format (Minari, for offline RL)."""
+"""`simic export`: write an episode store in another library's format (Minari or d3rlpy, for offline RL)."""
 
 from __future__ import annotations
 
@@ -11,34 +11,47 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..export import DEFAULT_DATASET_ID, ExportError, export_minari
+from ..export import DEFAULT_DATASET_ID, ExportError, export_d3rlpy, export_minari
 from ..interrupt import keep_work_on_interrupt
 from ..paths import default_store_path, simic_home
 from ..store import StoreError
 from .common import err, fail, out
 
-FORMATS = ("minari",)
+FORMATS = ("minari", "d3rlpy")
 
 
 def export(
-    fmt: str = typer.Option("minari", "--format", help="Output format: minari (the offline-RL dataset d3rlpy, TorchRL and Minari read)."),
+    fmt: str = typer.Option("minari", "--format", help="Output format: minari (a Minari dataset) or d3rlpy (d3rlpy's own dataset file, aligned; d3rlpy's get_minari misaligns ours)."),
     store: Optional[Path] = typer.Option(None, "--store", help="Episode store to export (default: $SIMIC_HOME/episodes.h5)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Minari datasets root to write into (default: $SIMIC_HOME/minari); load with MINARI_DATASETS_PATH=DIR."),
-    dataset_id: str = typer.Option(DEFAULT_DATASET_ID, "--dataset-id", help="Minari dataset id, namespace/name-vN; an existing dataset is never overwritten."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="minari: the datasets root to write into (default: $SIMIC_HOME/minari; load with MINARI_DATASETS_PATH=DIR); d3rlpy: the file to write (default: $SIMIC_HOME/d3rlpy.h5). Never overwritten."),
+    dataset_id: Optional[str] = typer.Option(None, "--dataset-id", help=f"Minari dataset id, namespace/name-vN (default: {DEFAULT_DATASET_ID}); an existing dataset is never overwritten."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Export an episode store as a Minari dataset for offline-RL libraries.
+    """Export an episode store as a Minari dataset or a d3rlpy dataset file for offline RL.
 
-    Each episode becomes one Minari episode: its N observations plus its final observation
-    (N+1), actions, rewards, terminations at the last epoch, the action and observation spaces;
-    the observation schema and every episode's Simic id go into the metadata. Episodes from
-    stores written before final observations were kept are skipped and counted. The store stays
-    Simic's working format (it loads many times faster); export is for interop. Needs the rl
-    extra: pip install "simic[rl]".
+    minari: each episode becomes one Minari episode: its N observations plus its final
+    observation (N+1), actions, rewards, terminations at the last epoch, per-step action masks in
+    the infos, the action and observation spaces; the observation schema and every episode's
+    Simic id go into the metadata. Episodes from stores written before final observations were
+    kept are skipped and counted. Needs the rl extra: pip install "simic[rl]".
+
+    d3rlpy: one d3rlpy episode per store episode (N observations, actions, rewards, terminal at
+    the last decision), read back with esper_cli.export.load_d3rlpy (d3rlpy's ReplayBuffer.load
+    with the action size it does not store);
+    action masks, episode ids and schema in the file's simic group. Needs the d3rlpy extra:
+    pip install "simic[d3rlpy]".
+
+    The store stays Simic's working format (it loads many times faster); export is for interop.
     """
     if fmt not in FORMATS:
         fail(f"--format {fmt!r}: unknown format (available: {', '.join(FORMATS)})")
     store_path = store or default_store_path()
+    if fmt == "d3rlpy":
+        if dataset_id is not None:
+            fail("--dataset-id names a Minari dataset; --format d3rlpy writes the file --out names")
+        _export_d3rlpy(store_path, out_dir or simic_home() / "d3rlpy.h5", as_json)
+        return
+    dataset_id = dataset_id or DEFAULT_DATASET_ID
     root = out_dir or simic_home() / "minari"
     keep_work_on_interrupt()
     progress = Progress(TextColumn("export"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -78,5 +91,33 @@ def export(
     table.add_row("episodes / steps", f"{result.episodes} / {result.steps}")
     if result.skipped:
         table.add_row("skipped (no final observation)", str(len(result.skipped)))
+    table.add_row("load with", escape(load))
+    out.print(table)
+
+
+def _export_d3rlpy(store_path: Path, path: Path, as_json: bool) -> None:
+    keep_work_on_interrupt()
+    try:
+        result = export_d3rlpy(store_path, path)
+    except (ExportError, StoreError) as exc:
+        fail(escape(str(exc)), code=getattr(exc, "exit_code", 2))
+    except KeyboardInterrupt:
+        err.print("Interrupted: the partial file was removed; the store is unchanged.")
+        raise typer.Exit(130) from None
+    except OSError as exc:
+        fail(escape(f"writing {path} failed: {exc.strerror or exc}"), code=1)
+    if result.skipped:
+        err.print(f"[yellow]Skipped[/] {len(result.skipped)} episode(s) without a decision.", highlight=False)
+    load = f"python -c \"from esper_cli.export import load_d3rlpy; load_d3rlpy('{result.path}')\""
+    if as_json:
+        out.print_json(json.dumps({"format": "d3rlpy", "path": str(result.path), "episodes": result.episodes,
+                                   "steps": result.steps, "skipped": result.skipped}))
+        return
+    table = Table(title="simic export", show_header=False)
+    table.add_row("store", escape(str(store_path)))
+    table.add_row("d3rlpy dataset", escape(str(result.path)))
+    table.add_row("episodes / steps", f"{result.episodes} / {result.steps}")
+    if result.skipped:
+        table.add_row("skipped (no decision)", str(len(result.skipped)))
     table.add_row("load with", escape(load))
     out.print(table)
