@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
-from test_plugins_example import _offline_build_possible, _pip, simic_process
+from pip_helpers import is_installed, pip_installed, simic_process
 
 import esper_cli
 from esper_cli.checkpoint import Checkpoint
@@ -71,32 +70,16 @@ def test_the_worked_example_has_a_build_system_and_every_file_it_needs():
 
 
 # ----------------------------------------------------------------------------- for real
-def _installed() -> bool:
-    try:
-        version(DIST)
-    except PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def installed_worked_example(tmp_path_factory):
     """The docs' worked example written out from its code blocks, pip-installed, uninstalled after."""
-    assert not _installed(), f"{DIST} is installed already; uninstall it to run this test"
+    assert not is_installed(DIST), f"{DIST} is installed already; uninstall it to run this test"
     root = tmp_path_factory.mktemp("worked-example") / DIST
     for rel, text in files_of_the_worked_example().items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
-    offline = ["--no-build-isolation", "--no-index"] if _offline_build_possible() else []
-    result = _pip("install", "--no-deps", "--quiet", *offline, str(root))
-    assert result.returncode == 0, f"pip install {root} failed:\n{result.stdout}\n{result.stderr}"
-    try:
-        assert _installed()
-        yield DIST
-    finally:
-        result = _pip("uninstall", "--yes", "--quiet", DIST)
-        assert result.returncode == 0, result.stderr
-        assert not _installed()
+    with pip_installed(root, DIST) as dist:
+        yield dist
 
 
 @pytest.mark.slow

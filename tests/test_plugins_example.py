@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import pytest
+from pip_helpers import is_installed, pip_installed, simic_process
 from typer.testing import CliRunner
 
 from esper_cli.cli import app
@@ -32,63 +29,19 @@ runner = CliRunner()
 
 
 # ----------------------------------------------------------------------------- installation
-def _pip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
-                          capture_output=True, text=True, timeout=240)
-
-
-def _offline_build_possible() -> bool:
-    """setuptools builds wheels by itself from 70.1 on; older ones need the `wheel` package."""
-    try:
-        import setuptools
-    except ImportError:
-        return False
-    major, minor = (int(x) for x in setuptools.__version__.split(".")[:2])
-    if (major, minor) >= (70, 1):
-        return True
-    try:
-        import wheel  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _installed() -> bool:
-    try:
-        version(DIST)
-    except PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def installed_example(tmp_path_factory):
     """pip-install the example for real (from a copy: pip builds in the source tree), uninstall after.
 
     An example someone already installed by hand is used as it is and left alone.
     """
-    if _installed():
+    if is_installed(DIST):
         yield DIST
         return
     src = tmp_path_factory.mktemp("example") / EXAMPLE.name
     shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    offline = ["--no-build-isolation", "--no-index"] if _offline_build_possible() else []
-    result = _pip("install", "--no-deps", "--quiet", *offline, str(src))
-    assert result.returncode == 0, f"pip install {src} failed:\n{result.stdout}\n{result.stderr}"
-    try:
-        assert _installed()
-        yield DIST
-    finally:
-        result = _pip("uninstall", "--yes", "--quiet", DIST)
-        assert result.returncode == 0, result.stderr
-        assert not _installed()
-
-
-def simic_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """A real `simic` process (`python -m esper_cli`), seeing what pip installed."""
-    full_env = {k: v for k, v in os.environ.items() if k != "SIMIC_LOAD_PLUGINS"} | (env or {})
-    return subprocess.run([sys.executable, "-m", "esper_cli", *args], capture_output=True, text=True,
-                          timeout=240, env=full_env)
+    with pip_installed(src, DIST) as dist:
+        yield dist
 
 
 def info_json(store: Path) -> dict:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TypeVar
 
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..export import DEFAULT_DATASET_ID, ExportError, export_d3rlpy, export_minari
+from ..export import DEFAULT_DATASET_ID, ExportError, ExportResult, export_d3rlpy, export_minari
 from ..interrupt import keep_work_on_interrupt
 from ..paths import default_store_path, simic_home
 from ..store import StoreError
 from .common import err, fail, out
+
+T = TypeVar("T")
 
 FORMATS = ("minari", "d3rlpy")
 
@@ -62,18 +65,13 @@ def export(
         progress.start()  # at the first episodes written: a refused export prints one line only
         progress.update(bar, completed=done, total=total)
 
-    try:
+    def run() -> ExportResult:
         try:
-            result = export_minari(store_path, root, dataset_id, on_progress=advance)
+            return export_minari(store_path, root, dataset_id, on_progress=advance)
         finally:
             progress.stop()
-    except (ExportError, StoreError) as exc:
-        fail(escape(str(exc)), code=getattr(exc, "exit_code", 2))
-    except KeyboardInterrupt:
-        err.print("Interrupted: the partial dataset was removed; the store is unchanged.")
-        raise typer.Exit(130) from None
-    except OSError as exc:
-        fail(escape(f"writing {root} failed: {exc.strerror or exc}"), code=1)
+
+    result = _guarded(run, "dataset", root)
 
     if result.skipped:
         err.print(f"[yellow]Skipped[/] {len(result.skipped)} episode(s) without a final observation "
@@ -95,17 +93,23 @@ def export(
     out.print(table)
 
 
-def _export_d3rlpy(store_path: Path, path: Path, as_json: bool) -> None:
-    keep_work_on_interrupt()
+def _guarded(export: Callable[[], T], partial: str, target: Path) -> T:
+    """Run an export: its refusals are one-line errors, Ctrl-C exits 130 (the export removes what
+    it had written), a failed write exits 1."""
     try:
-        result = export_d3rlpy(store_path, path)
+        return export()
     except (ExportError, StoreError) as exc:
         fail(escape(str(exc)), code=getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
-        err.print("Interrupted: the partial file was removed; the store is unchanged.")
+        err.print(f"Interrupted: the partial {partial} was removed; the store is unchanged.")
         raise typer.Exit(130) from None
     except OSError as exc:
-        fail(escape(f"writing {path} failed: {exc.strerror or exc}"), code=1)
+        fail(escape(f"writing {target} failed: {exc.strerror or exc}"), code=1)
+
+
+def _export_d3rlpy(store_path: Path, path: Path, as_json: bool) -> None:
+    keep_work_on_interrupt()
+    result = _guarded(lambda: export_d3rlpy(store_path, path), "file", path)
     if result.skipped:
         err.print(f"[yellow]Skipped[/] {len(result.skipped)} episode(s) without a decision.", highlight=False)
     load = f"python -c \"from esper_cli.export import load_d3rlpy; load_d3rlpy('{result.path}')\""
