@@ -155,6 +155,7 @@ def _wait_for(store: Path, n: int, proc: subprocess.Popen, timeout: float = 60.0
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_second_writer_gets_a_clear_lock_error(tmp_path):
     store = tmp_path / "s.h5"
     proc = _simic_process("collect", "--episodes", "40", "--store", str(store), "--epochs", "4")
@@ -168,6 +169,7 @@ def test_second_writer_gets_a_clear_lock_error(tmp_path):
         proc.wait()
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_keeps_every_committed_episode(tmp_path):
     store = tmp_path / "s.h5"
     epochs, total = 4, 12
@@ -198,6 +200,7 @@ def test_sigkill_at_any_moment_keeps_every_committed_episode(tmp_path):
     assert sorted(e["index"] for e in report["episodes"]) == list(range(total))
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_completed_episodes_and_exits_130(tmp_path):
     store = tmp_path / "s.h5"
     proc = _simic_process("collect", "--episodes", "30", "--store", str(store), "--epochs", "4")

@@ -83,6 +83,7 @@ def _simic() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "esper_cli"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.15, 0.4, 0.8, 1.5])
 def test_ctrl_c_during_start_up_exits_130_without_traceback(tmp_path, delay):
     env = {**os.environ, "SIMIC_HOME": str(tmp_path / "home")}

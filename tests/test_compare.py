@@ -171,6 +171,7 @@ def test_bad_input_is_one_line_and_exit_2(mlp_checkpoint, tmp_path):
     one_line_error(invoke("compare", "heuristic", "heuristic"), "named twice")
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_report_as_one_process(mlp_checkpoint):
     args = ("heuristic", f"mlp={mlp_checkpoint}", "--episodes", 2, "--mode", "closed-loop")
     serial = compare_json(*args)

@@ -34,6 +34,7 @@ def test_offline_d3rlpy_example_trains_and_scores_for_a_tiny_budget(tmp_path):
     assert (tmp_path / "episodes-d3rlpy.h5").exists()
 
 
+@pytest.mark.slow
 def test_a_seed_among_the_held_out_ones_is_refused():
     result = subprocess.run([sys.executable, str(EXAMPLE), "--seed", "10001", "--eval-seed", "10000"],
                             capture_output=True, text=True, timeout=120)

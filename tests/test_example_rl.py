@@ -13,6 +13,7 @@ pytest.importorskip("stable_baselines3")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "rl_gymnasium_dqn.py"
 
 
+@pytest.mark.slow
 def test_dqn_example_trains_and_scores_for_a_tiny_budget():
     result = subprocess.run([sys.executable, str(EXAMPLE), "--timesteps", "12", "--epochs", "2",
                              "--eval-episodes", "1"], capture_output=True, text=True, timeout=240)

@@ -106,6 +106,7 @@ def test_improve_writes_an_mlp_checkpoint_with_its_episodes_and_curve(serial_run
     assert valid_action_mask(obs).tolist() == [True, False, False, False]
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_serial_checkpoint(serial_run, tmp_path):
     out = tmp_path / "mlp.safetensors"
     improve(tiny_config(out, workers=2), build_registry())
@@ -113,6 +114,7 @@ def test_two_workers_give_the_serial_checkpoint(serial_run, tmp_path):
     assert same_tensors(out.with_name("mlp.bc.safetensors"), serial_run[0].with_name("mlp.bc.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_RAY, reason='the ray extra is not installed (pip install -e ".[ray]")')
 def test_ray_gives_the_serial_checkpoint(serial_run, tmp_path):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -171,6 +173,7 @@ def test_a_rerun_after_sigkill_leaves_no_lock_file(tmp_path):
     assert not list(tmp_path.glob("*.lock")), sorted(p.name for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_best_checkpoint_so_far(serial_run, tmp_path):
     out = tmp_path / "mlp.safetensors"
     env = {**os.environ, "SIMIC_HOME": str(tmp_path)}

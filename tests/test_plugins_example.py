@@ -51,6 +51,7 @@ def info_json(store: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_the_installed_example_is_listed_by_simic_plugins(installed_example):
     result = simic_process("plugins", "--json")
     assert result.returncode == 0, result.stderr
@@ -64,6 +65,7 @@ def test_the_installed_example_is_listed_by_simic_plugins(installed_example):
     assert "Warning" not in result.stderr
 
 
+@pytest.mark.slow
 def test_simic_collect_runs_the_installed_policy_end_to_end(installed_example, tmp_path):
     store = tmp_path / "patience.h5"
     # 20 epochs: the narrow host keeps setting new bests for ~12-16 epochs, then patience runs out.
@@ -77,6 +79,7 @@ def test_simic_collect_runs_the_installed_policy_end_to_end(installed_example, t
     assert report["action_counts"]["GERMINATE"] >= 1 and report["seeds_created"] >= 1
 
 
+@pytest.mark.slow
 def test_simic_load_plugins_can_leave_the_installed_example_out(installed_example, tmp_path):
     result = simic_process("collect", "--policy", "patience", "--store", str(tmp_path / "s.h5"),
                            "--epochs", "5", env={"SIMIC_LOAD_PLUGINS": "heuristic"})
@@ -84,12 +87,14 @@ def test_simic_load_plugins_can_leave_the_installed_example_out(installed_exampl
     assert "--policy 'patience': unknown policy (available: heuristic)" in result.stderr
 
 
+@pytest.mark.slow
 def test_simic_compare_heuristic_against_the_installed_example(installed_example):
     result = simic_process("compare", "heuristic", "patience", "--episodes", "2", "--epochs", "12")
     assert result.returncode == 0, result.stderr
     assert "heuristic" in result.stdout and "patience" in result.stdout
 
 
+@pytest.mark.slow
 def test_simic_train_fits_the_installed_trainable_policy_and_compare_runs_it(installed_example, tmp_path):
     store, ckpt = tmp_path / "heuristic.h5", tmp_path / "linear.safetensors"
     result = simic_process("collect", "--episodes", "3", "--epochs", "12", "--store", str(store))

@@ -161,6 +161,7 @@ def ray_cluster(crashy_site):
 
 
 # ---------------------------------------------------------------------------------- determinism
+@pytest.mark.slow
 def test_two_local_workers_give_the_serial_episodes(serial_episodes):
     with ProcessRunner(2) as runner:
         got = by_index(runner.run(jobs(3)))
@@ -170,6 +171,7 @@ def test_two_local_workers_give_the_serial_episodes(serial_episodes):
         assert_same_episode(episode, serial_episodes[key])
 
 
+@pytest.mark.slow
 @needs_ray
 def test_ray_gives_the_serial_episodes(ray_cluster, serial_episodes):
     with RayRunner() as runner:
@@ -181,6 +183,7 @@ def test_ray_gives_the_serial_episodes(ray_cluster, serial_episodes):
     assert ray_cluster.is_initialized()  # a cluster the runner did not start is left running
 
 
+@pytest.mark.slow
 def test_collect_with_workers_matches_serial_and_resumes(tmp_path):
     serial, parallel = tmp_path / "serial.h5", tmp_path / "parallel.h5"
     assert simic("collect", "-n", "3", "--seed", "5", "--store", str(serial), *TINY).exit_code == 0
@@ -199,6 +202,7 @@ def test_collect_with_workers_matches_serial_and_resumes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- failures
+@pytest.mark.slow
 def test_dead_workers_are_replaced_their_episode_rerun_or_reported(crashy, tmp_path, monkeypatch):
     once, always = episode_rng_seed(0, 1), episode_rng_seed(0, 3)
     monkeypatch.setenv("CRASHY_DIE_AT", str(once))  # dies the first time only
@@ -220,6 +224,7 @@ def test_dead_workers_are_replaced_their_episode_rerun_or_reported(crashy, tmp_p
         assert sorted(reader.index()["index"]) == [0, 1, 2, 4] and reader.n_decisions == 16
 
 
+@pytest.mark.slow
 def test_a_policy_error_in_a_worker_is_not_retried_and_exits_1(crashy, tmp_path, monkeypatch):
     monkeypatch.setenv("CRASHY_DIE_AT", str(episode_rng_seed(0, 0)))
     monkeypatch.setenv("CRASHY_MODE", "raise")
@@ -235,6 +240,7 @@ def test_a_policy_error_in_a_worker_is_not_retried_and_exits_1(crashy, tmp_path,
         assert 0 not in index["index"] and reader.n_decisions == 4 * reader.n_episodes < 24
 
 
+@pytest.mark.slow
 @needs_ray
 def test_ray_reruns_an_episode_whose_worker_died(ray_cluster, tmp_path, serial_episodes):
     events: list[str] = []
@@ -280,6 +286,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_workers_and_keeps_committed_episodes(tmp_path):
     store = tmp_path / "s.h5"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

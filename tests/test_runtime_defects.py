@@ -219,6 +219,7 @@ def _index_of(job, context):
     return job.index
 
 
+@pytest.mark.slow
 def test_worker_runners_draw_jobs_as_they_go(tmp_path):
     from esper_cli.runner import EpisodeJob, ProcessRunner
 
@@ -240,6 +241,7 @@ def test_worker_runners_draw_jobs_as_they_go(tmp_path):
     assert len(set(got)) == 6 and max(got) < 10 and drawn <= 10  # completion order: any 6 of the first few
 
 
+@pytest.mark.slow
 def test_collect_a_billion_episodes_starts_within_a_small_memory_limit(tmp_path):
     store = tmp_path / "s.h5"
     limit = 2 * 2**30  # a normal one-episode collect runs under 1 GiB of address space

@@ -341,6 +341,7 @@ WRITER_THEN_WAIT = """
 """
 
 
+@pytest.mark.slow
 def test_lock_and_reading_during_write(tmp_path):
     path = tmp_path / "s.h5"
     child = run_python(WRITER_THEN_WAIT.replace("sys.argv[1]", repr(str(path))))
@@ -451,6 +452,7 @@ def _check_complete(path: Path, at_least: int) -> int:
 
 # (seconds to wait, episodes per commit, commits to see first): right after start (likely before
 # the store exists), then at assorted moments of a loop of small and of large commits.
+@pytest.mark.slow
 @pytest.mark.parametrize("delay, batch, after", [(0.0, 1, 0), (0.3, 1, 0), (0.0, 1, 1), (0.003, 1, 1),
                                                  (0.02, 1, 2), (0.2, 1, 1), (0.01, 40, 1), (0.03, 40, 1)])
 def test_kill_9_leaves_committed_episodes(tmp_path, delay, batch, after):
@@ -487,6 +489,7 @@ KILL_BEFORE_COMMIT = """
 """
 
 
+@pytest.mark.slow
 def test_kill_between_rows_and_commit(tmp_path):
     """Deterministic worst moment: every row of an episode is on disk, the commit is not."""
     path = tmp_path / "crash.h5"
@@ -502,6 +505,7 @@ def test_kill_between_rows_and_commit(tmp_path):
         assert f["episodes/length"].shape[0] == 2 and f["decisions/actions"].shape[0] == 50
 
 
+@pytest.mark.slow
 def test_kill_right_after_open(tmp_path):
     """A writer killed before its first append leaves a store readers and writers accept."""
     path = tmp_path / "s.h5"
@@ -519,6 +523,7 @@ def test_kill_right_after_open(tmp_path):
         assert w.recovered and w.n_episodes == 1
 
 
+@pytest.mark.slow
 def test_repeated_crashes_then_resume(tmp_path):
     path = tmp_path / "crash.h5"
     n = 0
