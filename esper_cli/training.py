@@ -221,8 +221,10 @@ def trainable_policy(name: str, registry: Registry | None = None) -> TrainablePo
     checkpoints), or a one-line `DataError` naming the trainable ones."""
     reg = registry or build_registry()
     trainable = reg.trainables.get(name)
-    if trainable is None and name not in reg.policies and reg.unknown("policy", name).startswith("policy unavailable"):
-        raise DataError(f"policy {name!r} cannot be trained: {reg.unknown('policy', name)}")
+    if trainable is None and name not in reg.policies:
+        missing = reg.unknown("policy", name)
+        if missing.startswith("policy unavailable"):  # a plugin that failed to load is recognisably why
+            raise DataError(f"policy {name!r} cannot be trained: {missing}")
     if trainable is None or name not in reg.policies:
         known = ", ".join(n for n in sorted(reg.trainables) if n in reg.policies) or "none"
         why = "no plugin registers it as trainable" if trainable is None else "no policy of that name decides with it"
