@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from simic_plugins.heuristic import HeuristicTamiyo
 
-from esper_cli.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.contracts import Action, Decision, EpisodeConfig, SeedStage, episode_rng_seed
-from esper_cli.environment import MorphogeneticEnv
-from esper_cli.episode import run_episode
-from esper_cli.store import EpisodeWriter
+from esper_cli.data.store import EpisodeWriter
+from esper_cli.simulation.blueprints import BUILTIN_BLUEPRINTS
+from esper_cli.simulation.environment import MorphogeneticEnv
+from esper_cli.simulation.episode import run_episode
 from esper_cli.tasks import BUILTIN_TASKS
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from bench_store import synthetic_episodes
 
-from esper_cli.export import export_minari
-from esper_cli.store import EpisodeReader, EpisodeWriter
+from esper_cli.data.interop import export_minari
+from esper_cli.data.store import EpisodeReader, EpisodeWriter
 
 
 def main() -> None:

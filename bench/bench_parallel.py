@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from esper_cli.contracts import EpisodeConfig
-from esper_cli.runner import BaseRunner, EpisodeJob, ProcessRunner, RayRunner, SerialRunner
-from esper_cli.store import EpisodeWriter
+from esper_cli.data.store import EpisodeWriter
+from esper_cli.running.runner import BaseRunner, EpisodeJob, ProcessRunner, RayRunner, SerialRunner
 
 
 def _spin(n: int = 6_000_000) -> None:

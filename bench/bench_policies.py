@@ -19,9 +19,9 @@ import argparse
 import json
 import time
 
-from esper_cli.commands.common import registry
-from esper_cli.comparison import build_report, resolve_specs, run_comparison
+from esper_cli.cli.common import registry
 from esper_cli.contracts import EpisodeConfig
+from esper_cli.evaluation.comparison import build_report, resolve_specs, run_comparison
 
 
 def _ci(ci: list[float] | None) -> str:

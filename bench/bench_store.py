@@ -31,7 +31,7 @@ from esper_cli.contracts import (
     SeedStage,
     episode_rng_seed,
 )
-from esper_cli.store import EpisodeReader, EpisodeWriter
+from esper_cli.data.store import EpisodeReader, EpisodeWriter
 
 
 def synthetic_episodes(n_episodes: int, n_decisions: int, seed: int = 0) -> list[Episode]:

@@ -31,14 +31,11 @@ from simic_plugins.gru import GRUTamiyo
 from simic_plugins.heuristic import HeuristicTamiyo
 from simic_plugins.mlp import MLPTamiyo
 
-from esper_cli.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.contracts import EpisodeConfig, TrainingSnapshot
-from esper_cli.decisions import load_decisions
-from esper_cli.episode import run_episode
-from esper_cli.preprocess import class_weights, fit_normaliser
-from esper_cli.store import EpisodeWriter
-from esper_cli.tasks import BUILTIN_TASKS
-from esper_cli.training import (
+from esper_cli.data.decisions import load_decisions
+from esper_cli.data.preprocess import class_weights, fit_normaliser
+from esper_cli.data.store import EpisodeWriter
+from esper_cli.learning.training import (
     build_network,
     network_options,
     to_tensors,
@@ -46,6 +43,9 @@ from esper_cli.training import (
     train_policy,
     trainable_policy,
 )
+from esper_cli.simulation.blueprints import BUILTIN_BLUEPRINTS
+from esper_cli.simulation.episode import run_episode
+from esper_cli.tasks import BUILTIN_TASKS
 
 CONTINUOUS = [2, 3, 4, 5, 6, 7, 9, 10, *range(11, 21), 25]  # losses, accuracies, histories, improvement
 LOSSES = [2, 3, 10, *range(11, 16)]

@@ -1,12 +1,12 @@
 """`python -m esper_cli` and the `simic` console script: run the command line."""
 
-from .interrupt import exit_on_interrupt
+from .cli.interrupt import exit_on_interrupt
 
 
 def main() -> None:
     """Console-script entry point: a Ctrl-C while the command starts up exits 130, not a traceback."""
     exit_on_interrupt()
-    from .cli import main as run
+    from .cli.main import main as run
 
     run()
 

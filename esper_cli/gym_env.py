@@ -63,9 +63,9 @@ from .contracts import (
     SeedStage,
     episode_rng_seed,
 )
-from .environment import MorphogeneticEnv
-from .gym_plugin import ENV_ID, register_envs
 from .plugins import Registry, build_registry
+from .simulation.environment import MorphogeneticEnv
+from .simulation.gym_plugin import ENV_ID, register_envs
 
 __all__ = ["ENV_ID", "MorphogeneticGymEnv", "observation_bounds", "register_envs"]
 

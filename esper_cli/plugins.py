@@ -5,7 +5,7 @@ a hook (see `esper_cli.hookspecs` and docs/plugins.md). A plugin that fails to i
 register is recorded (which plugin, why) and skipped; the rest keep working.
 
 `SIMIC_LOAD_PLUGINS` (comma-separated plugin names, i.e. entry-point names, or distribution names;
-empty for none) limits which entry-point plugins load. The core plugin (`esper_cli.builtins`:
+empty for none) limits which entry-point plugins load. The core plugin (`esper_cli.simulation.builtins`:
 blueprints and tasks) always loads. The variable is read when the manager is created; tests that
 change it call `reset_plugin_manager()`.
 
@@ -28,7 +28,8 @@ from typing import Any
 
 import pluggy
 
-from . import __version__, builtins, hookspecs
+from . import __version__, hookspecs
+from .simulation import builtins
 from .trainable import TrainablePolicy
 
 ENTRY_POINT_GROUP = "simic"

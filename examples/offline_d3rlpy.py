@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 import esper_cli.gym_env  # noqa: F401  (registers simic/Morphogenetic-v0)
-from esper_cli.collection import collect_episodes
 from esper_cli.contracts import N_ACTIONS, EpisodeConfig, TrainingSnapshot
-from esper_cli.export import D3RLPY_SIMIC_GROUP, export_d3rlpy, import_d3rlpy, load_d3rlpy
+from esper_cli.data.interop import D3RLPY_SIMIC_GROUP, export_d3rlpy, import_d3rlpy, load_d3rlpy
+from esper_cli.data.store import EpisodeWriter
 from esper_cli.plugins import Registry, build_registry
 from esper_cli.policy import EpisodeContext, policy_version
-from esper_cli.store import EpisodeWriter
+from esper_cli.running.collection import collect_episodes
 
 ENV_ID = "simic/Morphogenetic-v0"
 

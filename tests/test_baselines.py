@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from simic_plugins.baselines import RandomTamiyo, WaitTamiyo, valid_actions
 
-from esper_cli.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.contracts import Action, EpisodeConfig
-from esper_cli.episode import run_episode
 from esper_cli.plugins import build_registry
+from esper_cli.simulation.blueprints import BUILTIN_BLUEPRINTS
+from esper_cli.simulation.episode import run_episode
 from esper_cli.tasks import BUILTIN_TASKS
 
 CFG = EpisodeConfig(epochs=10, embargo_epochs=1)

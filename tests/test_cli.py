@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from esper_cli.cli import app
-from esper_cli.store import EpisodeReader
+from esper_cli.data.store import EpisodeReader
 
 runner = CliRunner()
 TINY = ["--epochs", "6"]

@@ -15,9 +15,9 @@ import pytest
 from test_store import make_episode
 from typer.testing import CliRunner
 
-from esper_cli.builtins import BUILTIN_BLUEPRINT_NAMES
-from esper_cli.cli import COMMANDS, app, load_command
-from esper_cli.store import EpisodeWriter
+from esper_cli.cli.main import COMMANDS, app, load_command
+from esper_cli.data.store import EpisodeWriter
+from esper_cli.simulation.builtins import BUILTIN_BLUEPRINT_NAMES
 
 HEAVY = ("torch", "sklearn", "ray")
 
@@ -58,7 +58,7 @@ def test_listed_help_matches_each_commands_docstring():
 
 
 def test_builtin_blueprint_names_match_the_blueprints_module():
-    from esper_cli.blueprints import BUILTIN_BLUEPRINTS
+    from esper_cli.simulation.blueprints import BUILTIN_BLUEPRINTS
 
     assert tuple(BUILTIN_BLUEPRINTS) == BUILTIN_BLUEPRINT_NAMES
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 from simic_plugins.heuristic import HeuristicTamiyo
 
-from esper_cli.collection import collect_episodes
 from esper_cli.contracts import EpisodeConfig
-from esper_cli.dagger import (
+from esper_cli.data.store import EpisodeReader, EpisodeWriter
+from esper_cli.learning.dagger_loop import (
     DaggerConfig,
     DaggerProgress,
     avoided_rng_seeds,
@@ -22,7 +22,7 @@ from esper_cli.dagger import (
 )
 from esper_cli.plugins import build_registry
 from esper_cli.policy import policy_version
-from esper_cli.store import EpisodeReader, EpisodeWriter
+from esper_cli.running.collection import collect_episodes
 
 EPOCHS = 12
 SEED = 5  # episode 1 of run seed 5 grows a seed within 12 epochs

@@ -18,12 +18,12 @@ from simic_plugins.mlp import MLPTamiyo
 
 from esper_cli import hookimpl
 from esper_cli.checkpoint import digest
-from esper_cli.comparison import mean_ci95, parse_specs
 from esper_cli.contracts import EpisodeConfig, TrainingSnapshot
-from esper_cli.episode import run_episode
+from esper_cli.evaluation.comparison import mean_ci95, parse_specs
+from esper_cli.learning.training import train_policy
 from esper_cli.paths import default_checkpoint_path
 from esper_cli.plugins import build_registry, registered_plugin
-from esper_cli.training import train_policy
+from esper_cli.simulation.episode import run_episode
 
 EPOCHS = 12
 SEED = ["--seed", 5]  # episode 1 of run seed 5 grows a seed within 12 epochs (episode 0 does not)

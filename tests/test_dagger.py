@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 from esper_cli import hookimpl
 from esper_cli.cli import app
 from esper_cli.contracts import Action, Decision, EpisodeConfig, TrainingSnapshot
-from esper_cli.decisions import load_decisions
-from esper_cli.episode import run_episode
+from esper_cli.data.decisions import load_decisions
+from esper_cli.data.store import EpisodeReader, EpisodeWriter
 from esper_cli.plugins import build_registry, registered_plugin
-from esper_cli.store import EpisodeReader, EpisodeWriter
+from esper_cli.simulation.episode import run_episode
 
 runner = CliRunner()
 EPOCHS = 12

@@ -10,7 +10,6 @@ import pytest
 import torch
 from simic_plugins.heuristic import HeuristicTamiyo
 
-from esper_cli.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.contracts import (
     LOSS_CAP,
     Action,
@@ -20,8 +19,9 @@ from esper_cli.contracts import (
     TrainingSnapshot,
     sanitize_loss,
 )
-from esper_cli.environment import MorphogeneticEnv
-from esper_cli.episode import run_episode
+from esper_cli.simulation.blueprints import BUILTIN_BLUEPRINTS
+from esper_cli.simulation.environment import MorphogeneticEnv
+from esper_cli.simulation.episode import run_episode
 from esper_cli.tasks import BUILTIN_TASKS
 
 W, G, A, C = Action.WAIT, Action.GERMINATE, Action.ADVANCE, Action.CULL

@@ -13,9 +13,9 @@ import pytest
 from cli_helpers import invoke, one_line_error
 from test_store import make_episode
 
-from esper_cli.export import export_minari
+from esper_cli.data.interop import export_minari
+from esper_cli.data.store import EpisodeReader, EpisodeWriter
 from esper_cli.policy import valid_action_mask
-from esper_cli.store import EpisodeReader, EpisodeWriter
 
 minari = pytest.importorskip("minari")  # the rl extra; Minari 0.5 needs Python 3.11
 
@@ -184,7 +184,7 @@ def test_d3rlpy_export_never_overwrites_and_refuses_bad_input(store, tmp_path):
 def test_load_d3rlpy_keeps_four_actions_where_the_data_never_culls(tmp_path):
     d3rlpy = pytest.importorskip("d3rlpy")
     from esper_cli.contracts import Action
-    from esper_cli.export import export_d3rlpy, load_d3rlpy
+    from esper_cli.data.interop import export_d3rlpy, load_d3rlpy
 
     episode = finished(0, 5)
     no_cull = [replace(d, action=Action.WAIT) if d.action == Action.CULL else d for d in episode.decisions]

@@ -28,11 +28,11 @@ from esper_cli.contracts import (
     Outcome,
     SeedStage,
 )
-from esper_cli.decisions import DataError
+from esper_cli.data.decisions import DataError
+from esper_cli.data.store import EpisodeWriter
+from esper_cli.learning.training import feature_group_lasso, features_read, train_policy
 from esper_cli.plugins import build_registry
-from esper_cli.store import EpisodeWriter
 from esper_cli.trainable import TrainablePolicy
-from esper_cli.training import feature_group_lasso, features_read, train_policy
 
 WORTH = FEATURE_NAMES.index("seed_improvement")
 TRAIN = {"epochs": 150, "patience": 150, "allow_missing_classes": True}

@@ -11,10 +11,10 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import esper_cli.gym_env  # noqa: F401  (registers the id)
-from esper_cli.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.contracts import FEATURE_NAMES, Action, Decision, EpisodeConfig, SeedStage
-from esper_cli.episode import run_episode
 from esper_cli.gym_env import ENV_ID, MorphogeneticGymEnv
+from esper_cli.simulation.blueprints import BUILTIN_BLUEPRINTS
+from esper_cli.simulation.episode import run_episode
 from esper_cli.tasks import BUILTIN_TASKS
 
 # An invalid ADVANCE first (no seed yet), then a seed's whole life and a CULL of the next one.

@@ -23,7 +23,7 @@ from simic_plugins.mlp import MLPTamiyo
 
 from esper_cli.checkpoint import load_checkpoint
 from esper_cli.contracts import EpisodeConfig, TrainingSnapshot
-from esper_cli.improve import Batch, ImproveConfig, ValueNet, improve, make_batch, masked_log_probs, ppo_update
+from esper_cli.learning.ppo import Batch, ImproveConfig, ValueNet, improve, make_batch, masked_log_probs, ppo_update
 from esper_cli.plugins import build_registry
 from esper_cli.policy import valid_action_mask
 
@@ -52,7 +52,7 @@ def serial_run(tmp_path_factory):
 # ------------------------------------------------------------------------------------- the math
 def test_a_group_of_draws_on_one_seed_is_credited_relative_to_its_mean(serial_run):
     out, _ = serial_run
-    from esper_cli.store import EpisodeReader
+    from esper_cli.data.store import EpisodeReader
 
     with EpisodeReader(out.with_name("mlp.bootstrap.h5")) as reader:
         a, b, c = reader.episode(0), reader.episode(1), reader.episode(2)

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from esper_cli.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.contracts import SeedStage
 from esper_cli.kasmina import TRANSITIONS, HostCNN, IllegalTransitionError, SeedSlot
+from esper_cli.simulation.blueprints import BUILTIN_BLUEPRINTS
 
 
 def test_legal_transitions_walk_the_lifecycle():

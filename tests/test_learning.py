@@ -22,12 +22,12 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from esper_cli.checkpoint import CheckpointError, digest, load_checkpoint, save_checkpoint
 from esper_cli.contracts import ACTION_NAMES, N_FEATURES, TrainingSnapshot
-from esper_cli.decisions import DataError, load_decisions, split_episodes
-from esper_cli.improve import BOOTSTRAP_TRAINING
-from esper_cli.metrics import classification_metrics
-from esper_cli.preprocess import class_weights, fit_normaliser, parse_class_weights
-from esper_cli.replay import replay, select_split
-from esper_cli.training import build_network, train_policy
+from esper_cli.data.decisions import DataError, load_decisions, split_episodes
+from esper_cli.data.preprocess import class_weights, fit_normaliser, parse_class_weights
+from esper_cli.data.replay import replay, select_split
+from esper_cli.learning.metrics import classification_metrics
+from esper_cli.learning.ppo import BOOTSTRAP_TRAINING
+from esper_cli.learning.training import build_network, train_policy
 
 TINY = {"epochs": 4, "allow_missing_classes": True}  # a 12-epoch episode rarely culls a seed
 
@@ -262,7 +262,7 @@ def test_missing_class_and_tiny_store_are_refused(store, single_episode_store, t
 
 
 def test_nan_observations_are_refused(store, monkeypatch):
-    from esper_cli import store as store_mod
+    from esper_cli.data import store as store_mod
 
     original = store_mod.EpisodeReader.decisions
 

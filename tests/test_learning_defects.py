@@ -19,11 +19,11 @@ import torch
 from cli_helpers import invoke, one_line_error
 
 from esper_cli.checkpoint import CheckpointError, check_writable_checkpoint, load_checkpoint, save_checkpoint
-from esper_cli.commands import common
+from esper_cli.cli import common
 from esper_cli.contracts import N_FEATURES, Action, DecisionRecord, Episode, EpisodeConfig, Outcome, SeedStage
-from esper_cli.metrics import classification_metrics
-from esper_cli.store import EpisodeReader, EpisodeWriter
-from esper_cli.training import prepare_training, train_policy
+from esper_cli.data.store import EpisodeReader, EpisodeWriter
+from esper_cli.learning.metrics import classification_metrics
+from esper_cli.learning.training import prepare_training, train_policy
 
 W, G, A, C = (int(a) for a in Action)
 ALL_FOUR = {W, G, A, C}
@@ -191,7 +191,7 @@ def test_train_and_eval_say_when_validation_has_no_cull(cull_once, tmp_path, wid
 @pytest.fixture
 def no_training(monkeypatch):
     """Fails the test if training starts: a refused --out must be refused before any epoch."""
-    from esper_cli.commands import train as train_cmd
+    from esper_cli.cli.commands import train as train_cmd
 
     def refuse(*args, **kwargs):
         raise AssertionError("training started although --out is refused")

@@ -14,11 +14,11 @@ from simic_plugins.mlp import MLPTamiyo
 
 from esper_cli.checkpoint import load_checkpoint
 from esper_cli.contracts import TrainingSnapshot
-from esper_cli.decisions import DataError, load_decisions
-from esper_cli.offline import awr_weights, effective_sample_size, load_outcomes, returns_to_go
+from esper_cli.data.decisions import DataError, load_decisions
+from esper_cli.data.store import EpisodeReader
+from esper_cli.learning.offline import awr_weights, effective_sample_size, load_outcomes, returns_to_go
+from esper_cli.learning.training import train_policy
 from esper_cli.policy import valid_action_mask
-from esper_cli.store import EpisodeReader
-from esper_cli.training import train_policy
 
 OUTCOME = ("--objective", "outcome", "--epochs", 8, "--allow-missing-classes")
 

@@ -27,7 +27,7 @@ from esper_cli import hookimpl, hookspecs
 from esper_cli.checkpoint import load_checkpoint
 from esper_cli.cli import app
 from esper_cli.contracts import Action, Decision, EpisodeConfig, SeedStage
-from esper_cli.episode import run_episode
+from esper_cli.data.store import EpisodeReader
 from esper_cli.plugins import (
     CORE_PLUGIN,
     HOOK_KINDS,
@@ -36,7 +36,7 @@ from esper_cli.plugins import (
     registered_plugin,
     reset_plugin_manager,
 )
-from esper_cli.store import EpisodeReader
+from esper_cli.simulation.episode import run_episode
 from esper_cli.tasks import BUILTIN_TASKS, Task
 from esper_cli.trainable import TrainablePolicy
 
@@ -180,8 +180,8 @@ def test_the_public_api_is_what_esper_cli_lists_and_each_name_resolves():
 
     assert esper_cli.TrainingSnapshot is TrainingSnapshot and esper_cli.TrainablePolicy is TrainablePolicy
     assert all(getattr(esper_cli, name) is not None for name in esper_cli.__all__)
-    with pytest.raises(AttributeError, match="no attribute 'learning'"):
-        esper_cli.learning  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'training'"):  # internals are not the API
+        esper_cli.training  # noqa: B018
 
 
 def test_plugins_json_lists_every_plugin_with_distribution_version_and_registrations():

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from esper_cli.checkpoint import load_checkpoint
 from esper_cli.cli import app
-from esper_cli.comparison import trained_rng_seeds
 from esper_cli.contracts import episode_rng_seed
+from esper_cli.evaluation.comparison import trained_rng_seeds
 from esper_cli.paths import default_checkpoint_path, default_store_path
 
 runner = CliRunner()

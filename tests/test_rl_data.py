@@ -13,10 +13,10 @@ from cli_helpers import invoke, one_line_error
 from simic_plugins.baselines import RandomTamiyo, valid_actions
 from test_store import make_episode
 
-from esper_cli.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.contracts import Action, Decision, EpisodeConfig, TrainingSnapshot
-from esper_cli.episode import run_episode
-from esper_cli.store import EpisodeReader, EpisodeWriter
+from esper_cli.data.store import EpisodeReader, EpisodeWriter
+from esper_cli.simulation.blueprints import BUILTIN_BLUEPRINTS
+from esper_cli.simulation.episode import run_episode
 from esper_cli.tasks import BUILTIN_TASKS
 
 EPOCHS = 6

@@ -24,9 +24,9 @@ from typer.testing import CliRunner
 
 from esper_cli.cli import app
 from esper_cli.contracts import EpisodeConfig, episode_rng_seed
+from esper_cli.data.store import EpisodeReader
 from esper_cli.plugins import reset_plugin_manager
-from esper_cli.runner import EpisodeJob, JobFailed, ProcessRunner, RayRunner, SerialRunner, parse_workers
-from esper_cli.store import EpisodeReader
+from esper_cli.running.runner import EpisodeJob, JobFailed, ProcessRunner, RayRunner, SerialRunner, parse_workers
 
 cli = CliRunner()
 TINY = ["--epochs", "4"]

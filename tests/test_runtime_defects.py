@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 from cli_helpers import invoke, one_line_error
 
-from esper_cli.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.checkpoint import load_checkpoint
 from esper_cli.contracts import LOSS_CAP, EpisodeConfig, episode_rng_seed
-from esper_cli.environment import MorphogeneticEnv
-from esper_cli.store import EpisodeReader, EpisodeWriter
+from esper_cli.data.store import EpisodeReader, EpisodeWriter
+from esper_cli.learning.training import train_policy
+from esper_cli.simulation.blueprints import BUILTIN_BLUEPRINTS
+from esper_cli.simulation.environment import MorphogeneticEnv
 from esper_cli.tasks import BUILTIN_TASKS
-from esper_cli.training import train_policy
 
 TINY = ["--epochs", "2"]
 TOO_BIG = str(2**63)  # one past the store's signed 64-bit seed column
@@ -70,7 +70,7 @@ def test_compare_by_default_runs_on_episodes_no_checkpoint_trained_on(seed0_chec
 
 
 def test_checkpoints_record_their_episodes_and_old_ones_are_read_from_ids(seed0_checkpoint):
-    from esper_cli.comparison import held_out_seed, trained_rng_seeds
+    from esper_cli.evaluation.comparison import held_out_seed, trained_rng_seeds
 
     split = load_checkpoint(seed0_checkpoint).meta["split"]
     assert sorted((e[0], e[1], e[2]) for e in split["episodes"]) == [("digits", 0, i) for i in range(3)]
@@ -221,7 +221,7 @@ def _index_of(job, context):
 
 @pytest.mark.slow
 def test_worker_runners_draw_jobs_as_they_go(tmp_path):
-    from esper_cli.runner import EpisodeJob, ProcessRunner
+    from esper_cli.running.runner import EpisodeJob, ProcessRunner
 
     drawn = 0
 

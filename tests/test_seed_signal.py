@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from esper_cli.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.contracts import FEATURE_MEANINGS, FEATURE_NAMES, Action, Decision, EpisodeConfig, SeedStage
-from esper_cli.environment import MorphogeneticEnv
+from esper_cli.simulation.blueprints import BUILTIN_BLUEPRINTS
+from esper_cli.simulation.environment import MorphogeneticEnv
 from esper_cli.tasks import BUILTIN_TASKS
 
 W, G, A, C = Action.WAIT, Action.GERMINATE, Action.ADVANCE, Action.CULL

@@ -27,7 +27,7 @@ from esper_cli.contracts import (
     SeedStage,
     episode_rng_seed,
 )
-from esper_cli.store import (
+from esper_cli.data.store import (
     EpisodeReader,
     EpisodeWriter,
     NotAStoreError,
@@ -329,7 +329,7 @@ def test_error_messages_are_one_line(tmp_path):
 # ----------------------------------------------------------------------------- concurrency
 WRITER_THEN_WAIT = """
     import sys
-    from esper_cli.store import EpisodeWriter
+    from esper_cli.data.store import EpisodeWriter
     from test_store import make_episode
     with EpisodeWriter(sys.argv[1]) as w:
         for i in range(3):
@@ -411,7 +411,7 @@ def test_reader_in_same_process_as_writer(tmp_path):
 # ----------------------------------------------------------------------------- crash safety
 CRASH_WRITER = """
     import sys
-    from esper_cli.store import EpisodeWriter
+    from esper_cli.data.store import EpisodeWriter
     from test_store import make_episode
     path, batch = sys.argv[1], int(sys.argv[2])
     with EpisodeWriter(path) as w:
@@ -475,7 +475,7 @@ def test_kill_9_leaves_committed_episodes(tmp_path, delay, batch, after):
 
 KILL_BEFORE_COMMIT = """
     import os, signal, h5py
-    from esper_cli.store import EpisodeWriter
+    from esper_cli.data.store import EpisodeWriter
     from test_store import make_episode
     set_item = h5py.Dataset.__setitem__
     def die_on_commit(ds, key, value):
@@ -512,7 +512,7 @@ def test_kill_right_after_open(tmp_path):
     write(path, [make_episode(0, n=25)])
     child = run_python(f"""
         import os, signal
-        from esper_cli.store import EpisodeWriter
+        from esper_cli.data.store import EpisodeWriter
         w = EpisodeWriter({str(path)!r})
         os.kill(os.getpid(), signal.SIGKILL)
     """)

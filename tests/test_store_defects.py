@@ -22,8 +22,8 @@ import pytest
 from test_store import make_episode, run_python
 
 from esper_cli.contracts import ACTION_NAMES, N_FEATURES
+from esper_cli.data.store import EpisodeReader, EpisodeWriter, StoreError, StoreLockedError
 from esper_cli.policy import valid_action_mask
-from esper_cli.store import EpisodeReader, EpisodeWriter, StoreError, StoreLockedError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "2"]
@@ -63,7 +63,7 @@ def crash_writer(path: Path, episodes: int = 0) -> None:
     """A writer that commits `episodes` more and dies by kill -9: the store is left flagged open."""
     child = run_python(f"""
         import os, signal
-        from esper_cli.store import EpisodeWriter
+        from esper_cli.data.store import EpisodeWriter
         from test_store import make_episode
         w = EpisodeWriter({str(path)!r})
         n = w.n_episodes

@@ -1,0 +1,186 @@
+"""`simic improve`: fine-tune a learned Tamiyo on its own live episodes with PPO (see
+`esper_cli.learning.ppo`); the best policy so far is an ordinary `mlp` checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ...checkpoint import CheckpointError, check_writable_checkpoint, load_checkpoint
+from ...contracts import MAX_SEED
+from ...data.decisions import DataError
+from ...data.store import StoreError
+from ...learning.ppo import ImproveConfig, ImproveProgress, ImproveResult, improve
+from ...paths import default_checkpoint_path
+from ...running.runner import BackendUnavailable, JobFailed
+from ..common import check_plot, choose, episode_config, err, fail, option_error, out, registry, workers_and_backend
+from ..interrupt import keep_work_on_interrupt
+from ..tables import RateColumn
+
+
+def progress_reporter(progress: Progress) -> ImproveProgress:
+    """One bar per stage (episodes/s, the running mean return), over one bar for the whole run."""
+    bar = TaskID(-1)
+    last = ""
+
+    def stage(description: str, total: int) -> None:
+        nonlocal bar
+        if bar >= 0:
+            progress.remove_task(bar)
+        bar = progress.add_task(description, total=total, info=last)
+
+    def update(row: dict[str, Any]) -> None:
+        nonlocal last
+        last = (f"return {row['mean_return']:+.2f} (running {row['running_mean_return']:+.2f})  "
+                f"final acc {row['final_accuracy']:.2f}")
+        progress.update(bar, info=last)
+
+    return ImproveProgress(on_stage=stage, on_episode=lambda _: progress.advance(bar), on_update=update,
+                           log=lambda m: progress.console.print(f"[yellow]Warning:[/] {escape(m)}", highlight=False))
+
+
+def curve_table(result: ImproveResult) -> Table:
+    table = Table(title=f"simic improve: {result.episodes_used} environment episodes "
+                        f"({result.bootstrap_episodes} for behaviour cloning); best update {result.best_update}",
+                  title_justify="left")
+    for col in ("update", "episodes", "mean return", "running mean", "final acc", "fossilized/ep", "entropy", "approx KL"):
+        table.add_column(col, justify="right")
+    for r in result.history:
+        mark = " *" if r["update"] == result.best_update else ""
+        table.add_row(f"{r['update']}{mark}", str(r["episodes_used"]), f"{r['mean_return']:+.2f}",
+                      f"{r['running_mean_return']:+.2f}", f"{r['final_accuracy']:.2f}", f"{r['seeds_fossilized']:.2f}",
+                      f"{r['entropy']:.3f}", f"{r['approx_kl']:.4f}")
+    return table
+
+
+def plot_curve(path: Path, result: ImproveResult) -> None:
+    """PNG: mean return per update (and its running mean) and final accuracy, against episodes used."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["episodes_used"] for r in result.history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(x, [r["mean_return"] for r in result.history], "o-", alpha=0.5, label="per update")
+    a.plot(x, [r["running_mean_return"] for r in result.history], "-", lw=2, label="running mean")
+    a.set(xlabel="environment episodes used", ylabel="mean return (val accuracy points)", title="Return")
+    a.legend()
+    b.plot(x, [r["final_accuracy"] for r in result.history], "o-")
+    b.set(xlabel="environment episodes used", ylabel="final val accuracy %", title="Final accuracy")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def improve_command(
+    policy: str = typer.Option("mlp", "--policy", help="The policy to fine-tune (mlp)."),
+    start: Optional[Path] = typer.Option(None, "--from", help="A `simic train --policy mlp` checkpoint to start from. "
+                                                              "Default: behaviour-clone the heuristic first (collecting its episodes)."),
+    episodes: int = typer.Option(1000, "--episodes", "-n", min=1, help="Live episodes for PPO (the bootstrap's come on top)."),
+    episodes_per_update: int = typer.Option(32, "--episodes-per-update", min=1, help="Episodes collected per PPO update (whole groups)."),
+    group: int = typer.Option(4, "--group", min=1, help="Draws of the policy on each seed: each episode's advantage is its return "
+                                                         "minus its group's mean (1: one draw per seed, a learned baseline)."),
+    bootstrap_episodes: int = typer.Option(50, "--bootstrap-episodes", min=2, help="Heuristic episodes behaviour cloning starts from (without --from)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="The improved checkpoint (default: $SIMIC_HOME/checkpoints/mlp-improved.safetensors); "
+                                                               "the best policy so far is kept there during the run."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Run seed of every episode, and seed of the updates."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Adam learning rate of the policy."),
+    entropy: float = typer.Option(0.01, "--entropy", min=0.0, help="Entropy bonus (keeps the policy exploring)."),
+    explore: float = typer.Option(0.0, "--explore", min=0.0, max=1.0, help="Probability of a uniform valid action instead of the policy's draw."),
+    epochs: int = typer.Option(25, "--epochs", min=1, help="Training epochs (= decisions) per episode."),
+    task: str = typer.Option("digits", "--task", help="Training task."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder holding cifar-10-batches-py (for --task cifar10)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for the episodes."),
+    workers: Optional[str] = typer.Option(None, "--workers", "-w", help="Episodes run in parallel: a number or 'auto'."),
+    backend: str = typer.Option("local", "--backend", help="Where episodes run: local or ray."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (needs --backend ray)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Torch CPU threads per episode (and for the updates)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary (with the learning curve) instead of the table."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the learning curve to this PNG."),
+) -> None:
+    """Fine-tune a learned Tamiyo on its own live episodes (PPO) toward higher final accuracy.
+
+    The policy samples its actions; each decision's reward is the validation accuracy it gained,
+    so PPO (with a learned baseline) moves it toward decisions that end training higher. Episodes
+    run through the episode runner (--workers, --backend ray) and the result reproduces per seed.
+    Without --from it starts from behaviour cloning of the heuristic. The best policy so far (by
+    the running mean return) is written to --out as it is found: Ctrl-C keeps it.
+    """
+    if policy != "mlp":
+        fail(f"--policy {policy!r}: simic improve fine-tunes mlp policies only")
+    check_plot(plot)
+    reg = registry()
+    choose("policy", policy, reg.policies, "--policy", reg)
+    n_workers = workers_and_backend(workers, backend, ray_address)
+    config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads)
+    target = out_path or default_checkpoint_path("mlp-improved")
+    if start is not None:
+        try:
+            base = load_checkpoint(start, expect_policy="mlp")
+        except CheckpointError as exc:
+            fail(escape(f"--from: {exc}"))
+        if base.meta.get("feature_schema", {}).get("version") is None:
+            fail(escape(f"--from {start}: the checkpoint records no feature schema"))
+    try:
+        cfg = ImproveConfig(episode=config, out=target, start=start, episodes=episodes,
+                            episodes_per_update=episodes_per_update, group=group, seed=seed,
+                            bootstrap_episodes=bootstrap_episodes, lr=lr, entropy=entropy, explore=explore,
+                            workers=n_workers, backend=backend, ray_address=ray_address, threads=threads)
+    except DataError as exc:
+        fail(option_error(exc))
+    try:  # every file this run writes, before any episode runs
+        for path in (target, *(() if start else (cfg.bootstrap_checkpoint(),))):
+            check_writable_checkpoint(path)
+    except CheckpointError as exc:
+        fail(escape(f"--out: {exc}"))
+    if start is None and cfg.bootstrap_path().exists():
+        err.print(f"Bootstrap episodes already in {cfg.bootstrap_path()} are reused.", highlight=False)
+
+    progress = Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err)
+    keep_work_on_interrupt()
+    try:
+        with progress:
+            result = improve(cfg, reg, progress_reporter(progress))
+    except (DataError, CheckpointError, StoreError) as exc:
+        fail(option_error(exc))
+    except BackendUnavailable as exc:
+        fail(escape(str(exc)))
+    except JobFailed as exc:
+        fail(escape(str(exc)), code=1)
+
+    if plot is not None and result.history:
+        plot_curve(plot, result)
+        err.print(f"Learning curve written to {plot}", highlight=False)
+    summary = {"checkpoint": str(target), "best_update": result.best_update, "episodes_used": result.episodes_used,
+               "bootstrap_episodes": result.bootstrap_episodes, "updates": len(result.history),
+               "interrupted": result.interrupted, "seconds": result.seconds, "config": cfg.to_dict(),
+               "history": result.history, "plot": str(plot) if plot is not None and result.history else None}
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        out.print(curve_table(result))
+        out.print(f"Improved checkpoint: {target}" if result.best_update >= 0 or not result.interrupted
+                  else "No update finished: no checkpoint written.", highlight=False)
+    if result.interrupted:
+        err.print(f"Interrupted after {len(result.history)} update(s); the best policy so far is in {target}."
+                  if result.best_update >= 0 else "Interrupted before the first update finished.")
+        raise typer.Exit(130)

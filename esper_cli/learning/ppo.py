@@ -1,0 +1,459 @@
+"""Online improvement of a learned Tamiyo: PPO on its own live episodes (`simic improve`).
+
+Behaviour cloning copies the heuristic; this fine-tunes the copy toward what the episodes reward:
+each decision's reward is the validation accuracy it gained over the next epoch, so an episode's
+return is the accuracy the controller added by its end. The loop, one update at a time:
+
+1. `collect`  - the current policy, sampling its actions (`mlp` with `sample=True`), drives
+                `episodes_per_update` new episodes through the episode runner (this process,
+                worker processes or Ray), `group` draws on each new seed; each decision records
+                the probability of its action.
+2. `batch`    - observations (normalised as the checkpoint says), actions, those probabilities,
+                returns-to-go (undiscounted: the objective is the accuracy at the end).
+3. `ppo_update` - advantages relative to the other draws on the same seed (`make_batch`; a
+                learned state-value baseline when `group` is 1); PPO's clipped surrogate
+                (Schulman et al., 2017) with an entropy bonus, a few epochs of minibatches; then the
+                baseline is regressed on the returns.
+4. the running mean return over the last updates picks the best policy so far: that checkpoint is
+   written to `out` (so Ctrl-C keeps it), an ordinary `mlp` checkpoint.
+
+The first update is different: the start policy (behaviour cloning of a deterministic expert) is
+too sure of itself to explore, so its episodes only train the baseline and calibrate a softened
+start (`soften`: its logits scaled to a target entropy, every greedy decision unchanged).
+
+Written here rather than taken from a library: the environment is the episode runner (parallel,
+reproducible, already crash-safe) and one update is a few dozen lines; Stable-Baselines3 would
+need its own vectorised env and owns the network, so the result would not be an `mlp` checkpoint.
+
+Reproducible per seed: episode k of a run is episode `bootstrap + k` of run seed `seed` (so it is
+the same episode on any worker), its action draws come from its own seed, and the updates are
+seeded; 1 worker, N workers and Ray give the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..contracts import Episode, EpisodeConfig
+from ..data.decisions import DataError
+from ..data.store import EpisodeWriter
+from ..plugins import Registry
+from ..policy import policy_version, valid_action_mask
+from ..running.collection import collect_episodes
+from ..running.runner import EpisodeJob, JobFailed, make_runner, run_job
+from .offline import returns_to_go, value_network
+from .training import build_network, train_policy
+
+
+@dataclass(frozen=True)
+class ImproveConfig:
+    """One `simic improve` run (every field is recorded in the checkpoint)."""
+
+    episode: EpisodeConfig
+    out: Path
+    start: Path | None = None  # a `mlp` checkpoint to fine-tune; None: behaviour-clone the heuristic first
+    episodes: int = 1000  # live episodes for PPO (the bootstrap's come on top)
+    episodes_per_update: int = 32
+    group: int = 4  # draws per seed within an update (1: every episode its own seed, a learned baseline)
+    seed: int = 0  # run seed of every episode this run collects
+    bootstrap_episodes: int = 50  # heuristic episodes behaviour cloning starts from (without `start`)
+    bootstrap_store: Path | None = None  # where they are kept (default: next to `out`)
+    expert: str = "heuristic"  # the policy the bootstrap clones
+    lr: float = 1e-3
+    value_lr: float = 1e-3
+    clip: float = 0.2
+    update_epochs: int = 4
+    minibatch: int = 128
+    entropy: float = 0.01
+    explore: float = 0.0  # epsilon of uniform valid actions mixed into the sampling policy
+    init_entropy: float = 0.3  # nats: the start policy's logits are scaled to this mean entropy (0: as is)
+    window: int = 3  # updates in the running mean return that picks the best policy
+    workers: int | None = None
+    backend: str = "local"
+    ray_address: str | None = None
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        # Each update runs whole groups: a count that is not a multiple of `group` would be rounded
+        # up to one, silently spending more episodes than asked for.
+        for option, value in (("episodes_per_update", self.episodes_per_update), ("episodes", self.episodes)):
+            if value < 1 or value % self.group:
+                raise DataError(f"{value} is not a positive multiple of the group ({self.group} draws per seed)",
+                                option=option)
+
+    @property
+    def updates(self) -> int:
+        return math.ceil(self.episodes / self.episodes_per_update)
+
+    @property
+    def seeds_per_update(self) -> int:
+        return self.episodes_per_update // self.group
+
+    def bootstrap_path(self) -> Path:
+        return self.bootstrap_store or self.out.with_name(f"{self.out.stem}.bootstrap.h5")
+
+    def bootstrap_checkpoint(self) -> Path:
+        """Where the bootstrap's behaviour-cloned start is written (next to `out`)."""
+        return self.out.with_name(f"{self.out.stem}.bc{self.out.suffix}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["episode"] = self.episode.to_dict()
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+def _nothing(*_: Any) -> None:
+    return None
+
+
+@dataclass
+class ImproveProgress:
+    """What `improve` reports as it works; every callback does nothing unless given."""
+
+    on_stage: Callable[[str, int], None] = _nothing  # a stage begins: its description, its planned steps
+    on_episode: Callable[[Episode], None] = _nothing  # one episode of the stage finished
+    on_update: Callable[[dict[str, Any]], None] = _nothing  # an update finished: its row of the curve
+    log: Callable[[str], None] = _nothing
+
+
+@dataclass
+class ImproveResult:
+    checkpoint: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_update: int = -1
+    episodes_used: int = 0  # every environment episode: bootstrap + live
+    bootstrap_episodes: int = 0
+    temperature: float = 1.0  # the start policy's logits were divided by this (`soften`)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+# ================================================================================ networks
+class ValueNet(nn.Module):
+    """State-value baseline: normalised observation (B, 27) -> expected return-to-go (B,).
+
+    Returns-to-go span tens of points (the host's own learning dominates early epochs), so the
+    network predicts them standardised: V = shift + scale * net(x), with shift and scale the mean
+    and std of the first batch's returns, fixed from then on.
+    """
+
+    def __init__(self, shift: float = 0.0, scale: float = 1.0) -> None:
+        super().__init__()
+        self.net = value_network()
+        self.shift, self.scale = float(shift), float(max(scale, 1e-3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shift + self.scale * self.net(x).squeeze(-1)
+
+
+# ================================================================================ 1-2. episodes -> batch
+@dataclass
+class Batch:
+    obs: torch.Tensor  # (N, 27) normalised
+    mask: torch.Tensor  # (N, 4) valid actions
+    actions: torch.Tensor  # (N,)
+    logp_old: torch.Tensor  # (N,) log of the behaviour probability of the action taken
+    returns: torch.Tensor  # (N,) return-to-go
+    advantages: torch.Tensor | None = None  # (N,) group-relative, when episodes share their seeds
+
+
+def draw_of(episode: Episode) -> int:
+    """Which of the policy's draws on its seed an episode is (`improve_job` tags it)."""
+    return int(dict(episode.policy_options).get("draw", 0))
+
+
+def improve_job(job: EpisodeJob, context: Any = None) -> Episode:
+    """`run_job`, with the episode tagged by its draw (a module-level function: workers pickle it)."""
+    episode = run_job(job, context)
+    episode.policy_options = (("draw", int(job.policy_options.get("draw", 0))),)
+    return episode
+
+
+def make_batch(episodes: list[Episode], mean: np.ndarray, std: np.ndarray,
+               bounds: tuple[np.ndarray, np.ndarray] | None = None) -> Batch:
+    """Every decision of `episodes`, in (index, draw) order so the batch is worker-independent.
+    Observations are clipped to `bounds` (the start checkpoint's input range, as the policy that
+    acted clipped them) and normalised.
+
+    Episodes that share an index (a seed: the same initial weights and data order) form a group;
+    with groups, each decision's advantage is its episode's return minus the mean return of its
+    group. What the seed alone decides (an easy or a hard start) cancels out, and what is left is
+    the effect of the policy's own draws: far less noise than against a learned baseline.
+    """
+    ordered = sorted(episodes, key=lambda e: (e.index, draw_of(e)))
+    decisions = [d for ep in ordered for d in ep.decisions]
+    rewards = np.array([d.outcome.reward for d in decisions], dtype=np.float64)
+    lengths = np.array([len(ep.decisions) for ep in ordered], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    returns = returns_to_go(rewards, starts, lengths)
+    totals_a = returns[starts] if len(rewards) else np.zeros(len(ordered))
+    groups_a = np.array([ep.index for ep in ordered])
+    raw = [d.observation for d in decisions]
+    actions = [int(d.action) for d in decisions]
+    probs = [d.behaviour_prob if d.behaviour_prob is not None else 1.0 for d in decisions]
+    advantages = None
+    if len(np.unique(groups_a)) < len(groups_a):
+        relative = totals_a - np.array([totals_a[groups_a == g].mean() for g in groups_a])
+        advantages = torch.from_numpy(np.repeat(relative, lengths).astype(np.float32))
+    x = np.asarray(raw, dtype=np.float32)
+    seen = x if bounds is None else np.clip(x, *bounds)
+    return Batch(obs=torch.from_numpy(((seen - mean) / std).astype(np.float32)),
+                 mask=torch.from_numpy(valid_action_mask(x)),
+                 actions=torch.tensor(actions, dtype=torch.int64),
+                 logp_old=torch.log(torch.tensor(probs, dtype=torch.float32).clamp_min(1e-8)),
+                 returns=torch.from_numpy(returns.astype(np.float32)),
+                 advantages=advantages)
+
+
+# ================================================================================ the start policy
+def mean_entropy(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> float:
+    """Mean entropy (nats) of the masked policy with its logits divided by `temperature`."""
+    with torch.no_grad():
+        logp = masked_log_probs(policy, obs, mask, temperature)
+        return float(-(logp.exp() * logp).sum(-1).mean())
+
+
+def soften(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, target: float) -> float:
+    """Divide the policy's logits by the temperature that gives it `target` mean entropy on `obs`
+    (by bisection; 1 if it is already that uncertain); returns the temperature.
+
+    Behaviour cloning of a deterministic expert ends with huge logit gaps: sampled as it is, the
+    policy never tries anything else and PPO has no signal. Scaling the last layer keeps every
+    greedy decision as it was while the sampled ones explore.
+    """
+    if target <= 0 or mean_entropy(policy, obs, mask) >= target:
+        return 1.0
+    lo, hi = 1.0, 2.0
+    while mean_entropy(policy, obs, mask, hi) < target and hi < 1e4:
+        lo, hi = hi, hi * 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_entropy(policy, obs, mask, mid) < target else (lo, mid)
+    last = [m for m in policy.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.div_(hi)
+        last.bias.div_(hi)
+    return hi
+
+
+# ================================================================================ 3. the update
+def masked_log_probs(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(. | s) over the valid actions only (an invalid action has probability 0), with the
+    logits divided by `temperature`."""
+    return F.log_softmax((policy(obs) / temperature).masked_fill(~mask, -1e9), dim=-1)
+
+
+def value_step(value: ValueNet, value_opt: torch.optim.Optimizer, obs: torch.Tensor, returns: torch.Tensor) -> float:
+    """One regression step of the baseline on returns (the loss in standardised units)."""
+    loss = F.mse_loss(value(obs), returns) / value.scale**2
+    value_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    value_opt.step()
+    return loss.item()
+
+
+def ppo_update(policy: nn.Module, value: nn.Module, opt: torch.optim.Optimizer, value_opt: torch.optim.Optimizer,
+               batch: Batch, cfg: ImproveConfig, gen: torch.Generator) -> dict[str, float]:
+    """PPO's clipped surrogate on one batch, then the baseline's regression; returns diagnostics."""
+    with torch.no_grad():
+        adv = batch.advantages if batch.advantages is not None else batch.returns - value(batch.obs)
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    n = len(batch.actions)
+    stats = {"policy_loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "value_loss": 0.0}
+    steps = 0
+    policy.train()
+    for _ in range(cfg.update_epochs):
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, cfg.minibatch):
+            mb = perm[i : i + cfg.minibatch]
+            logp_all = masked_log_probs(policy, batch.obs[mb], batch.mask[mb])
+            logp = logp_all.gather(1, batch.actions[mb, None]).squeeze(1)
+            ratio = torch.exp(logp - batch.logp_old[mb])
+            surrogate = torch.min(ratio * adv[mb], ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv[mb])
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            loss = -surrogate.mean() - cfg.entropy * entropy.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
+            opt.step()
+
+            value_loss = value_step(value, value_opt, batch.obs[mb], batch.returns[mb])
+
+            with torch.no_grad():
+                stats["policy_loss"] += float(-surrogate.mean())
+                stats["entropy"] += float(entropy.mean())
+                stats["clip_fraction"] += float(((ratio - 1).abs() > cfg.clip).float().mean())
+                stats["approx_kl"] += float((batch.logp_old[mb] - logp).mean())
+                stats["value_loss"] += value_loss
+            steps += 1
+    policy.eval()
+    return {k: v / max(steps, 1) for k, v in stats.items()}
+
+
+def fit_value(value: ValueNet, value_opt: torch.optim.Optimizer, batch: Batch, cfg: ImproveConfig,
+              gen: torch.Generator) -> dict[str, float]:
+    """The baseline's regression alone (the update that starts a run); diagnostics like `ppo_update`'s."""
+    losses = []
+    for _ in range(cfg.update_epochs):
+        perm = torch.randperm(len(batch.returns), generator=gen)
+        for i in range(0, len(perm), cfg.minibatch):
+            mb = perm[i : i + cfg.minibatch]
+            losses.append(value_step(value, value_opt, batch.obs[mb], batch.returns[mb]))
+    return {"policy_loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0,
+            "value_loss": float(np.mean(losses))}
+
+
+#: How the bootstrap behaviour-clones the expert: no feature penalty, no input clipping, the epoch
+#: with the best validation balanced accuracy, early stopping after 100 epochs without one.
+BOOTSTRAP_TRAINING = {"feature_penalty": 0.0, "clip_inputs": False, "select": "balanced_accuracy", "patience": 100}
+
+
+# ================================================================================ the loop
+def bootstrap(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress) -> tuple[Path, int]:
+    """Behaviour-clone the expert from `bootstrap_episodes` of its episodes; (checkpoint, episodes it learned from)."""
+    store = cfg.bootstrap_path()
+    progress.on_stage(f"bootstrap: collect {cfg.expert}", cfg.bootstrap_episodes)
+    with EpisodeWriter(store) as writer:
+        result = collect_episodes(writer, registry, cfg.episode, policy=cfg.expert, seed=cfg.seed,
+                                  episodes=cfg.bootstrap_episodes, version=policy_version(registry, cfg.expert),
+                                  threads=cfg.threads, backend=cfg.backend, workers=cfg.workers,
+                                  ray_address=cfg.ray_address, on_episode=progress.on_episode)
+    if result.lost:
+        raise JobFailed(result.lost[0].job, f"{len(result.lost)} bootstrap episode(s) lost: worker died",
+                        policy_error=False)
+    ckpt = cfg.bootstrap_checkpoint()
+    progress.on_stage("bootstrap: behaviour cloning", 1)
+    # The start PPO fine-tunes is part of this recipe (the README's measured runs): plain behaviour
+    # cloning, not `simic train`'s defaults, which are chosen to imitate on other seeds' states.
+    path, metrics = train_policy(store, "mlp", out=ckpt, registry=registry, seed=cfg.seed, class_weights="auto",
+                                 allow_missing_classes=True, log=progress.log, **BOOTSTRAP_TRAINING)
+    if metrics["interrupted"]:  # Ctrl-C in behaviour cloning stops the run (its episodes are kept)
+        raise KeyboardInterrupt
+    return path, cfg.bootstrap_episodes
+
+
+def _episode_record(ep: Episode) -> list[Any]:
+    return [ep.config.task, ep.seed, ep.index, ep.rng_seed]
+
+
+def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | None = None) -> ImproveResult:
+    """Fine-tune a `mlp` policy with PPO on its own episodes; the best policy so far is at `cfg.out`.
+
+    Raises `JobFailed` when an episode fails, `CheckpointError` for an unusable start checkpoint.
+    A `KeyboardInterrupt` ends the run early: the result says so, and `cfg.out` holds the best
+    policy so far (if an update finished).
+    """
+    progress = progress or ImproveProgress()
+    started = time.perf_counter()
+    # Training runs in this process with the episodes' thread count whatever the runner: another
+    # count changes the order of float sums, and so the checkpoint.
+    torch.set_num_threads(cfg.threads)
+    result = ImproveResult(checkpoint=cfg.out)
+    start, boot = (cfg.start, 0) if cfg.start is not None else bootstrap(cfg, registry, progress)
+    result.bootstrap_episodes = result.episodes_used = boot
+    base = load_checkpoint(start, expect_policy="mlp")
+    mean, std = (a.astype(np.float32) for a in base.normalisation)
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    policy = build_network("mlp", base.meta["hparams"], registry)
+    policy.load_state_dict(base.tensors)
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    value: ValueNet | None = None  # sized on the first batch's returns
+    value_opt: torch.optim.Optimizer | None = None
+
+    current = cfg.out.with_name(f".{cfg.out.stem}.current{cfg.out.suffix}")
+    seen: list[list[Any]] = list(base.meta.get("split", {}).get("episodes", []))
+    best_score, best = -math.inf, None
+    episode_config = replace(cfg.episode, explore=cfg.explore)
+    first_index = cfg.bootstrap_episodes if cfg.start is None else 0
+    try:
+        with make_runner(cfg.backend, cfg.workers, ray_address=cfg.ray_address, registry=registry) as runner:
+            for u in range(cfg.updates):
+                n = min(cfg.episodes_per_update, cfg.episodes - u * cfg.episodes_per_update)
+                acting = {k: v.detach().clone() for k, v in policy.state_dict().items()}  # the update changes policy
+                save_checkpoint(current, acting, _meta(base, cfg, seen, result, policy_only=True))
+                seeds = n // cfg.group  # whole groups (the config's counts are multiples of the group)
+                first = first_index + u * cfg.seeds_per_update
+                jobs = (EpisodeJob(policy="mlp", config=episode_config, seed=cfg.seed, index=first + i // cfg.group,
+                                   policy_options={"checkpoint": str(current), "sample": True, "draw": i % cfg.group},
+                                   policy_version=f"improve-u{u}", threads=cfg.threads) for i in range(seeds * cfg.group))
+                progress.on_stage(f"update {u + 1}/{cfg.updates}: collect", seeds * cfg.group)
+                episodes = []
+                for ep in runner.run(jobs, fn=improve_job):
+                    episodes.append(ep)
+                    progress.on_episode(ep)
+                if runner.lost:
+                    raise JobFailed(runner.lost[0].job, f"{len(runner.lost)} episode(s) lost: worker died",
+                                    policy_error=False)
+                result.episodes_used += len(episodes)
+                seen += [_episode_record(ep) for ep in sorted(episodes, key=lambda e: e.index) if draw_of(ep) == 0]
+                batch = make_batch(episodes, mean, std, base.input_range)
+                if value is None:  # seeded here: in-process episodes reseed torch's global generator
+                    with torch.random.fork_rng():
+                        torch.manual_seed(cfg.seed)
+                        value = ValueNet(float(batch.returns.mean()), float(batch.returns.std()))
+                    value_opt = torch.optim.Adam(value.parameters(), lr=cfg.value_lr)
+                if u == 0 and cfg.init_entropy > 0:
+                    # The start policy drove these episodes too sure of itself to explore: they train
+                    # the baseline and calibrate the softened policy the updates start from.
+                    stats = fit_value(value, value_opt, batch, cfg, gen)
+                    result.temperature = soften(policy, batch.obs, batch.mask, cfg.init_entropy)
+                else:
+                    stats = ppo_update(policy, value, opt, value_opt, batch, cfg, gen)
+                row = _curve_row(u, episodes, stats, result.episodes_used)
+                result.history.append(row)
+                recent = result.history[-cfg.window:]
+                row["running_mean_return"] = float(np.mean([r["mean_return"] for r in recent]))
+                # The policy that earned the recent returns is the one before this update (it drove
+                # them), so the best is the episodes' own checkpoint; on disk at once for Ctrl-C.
+                if row["running_mean_return"] > best_score:
+                    best_score, result.best_update = row["running_mean_return"], u
+                    best = acting
+                    save_checkpoint(cfg.out, best, _meta(base, cfg, seen, result))
+                progress.on_update(row)
+    except KeyboardInterrupt:
+        result.interrupted = True
+    finally:
+        current.unlink(missing_ok=True)
+    result.seconds = time.perf_counter() - started
+    if best is None and not result.interrupted:  # no update ran (--episodes 0 is refused; kept safe)
+        best = dict(policy.state_dict())
+    if best is not None:  # again, with the whole run in its metadata: every episode, the full curve
+        save_checkpoint(cfg.out, best, _meta(base, cfg, seen, result))
+    return result
+
+
+def _curve_row(u: int, episodes: list[Episode], stats: dict[str, float], used: int) -> dict[str, Any]:
+    episodes = sorted(episodes, key=lambda e: (e.index, draw_of(e)))  # sums in a worker-independent order
+    returns = [sum(d.outcome.reward for d in ep.decisions) for ep in episodes]
+    return {"update": u, "episodes_used": used, "mean_return": float(np.mean(returns)),
+            "final_accuracy": float(np.mean([ep.final_accuracy for ep in episodes])),
+            "seeds_fossilized": float(np.mean([ep.seeds_fossilized for ep in episodes])), **stats}
+
+
+def _meta(base: Checkpoint, cfg: ImproveConfig, seen: list[list[Any]], result: ImproveResult,
+          policy_only: bool = False) -> dict[str, Any]:
+    """The improved checkpoint's metadata: the base's (architecture, normalisation) plus the run."""
+    meta = {k: v for k, v in base.meta.items() if k not in ("format", "format_version", "feature_schema", "versions")}
+    meta["mask_invalid"] = True
+    meta["objective"] = "ppo"
+    if policy_only:
+        return meta
+    meta["split"] = {**meta.get("split", {}), "episodes": seen}
+    meta["improve"] = {"config": cfg.to_dict(), "start": str(cfg.start) if cfg.start else None,
+                       "best_update": result.best_update, "episodes_used": result.episodes_used,
+                       "start_temperature": result.temperature,
+                       "bootstrap_episodes": result.bootstrap_episodes, "history": result.history}
+    meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return meta

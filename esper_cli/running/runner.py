@@ -1,0 +1,577 @@
+"""Simic's episode runner: run many episodes in-process, on local worker processes, or on Ray.
+
+Collection is embarrassingly parallel: every episode is a full morphogenetic training run that
+depends only on (seed, index, config, policy). The runner ships picklable `EpisodeJob`s to
+workers and yields finished `Episode`s back to the caller, in completion order, as they arrive.
+The caller (the main process) is the one writer: it commits each episode to the store, so crash
+safety and the store lock are the same whatever the backend.
+
+    jobs = (EpisodeJob(policy="heuristic", config=config, seed=0, index=i) for i in todo)  # drawn lazily
+    with make_runner(workers=4) as runner:          # or backend="ray", ray_address=...
+        for episode in runner.run(jobs):
+            writer.append(episode)
+    if runner.lost:                                 # workers that died more than `retries` times
+        ...
+
+Backends:
+  serial  in this process (workers=1): exactly what `simic collect` always did.
+  local   worker processes on this machine (`spawn`: a fresh interpreter, safe with torch threads
+          and CUDA); each builds the plugin registry itself, so installed policy plugins work.
+  ray     Ray tasks on an existing cluster (`ray_address`), or on a local one started (and shut
+          down) by the runner; needs the `ray` extra: pip install "simic[ray]".
+
+Failures:
+  * A worker that dies (killed, segfault, out of memory, node lost) loses only its episode: it is
+    re-run up to `retries` times, then recorded in `runner.lost` and the run goes on.
+  * A `PolicyError` (the policy raised or answered nonsense) is deterministic: never retried. The
+    runner stops handing out work, yields the episodes still finishing, then raises `JobFailed`.
+    Any other exception in a worker does the same (`JobFailed.traceback` holds the worker's).
+  * KeyboardInterrupt: leaving the `with` block terminates the workers (or cancels the Ray
+    tasks); every episode already yielded is the caller's.
+
+Determinism: a job builds its policy fresh for its episode (nothing carries over from an earlier
+episode on the same worker) and sets its own torch thread count, so 1 worker, N workers and Ray
+give identical episodes for the same (seed, index, config, policy).
+
+Other commands reuse this: `simic compare` runs jobs for several policies through one runner;
+DAgger collection sets `EpisodeJob.expert`, or passes its own `fn(job, context) -> Episode` (a
+module-level function, so workers can import it) to `runner.run(jobs, fn=...)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as mp_wait
+from typing import Any
+
+import torch
+
+from ..contracts import Episode, EpisodeConfig
+from ..plugins import Registry, build_registry
+from ..simulation.episode import PolicyError, run_episode
+
+BACKENDS = ("local", "ray")
+DEFAULT_RETRIES = 2
+RAY_INSTALL_HINT = 'pip install "simic[ray]" (or: pip install "ray>=2.9")'
+
+
+class BackendUnavailable(Exception):
+    """The requested backend cannot be used here (e.g. Ray is not installed); one-line message."""
+
+
+@dataclass(frozen=True)
+class EpisodeJob:
+    """Everything a worker needs to run one episode; picklable, small, self-contained."""
+
+    policy: str  # registered policy name
+    config: EpisodeConfig
+    seed: int
+    index: int
+    policy_options: Mapping[str, Any] = field(default_factory=dict)  # factory kwargs, e.g. checkpoint=
+    policy_version: str = ""  # recorded in the episode; the main process resolves it once
+    threads: int = 1  # torch CPU threads inside the worker
+    expert: str | None = None  # DAgger: a policy asked for a label at every decision
+    expert_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"episode {self.index} (seed {self.seed})"
+
+
+@dataclass(frozen=True)
+class LostJob:
+    """A job whose worker died on every attempt."""
+
+    job: EpisodeJob
+    attempts: int
+    reason: str
+
+
+class JobFailed(Exception):
+    """A job failed deterministically (its policy raised, or the code did); the run stopped."""
+
+    def __init__(self, job: EpisodeJob, message: str, *, policy_error: bool, traceback: str | None = None):
+        super().__init__(message)
+        self.job = job
+        self.policy_error = policy_error
+        self.traceback = traceback
+
+
+# ------------------------------------------------------------------------------ worker side
+class WorkerContext:
+    """Per-process state of a worker: the plugin registry (plugins load in every process)."""
+
+    def __init__(self, registry: Registry | None = None) -> None:
+        self._registry = registry
+        self._adopted: dict[tuple[str, str], Any] = {}
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = build_registry()
+        return self._registry
+
+    def adopt(self, name: str, options: Mapping[str, Any], policy: Any) -> None:
+        """Use an already-built, never-run `policy` for the next episode of `name` (in-process)."""
+        self._adopted[(name, _options_key(options))] = policy
+
+    def policy(self, name: str, options: Mapping[str, Any]) -> Any:
+        """A fresh policy for one episode: nothing carries over from the worker's last episode."""
+        adopted = self._adopted.pop((name, _options_key(options)), None)
+        if adopted is not None:
+            return adopted
+        factory = self.registry.policies.get(name)
+        if factory is None:
+            raise PolicyError(f"policy '{name}' is not registered in this worker "
+                              "(is its plugin installed on every machine?)")
+        try:
+            return factory(**dict(options))
+        except Exception as exc:
+            raise PolicyError(f"policy '{name}' could not be created: {exc}") from exc
+
+
+def _options_key(options: Mapping[str, Any]) -> str:
+    return repr(sorted(options.items()))
+
+
+_PROCESS_CONTEXT: WorkerContext | None = None
+
+
+def process_context() -> WorkerContext:
+    """This worker process's context (built on first use, kept for the process's life)."""
+    global _PROCESS_CONTEXT
+    if _PROCESS_CONTEXT is None:
+        _PROCESS_CONTEXT = WorkerContext()
+    return _PROCESS_CONTEXT
+
+
+def run_job(job: EpisodeJob, context: WorkerContext | None = None, *,
+            observers: Mapping[str, Any] | None = None) -> Episode:
+    """Run one episode: a pure function of the job (same job, same episode, on any worker).
+
+    `observers` (shadow mode) are policies asked on the same observations, never applied.
+    """
+    context = context or process_context()
+    if torch.get_num_threads() != job.threads:
+        torch.set_num_threads(job.threads)
+    reg = context.registry
+    task = reg.tasks.get(job.config.task)
+    if task is None:
+        raise PolicyError(f"task '{job.config.task}' is not registered in this worker "
+                          "(is its plugin installed on every machine?)")
+    policy = context.policy(job.policy, job.policy_options)
+    extra: dict[str, Any] = {}
+    if job.expert is not None:
+        extra["expert"] = context.policy(job.expert, job.expert_options)
+        extra["expert_name"] = job.expert
+    return run_episode(policy, job.config, job.seed, job.index, task=task, blueprints=reg.blueprints,
+                       policy_name=job.policy, policy_version=job.policy_version, observers=observers, **extra)
+
+
+JobFn = Callable[[EpisodeJob, WorkerContext], Episode]
+
+
+def _execute(fn: JobFn, job: EpisodeJob, context: WorkerContext) -> tuple:
+    """Run `fn` and turn the outcome into a message: ("ok", episode) | ("policy"|"error", msg, tb)."""
+    try:
+        return ("ok", fn(job, context))
+    except PolicyError as exc:
+        return ("policy", str(exc), None)
+    except Exception as exc:
+        return ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+
+def _worker_main(conn: Any) -> None:
+    """A local worker process: receive (fn, job), send the outcome back, until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops us
+    context = process_context()
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the main process is gone: nothing to report to
+            return
+        if message is None:
+            return
+        fn, job = message
+        outcome = _execute(fn, job, context)
+        try:
+            conn.send(outcome)
+        except (BrokenPipeError, OSError):
+            return
+        except Exception as exc:
+            conn.send(("error", f"could not send the result back: {type(exc).__name__}: {exc}",
+                       traceback.format_exc()))
+
+
+def _ray_task(fn: JobFn, job: EpisodeJob) -> tuple:
+    """The body of a Ray task (module-level, so Ray workers import it by name)."""
+    return _execute(fn, job, process_context())
+
+
+# ------------------------------------------------------------------------------ main side
+class _Tracker:
+    """Shared bookkeeping: retries, lost jobs, the first deterministic failure, events."""
+
+    def __init__(self, retries: int, on_event: Callable[[str], None] | None) -> None:
+        self.retries = retries
+        self.on_event = on_event or (lambda message: None)
+        self.attempts: dict[int, int] = {}
+        self.lost: list[LostJob] = []
+        self.failure: JobFailed | None = None
+        self.retried = 0
+
+    def died(self, n: int, job: EpisodeJob, reason: str) -> bool:
+        """Record a worker death while running job `n`; True when the job should be re-run."""
+        self.attempts[n] = self.attempts.get(n, 0) + 1
+        if self.attempts[n] <= self.retries:
+            self.retried += 1
+            self.on_event(f"{reason} while running {job.label}; re-running it "
+                          f"(retry {self.attempts[n]} of {self.retries})")
+            return True
+        self.lost.append(LostJob(job, self.attempts[n], reason))
+        self.on_event(f"{reason} while running {job.label}; giving up on it after "
+                      f"{self.attempts[n]} attempt(s)")
+        return False
+
+    def failed(self, job: EpisodeJob, outcome: tuple) -> None:
+        kind, message, tb = outcome
+        if kind == "error":
+            message = f"{job.label} failed in a worker: {message}"
+        if self.failure is None:
+            self.failure = JobFailed(job, message, policy_error=kind == "policy", traceback=tb)
+
+
+class BaseRunner:
+    """What every backend offers: `run(jobs)` yields episodes; `lost` lists the jobs given up on."""
+
+    backend = "serial"
+    parallelism = 1
+
+    def __init__(self, *, retries: int = DEFAULT_RETRIES, on_event: Callable[[str], None] | None = None) -> None:
+        self._tracker = _Tracker(retries, on_event)
+
+    @property
+    def lost(self) -> list[LostJob]:
+        return self._tracker.lost
+
+    @property
+    def retried(self) -> int:
+        return self._tracker.retried
+
+    def run(self, jobs: Iterable[EpisodeJob], fn: JobFn = run_job) -> Iterator[Episode]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop every worker (idempotent); work already yielded is the caller's."""
+
+    def __enter__(self) -> BaseRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        return "1 worker (in-process)"
+
+
+class SerialRunner(BaseRunner):
+    """Runs jobs one after another in this process (the default; today's `simic collect`)."""
+
+    def __init__(self, registry: Registry | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.context = WorkerContext(registry)
+
+    def run(self, jobs: Iterable[EpisodeJob], fn: JobFn = run_job) -> Iterator[Episode]:
+        for job in jobs:
+            try:
+                yield fn(job, self.context)
+            except PolicyError as exc:
+                raise JobFailed(job, str(exc), policy_error=True) from exc
+
+
+class _JobQueue:
+    """The caller's jobs, numbered and drawn lazily; a job to re-run goes to the front.
+
+    Never lists the whole iterable: a run of a billion episodes holds only the jobs in flight
+    (and the few drawn ahead), so memory does not grow with the size of the plan.
+    """
+
+    def __init__(self, jobs: Iterable[EpisodeJob]) -> None:
+        self._source = enumerate(jobs)
+        self._ready: deque[tuple[int, EpisodeJob]] = deque()
+
+    def available(self, n: int) -> int:
+        """How many jobs are left, counted up to `n` (draws at most `n` ahead)."""
+        while len(self._ready) < n:
+            item = next(self._source, None)
+            if item is None:
+                break
+            self._ready.append(item)
+        return len(self._ready)
+
+    def __bool__(self) -> bool:
+        return self.available(1) > 0
+
+    def pop(self) -> tuple[int, EpisodeJob]:
+        """The next job (a re-run first); IndexError when none is left."""
+        self.available(1)
+        return self._ready.popleft()
+
+    def retry(self, item: tuple[int, EpisodeJob]) -> None:
+        self._ready.appendleft(item)
+
+
+@dataclass
+class _Slot:
+    proc: Any
+    conn: Any
+    job: tuple[int, EpisodeJob] | None = None
+
+
+class ProcessRunner(BaseRunner):
+    """Local worker processes, one episode at a time each; the main process stays the writer."""
+
+    backend = "local"
+
+    def __init__(self, workers: int, *, start_method: str = "spawn", **kw: Any) -> None:
+        super().__init__(**kw)
+        self.parallelism = max(1, int(workers))
+        self._mp = multiprocessing.get_context(start_method)
+        self._slots: list[_Slot] = []
+
+    def describe(self) -> str:
+        return f"{self.parallelism} local worker processes"
+
+    def _start_worker(self) -> _Slot:
+        parent, child = self._mp.Pipe(duplex=True)
+        proc = self._mp.Process(target=_worker_main, args=(child,), daemon=True, name="simic-worker")
+        proc.start()
+        child.close()
+        return _Slot(proc, parent)
+
+    def _replace(self, slot: _Slot) -> None:
+        self._stop(slot)
+        self._slots[self._slots.index(slot)] = self._start_worker()
+
+    @staticmethod
+    def _stop(slot: _Slot, timeout: float = 2.0) -> None:
+        if slot.proc.is_alive():
+            slot.proc.terminate()
+        slot.proc.join(timeout)
+        if slot.proc.is_alive():
+            slot.proc.kill()
+            slot.proc.join()
+        slot.conn.close()
+
+    def run(self, jobs: Iterable[EpisodeJob], fn: JobFn = run_job) -> Iterator[Episode]:
+        tracker = self._tracker
+        pending = _JobQueue(jobs)
+        while len(self._slots) < pending.available(self.parallelism):
+            self._slots.append(self._start_worker())
+
+        def dispatch() -> None:
+            for slot in self._slots:
+                if slot.job is None and pending and tracker.failure is None:
+                    slot.job = pending.pop()
+                    try:
+                        slot.conn.send((fn, slot.job[1]))
+                    except (BrokenPipeError, OSError):
+                        pass  # the worker just died; its sentinel wakes the loop below
+
+        dispatch()
+        while any(slot.job is not None for slot in self._slots):
+            busy = [slot for slot in self._slots if slot.job is not None]
+            waitables: dict[Any, _Slot] = {}
+            for slot in busy:
+                waitables[slot.conn] = slot
+                waitables[slot.proc.sentinel] = slot
+            ready = mp_wait(list(waitables))
+            finished: list[Episode] = []
+            for slot in {id(waitables[r]): waitables[r] for r in ready}.values():
+                if slot.job is None:
+                    continue
+                n, job = slot.job
+                outcome = None
+                try:
+                    if slot.conn.poll():
+                        outcome = slot.conn.recv()
+                except (EOFError, OSError):  # the pipe closed: the worker is dying
+                    outcome = None
+                else:
+                    if outcome is None and slot.proc.sentinel not in ready:
+                        continue  # nothing to read yet
+                if outcome is None:
+                    slot.proc.join(2.0)
+                    code = slot.proc.exitcode
+                    reason = f"worker process {slot.proc.pid} died ({_describe_exit(code)})"
+                    slot.job = None
+                    self._replace(slot)
+                    if tracker.died(n, job, reason):
+                        pending.retry((n, job))
+                    continue
+                slot.job = None
+                if outcome[0] == "ok":
+                    finished.append(outcome[1])
+                else:
+                    tracker.failed(job, outcome)
+            dispatch()  # keep the workers busy while the caller commits
+            yield from finished
+        if tracker.failure is not None:
+            raise tracker.failure
+
+    def close(self) -> None:
+        slots, self._slots = self._slots, []
+        for slot in slots:  # workers hold nothing worth a graceful exit: the main process writes
+            if slot.proc.is_alive():
+                slot.proc.terminate()
+        for slot in slots:
+            self._stop(slot)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "no exit code"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def import_ray() -> Any:
+    """Import Ray quietly (no usage stats), or say how to install it."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError as exc:
+        raise BackendUnavailable(f"the ray backend needs Ray, which is not installed ({exc}); "
+                                 f"install the extra: {RAY_INSTALL_HINT}") from None
+    return ray
+
+
+class RayRunner(BaseRunner):
+    """Episodes as Ray tasks (`num_cpus` = the job's torch threads), on a cluster or a local one."""
+
+    backend = "ray"
+
+    def __init__(self, workers: int | None = None, address: str | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        ray = self._ray = import_ray()
+        self._owns = False
+        self._in_flight: dict[Any, tuple[int, EpisodeJob]] = {}
+        if not ray.is_initialized():
+            common = dict(logging_level=logging.WARNING, log_to_driver=True)
+            try:
+                if address:
+                    ray.init(address=address, **common)
+                else:  # a private local cluster, offline, no dashboard
+                    # address="local": without it Ray joins whatever cluster its address file
+                    # names, even one that died without `ray stop`; a running one is joined only
+                    # when asked (`ray_address`).
+                    ray.init(address="local", num_cpus=workers or available_cpus(), include_dashboard=False, **common)
+            except Exception as exc:
+                where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+                raise BackendUnavailable(f"could not start or reach {where}: {type(exc).__name__}: {exc}") from None
+            self._owns = True
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.parallelism = max(1, workers or cpus)
+        self._remote = ray.remote(_ray_task)
+
+    def describe(self) -> str:
+        where = "a local Ray cluster" if self._owns else "the Ray cluster"
+        return f"{self.parallelism} Ray tasks at a time on {where}"
+
+    def run(self, jobs: Iterable[EpisodeJob], fn: JobFn = run_job) -> Iterator[Episode]:
+        ray, tracker = self._ray, self._tracker
+        pending = _JobQueue(jobs)
+        in_flight = self._in_flight
+
+        def submit() -> None:
+            while pending and len(in_flight) < self.parallelism and tracker.failure is None:
+                n, job = pending.pop()
+                ref = self._remote.options(num_cpus=job.threads, max_retries=0).remote(fn, job)
+                in_flight[ref] = (n, job)
+
+        submit()
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            finished: list[Episode] = []
+            for ref in ready:
+                n, job = in_flight.pop(ref)
+                try:
+                    outcome = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:  # the task itself raised (not our code)
+                    cause = getattr(exc, "cause", None) or exc
+                    outcome = ("error", f"{type(cause).__name__}: {cause}", str(exc))
+                except ray.exceptions.RayError as exc:  # worker or node died, object lost, ...
+                    reason = f"Ray worker lost ({type(exc).__name__})"
+                    if tracker.died(n, job, reason):
+                        pending.retry((n, job))
+                    continue
+                if outcome[0] == "ok":
+                    finished.append(outcome[1])
+                else:
+                    tracker.failed(job, outcome)
+            submit()
+            yield from finished
+        if tracker.failure is not None:
+            raise tracker.failure
+
+    def close(self) -> None:
+        ray = self._ray
+        refs, self._in_flight = list(self._in_flight), {}
+        for ref in refs:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:
+                pass
+        if self._owns and ray.is_initialized():
+            ray.shutdown()
+            self._owns = False
+
+
+def available_cpus() -> int:
+    """CPUs this process may use (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def parse_workers(value: str | int | None) -> int | None:
+    """`--workers`: a positive integer or `auto` (= this machine's CPUs); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        n = value
+    elif value.strip().lower() == "auto":
+        return available_cpus()
+    else:
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"workers {value!r}: expected a positive number or 'auto'") from None
+    if n < 1:
+        raise ValueError(f"workers {value!r}: expected a positive number or 'auto'")
+    return n
+
+
+def make_runner(backend: str = "local", workers: int | None = None, *, ray_address: str | None = None,
+                registry: Registry | None = None, retries: int = DEFAULT_RETRIES,
+                on_event: Callable[[str], None] | None = None) -> BaseRunner:
+    """The runner for a backend: `local` with 1 worker runs in-process (using `registry`)."""
+    if backend == "ray":
+        return RayRunner(workers, ray_address, retries=retries, on_event=on_event)
+    if backend != "local":
+        raise ValueError(f"unknown backend {backend!r} (available: {', '.join(BACKENDS)})")
+    if (workers or 1) == 1:
+        return SerialRunner(registry, retries=retries, on_event=on_event)
+    return ProcessRunner(workers or 1, retries=retries, on_event=on_event)
