@@ -184,6 +184,29 @@ def test_empty_store(tmp_path):
         assert r.feature_names[0] == "epoch" and len(r.feature_names) == N_FEATURES
 
 
+def test_the_layout_declaration_is_what_the_file_holds_and_columns_publishes(tmp_path):
+    from esper_cli.data.store.layout import DECISION_COLUMNS, EPISODE_COLUMNS, LAYOUT
+
+    path = tmp_path / "s.h5"
+    with EpisodeWriter(path) as w:
+        w.append_many([make_episode(i, n=3) for i in range(2)])
+    with h5py.File(path, "r", libver="latest", swmr=True) as f:
+        found: dict[str, h5py.Dataset] = {}
+        f.visititems(lambda name, obj: found.update({name: obj}) if isinstance(obj, h5py.Dataset) else None)
+        assert set(found) == {*LAYOUT, "commit"}
+        for name, spec in LAYOUT.items():
+            assert (found[name].dtype, found[name].shape[1:]) == (np.dtype(spec.dtype), spec.shape)
+            if spec.absent is not None:
+                assert found[name].fillvalue == spec.absent
+    with EpisodeReader(path) as r:
+        cols, index = r.columns(), r.index()
+    public = [c.public for c in DECISION_COLUMNS if c.public is not None]
+    assert set(cols) == {"episode_id", "episode", "step", "last", "action_mask", *public}
+    assert set(index) == {c.name for c in EPISODE_COLUMNS}
+    assert all(cols[c.public].dtype == bool for c in DECISION_COLUMNS if c.flag)
+    assert all(index[c.name].dtype == bool for c in EPISODE_COLUMNS if c.flag)
+
+
 def test_readers_see_only_committed_rows(tmp_path):
     """Rows beyond the commit record (an interrupted append) are invisible, then overwritten."""
     path = tmp_path / "s.h5"
