@@ -1,4 +1,4 @@
-"""The environment's semantics (DESIGN section 3) on real training runs of the digits task."""
+"""The environment's semantics on real training runs of the digits task."""
 
 from __future__ import annotations
 

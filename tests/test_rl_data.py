@@ -40,7 +40,7 @@ def run(policy, explore: float, index: int = 0):
 
 
 def expected_prob(record, eps: float) -> float:
-    """(1 - eps) * [a == the policy's action] + eps * [a valid] / |valid| (DESIGN section 9)."""
+    """(1 - eps) * [a == the policy's action] + eps * [a valid] / |valid|."""
     obs = TrainingSnapshot.from_vector(record.observation)
     valid = valid_actions(obs)
     policy_action = PLAN[obs.epoch]
