@@ -20,7 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_store import make_episode, run_python
+from episode_helpers import make_episode
+from test_store import run_python
 
 from esper_cli.contracts import ACTION_NAMES, N_FEATURES
 from esper_cli.data.store import EpisodeReader, EpisodeWriter, StoreError, StoreLockedError
@@ -65,7 +66,7 @@ def crash_writer(path: Path, episodes: int = 0) -> None:
     child = run_python(f"""
         import os, signal
         from esper_cli.data.store import EpisodeWriter
-        from test_store import make_episode
+        from episode_helpers import make_episode
         w = EpisodeWriter({str(path)!r})
         n = w.n_episodes
         w.append_many([make_episode(n + i, n=25) for i in range({episodes})])
