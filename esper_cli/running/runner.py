@@ -14,7 +14,7 @@ safety and the store lock are the same whatever the backend.
         ...
 
 Backends:
-  serial  in this process (workers=1): exactly what `simic collect` always did.
+  serial  in this process (workers=1): no pickling, no start-up cost, the easiest to debug.
   local   worker processes on this machine (`spawn`: a fresh interpreter, safe with torch threads
           and CUDA); each builds the plugin registry itself, so installed policy plugins work.
   ray     Ray tasks on an existing cluster (`ray_address`), or on a local one started (and shut
