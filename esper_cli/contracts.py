@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -341,6 +341,41 @@ def episode_rng_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0])
 
 
+class RngStream(enum.IntEnum):
+    """The streams of an episode's rng seed: `SeedSequence([rng_seed, stream, ...])`.
+
+    Each random choice of an episode draws from its own stream, so adding a draw to one part never
+    shifts another's, and paired runs of different policies share the environment's streams. The
+    numbers are part of every stored episode's identity: never renumber, only append.
+    """
+
+    HOST_WEIGHTS = 0  # the host network's initial weights
+    SEED_WEIGHTS = 1  # a germinated seed's initial weights (with the seed's id)
+    DATA_ORDER = 2  # the training batches' order (with the epoch)
+    DAGGER_COIN = 3  # DAgger's mixture: whether the expert's action is applied
+    ROTATION_START = 4  # where the blueprint rotation starts
+    RANDOM_POLICY = 5  # the `random` baseline's draws
+    EXPLORATION = 6  # collect's exploration draws (epsilon, uniform valid action)
+    POLICY_SAMPLING = 7  # a learned policy sampling its action (with its draw number)
+
+
+class EpisodeRef(NamedTuple):
+    """Which episode: what a checkpoint's split record lists per episode it was trained or
+    validated on. A tuple, so it serialises to the JSON list `[task, seed, index, rng_seed]`
+    that checkpoints have always held, and such a list reads back with `EpisodeRef.parse`."""
+
+    task: str
+    seed: int  # the run's seed
+    index: int
+    rng_seed: int
+
+    @classmethod
+    def parse(cls, item: Any) -> EpisodeRef:
+        """An `EpisodeRef` from its JSON form (a 4-item list), with the types checked."""
+        task, seed, index, rng_seed = item
+        return cls(str(task), int(seed), int(index), int(rng_seed))
+
+
 @dataclass
 class Episode:
     """A complete morphogenetic training run driven by one policy."""
@@ -369,6 +404,10 @@ class Episode:
     @property
     def key(self) -> str:
         return self.config.key(self.policy)
+
+    @property
+    def ref(self) -> EpisodeRef:
+        return EpisodeRef(self.config.task, self.seed, self.index, self.rng_seed)
 
     @property
     def id(self) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from esper_cli.cli import app
@@ -12,6 +15,18 @@ runner = CliRunner()
 def invoke(*args: object):
     """`simic ARGS...` in this process (CliRunner); every argument passed as a string."""
     return runner.invoke(app, [str(a) for a in args])
+
+
+def succeed(*args: object) -> str:
+    """`simic ARGS...` that must exit 0: its stdout."""
+    result = invoke(*args)
+    assert result.exit_code == 0, f"simic {' '.join(map(str, args))}: exit {result.exit_code}\n{result.output}"
+    return result.stdout
+
+
+def info_json(store: Path) -> dict:
+    """`simic info --json` of `store`."""
+    return json.loads(succeed("info", "--store", store, "--json"))
 
 
 def one_line_error(result, *fragments: str, code: int = 2) -> str:

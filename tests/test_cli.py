@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,33 +12,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from cli_helpers import info_json
+from cli_helpers import invoke as simic
+from cli_helpers import one_line_error as assert_one_line_error
 
-from esper_cli.cli import app
 from esper_cli.data.store import EpisodeReader
 
-runner = CliRunner()
 TINY = ["--epochs", "6"]
-
-
-def simic(*args: str):
-    return runner.invoke(app, list(args))
-
-
-def info_json(store: Path) -> dict:
-    result = simic("info", "--store", str(store), "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def assert_one_line_error(result, *fragments: str, code: int = 2) -> None:
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error:")
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_collect_then_info_reports_every_episode(tmp_path):

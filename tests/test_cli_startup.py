@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_store import make_episode
+from episode_helpers import make_episode
 from typer.testing import CliRunner
 
 from esper_cli.cli.main import COMMANDS, app, load_command

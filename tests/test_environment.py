@@ -1,13 +1,15 @@
-"""The environment's semantics (DESIGN section 3) on real training runs of the digits task."""
+"""The environment's semantics on real training runs of the digits task."""
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 
 import numpy as np
 import pytest
 import torch
+from simic_plugins.baselines import RandomTamiyo
 from simic_plugins.heuristic import HeuristicTamiyo
 
 from esper_cli.contracts import (
@@ -15,10 +17,13 @@ from esper_cli.contracts import (
     Action,
     Decision,
     EpisodeConfig,
+    EpisodeRef,
+    RngStream,
     SeedStage,
     TrainingSnapshot,
     sanitize_loss,
 )
+from esper_cli.policy import valid_action_mask
 from esper_cli.simulation.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.simulation.environment import MorphogeneticEnv
 from esper_cli.simulation.episode import run_episode
@@ -119,6 +124,54 @@ def test_invalid_actions_are_recorded_no_ops():
     assert "no-op" in ep.decisions[0].reason and "no active seed" in ep.decisions[0].reason
     assert ep.decisions[0].outcome.reward < ep.decisions[0].outcome.accuracy_change
     assert "seed is active" in ep.decisions[3].reason
+
+
+class AnyAction:
+    """A uniform draw over all four actions, valid or not: every kind of no-op gets tried."""
+
+    name = "any"
+
+    def reset(self, context):
+        self.rng = np.random.default_rng(context.rng_seed)
+
+    def decide(self, obs, context):
+        return Decision(Action(int(self.rng.integers(len(Action)))), "any")
+
+
+@pytest.mark.parametrize("policy, kw", [
+    (AnyAction(), {}),
+    (AnyAction(), {"embargo_epochs": 0}),
+    (RandomTamiyo(), {"explore": 0.5}),
+    (HeuristicTamiyo(), {}),
+])
+def test_the_observation_says_which_actions_the_environment_carries_out(policy, kw):
+    # The policies, the exploration draws and the offline exports' action masks read validity off
+    # the observation; the environment decides it from its state: on every state these episodes
+    # reach (both slots, embargoes, a fossilized slot) the two must agree.
+    cfg = EpisodeConfig(epochs=16, **kw)
+    for index in range(3):
+        ep = run_episode(policy, cfg, 0, index, task=BUILTIN_TASKS["digits"], blueprints=BUILTIN_BLUEPRINTS,
+                         policy_name=policy.name)
+        for d in ep.decisions:
+            assert d.valid == valid_action_mask(d.observation)[int(d.action)], (index, d.observation, d.action)
+    env = make_env(epochs=16, **kw)
+    obs = env.reset(3)
+    for action in [G, A, W, A, C, G, W, W, G, A, A, A, G, C]:
+        assert env.valid_actions() == [a for a, ok in zip(Action, valid_action_mask(obs.to_vector())) if ok]
+        obs = env.step(Decision(action)).observation
+
+
+def test_rng_streams_keep_their_numbers():
+    # Stored episodes were drawn from these streams: renumbering one changes every episode.
+    assert {s.name: int(s) for s in RngStream} == {
+        "HOST_WEIGHTS": 0, "SEED_WEIGHTS": 1, "DATA_ORDER": 2, "DAGGER_COIN": 3,
+        "ROTATION_START": 4, "RANDOM_POLICY": 5, "EXPLORATION": 6, "POLICY_SAMPLING": 7}
+
+
+def test_an_episode_ref_is_the_json_list_checkpoints_hold():
+    ref = EpisodeRef("digits", 3, 1, 12345)
+    assert json.loads(json.dumps(ref)) == ["digits", 3, 1, 12345]
+    assert EpisodeRef.parse(["digits", 3, 1, 12345]) == ref and EpisodeRef.parse(ref).rng_seed == 12345
 
 
 def test_unknown_blueprint_is_an_invalid_no_op_and_named_blueprint_is_used():

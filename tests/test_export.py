@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from cli_helpers import invoke, one_line_error
-from test_store import make_episode
+from episode_helpers import make_episode
 
 from esper_cli.data.interop import export_minari
 from esper_cli.data.store import EpisodeReader, EpisodeWriter

@@ -1,4 +1,4 @@
-"""Each Heuristic Tamiyo v2 rule on crafted snapshots (DESIGN section 4)."""
+"""Each Heuristic Tamiyo v2 rule on crafted snapshots."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Seed lifecycle and the isolation/blending guarantees of DESIGN section 3."""
+"""Seed lifecycle and the isolation and blending guarantees."""
 
 from __future__ import annotations
 

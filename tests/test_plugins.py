@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import one_line_error
-from typer.testing import CliRunner
+from cli_helpers import info_json, one_line_error
+from cli_helpers import invoke as simic
 
 import esper_cli
 from esper_cli import hookimpl, hookspecs
 from esper_cli.checkpoint import load_checkpoint
-from esper_cli.cli import app
 from esper_cli.contracts import Action, Decision, EpisodeConfig, SeedStage
 from esper_cli.data.store import EpisodeReader
 from esper_cli.plugins import (
@@ -41,24 +40,13 @@ from esper_cli.tasks import BUILTIN_TASKS, Task
 from esper_cli.trainable import TrainablePolicy
 
 ROOT = Path(__file__).resolve().parents[1]
-runner = CliRunner()
 TINY = ["--epochs", "6"]
-
-
-def simic(*args: str):
-    return runner.invoke(app, list(args))
 
 
 def plugins_json() -> dict[str, dict]:
     result = simic("plugins", "--json")
     assert result.exit_code == 0, result.output
     return {p["name"]: p for p in json.loads(result.stdout)}
-
-
-def info_json(store: Path) -> dict:
-    result = simic("info", "--store", str(store), "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
 
 
 # ------------------------------------------------------------------------------------ fixtures

@@ -10,23 +10,15 @@ from __future__ import annotations
 
 import json
 
-from typer.testing import CliRunner
+from cli_helpers import succeed as simic
 
 from esper_cli.checkpoint import load_checkpoint
-from esper_cli.cli import app
 from esper_cli.contracts import episode_rng_seed
 from esper_cli.evaluation.comparison import trained_rng_seeds
 from esper_cli.paths import default_checkpoint_path, default_store_path
 
-runner = CliRunner()
 COMPARE_EPOCHS = 8
 TRAINING_SEEDS = range(8)
-
-
-def simic(*args: object) -> str:
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, f"simic {' '.join(map(str, args))}: exit {result.exit_code}\n{result.output}"
-    return result.stdout
 
 
 def test_readme_first_run_from_a_fresh_home(simic_home):

@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 import pytest
 from cli_helpers import invoke, one_line_error
+from episode_helpers import make_episode
 from simic_plugins.baselines import RandomTamiyo, valid_actions
-from test_store import make_episode
 
 from esper_cli.contracts import Action, Decision, EpisodeConfig, TrainingSnapshot
 from esper_cli.data.store import EpisodeReader, EpisodeWriter
@@ -40,7 +40,7 @@ def run(policy, explore: float, index: int = 0):
 
 
 def expected_prob(record, eps: float) -> float:
-    """(1 - eps) * [a == the policy's action] + eps * [a valid] / |valid| (DESIGN section 9)."""
+    """(1 - eps) * [a == the policy's action] + eps * [a valid] / |valid|."""
     obs = TrainingSnapshot.from_vector(record.observation)
     valid = valid_actions(obs)
     policy_action = PLAN[obs.epoch]

@@ -20,15 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from cli_helpers import invoke as simic
 
-from esper_cli.cli import app
 from esper_cli.contracts import EpisodeConfig, episode_rng_seed
 from esper_cli.data.store import EpisodeReader
 from esper_cli.plugins import reset_plugin_manager
 from esper_cli.running.runner import EpisodeJob, JobFailed, ProcessRunner, RayRunner, SerialRunner, parse_workers
 
-cli = CliRunner()
 TINY = ["--epochs", "4"]
 CONFIG = EpisodeConfig(epochs=4)
 HAVE_RAY = importlib.util.find_spec("ray") is not None
@@ -83,10 +81,6 @@ class Crashy:
 def register_policies(register):
     register("crashy", Crashy)
 '''
-
-
-def simic(*args: str):
-    return cli.invoke(app, list(args))
 
 
 def jobs(n: int, policy: str = "heuristic", seed: int = 3, **kw) -> list[EpisodeJob]:

@@ -1,4 +1,4 @@
-"""Schema v2's seed signal: `seed_improvement` is the seed's own measured worth (DESIGN section 2).
+"""Schema v2's seed signal: `seed_improvement` is the seed's own measured worth.
 
 TRAINING: validation accuracy through the isolated probe minus the host's; BLENDING: accuracy at
 the current alpha minus at alpha 0. Measured in the validation pass, changing nothing.
@@ -117,7 +117,7 @@ def test_the_measurement_changes_nothing_in_the_host():
 
 
 def test_the_observation_vector_is_the_design_contract():
-    """DESIGN section 2's 27 names, in order, derived from TrainingSnapshot's fields alone."""
+    """The 27 feature names, in order, derived from TrainingSnapshot's fields alone."""
     from esper_cli.contracts import N_FEATURES, TrainingSnapshot
 
     design = ("epoch global_step train_loss val_loss loss_delta train_accuracy val_accuracy accuracy_delta "

@@ -9,23 +9,20 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from episode_helpers import assert_same_episode, make_episode
 
 from esper_cli.contracts import (
     N_FEATURES,
     Action,
     DecisionRecord,
     Episode,
-    EpisodeConfig,
     Outcome,
-    SeedLifecycle,
     SeedStage,
-    episode_rng_seed,
 )
 from esper_cli.data.store import (
     EpisodeReader,
@@ -43,53 +40,6 @@ def committed(writer: EpisodeWriter, episodes: list[Episode], upto: int = 16) ->
     run again (its `missing` plan leaves them out): what the store has committed of those runs."""
     runs = {(e.key, e.seed) for e in episodes}
     return {(k, s, i) for k, s in runs for i in range(upto) if i not in writer.missing(k, s, upto)}
-
-
-def make_episode(index: int, n: int = 5, seed: int = 7, policy: str = "heuristic") -> Episode:
-    """A deterministic synthetic episode: n decisions, two seeds, floats that need float64."""
-    rng = np.random.default_rng([seed, index])
-    decisions = []
-    for t in range(n):
-        action = Action(int(rng.integers(0, 4)))
-        decisions.append(DecisionRecord(
-            observation=rng.normal(size=N_FEATURES).astype(np.float32),
-            action=action,
-            valid=bool(t % 3),
-            confidence=float(rng.random()),
-            reason=f"epoch {t}: plateau {rng.random():.3f} ünïcode" if t % 4 else "",
-            blueprint=("conv_enhance" if t % 2 else "attention") if action == Action.GERMINATE else None,
-            outcome=Outcome(
-                accuracy_change=float(rng.normal()),
-                loss_change=float(rng.normal()) / 3,
-                val_accuracy=100 * float(rng.random()),
-                seed_alive=bool(t % 2),
-                stage_after=SeedStage(t % 6),
-                reward=float(rng.normal()) / 7,
-            ),
-            expert_action=int(rng.integers(-1, 4)),
-        ))
-    seeds = [
-        SeedLifecycle(0, "conv_enhance", 0, [("GERMINATED", 1), ("TRAINING", 2), ("FOSSILIZED", 9)],
-                      "fossilized", 1.0 / 3),
-        SeedLifecycle(1, "attention", 1, [("GERMINATED", 4), ("CULLED", 6)], "culled", None),
-    ]
-    return Episode(
-        seed=seed, index=index, rng_seed=episode_rng_seed(seed, index),
-        config=EpisodeConfig(epochs=n, lr=0.1 / 3), policy=policy, policy_version="1.0",
-        decisions=decisions, final_accuracy=90 + 1 / 3, best_accuracy=91 + 2 / 3,
-        test_accuracy=89.1 + index, seeds=seeds, expert="heuristic" if index % 2 else None,
-    )
-
-
-def assert_same_episode(got: Episode, want: Episode) -> None:
-    """Field-by-field equality (DecisionRecord holds arrays, so == on episodes is ambiguous)."""
-    assert len(got.decisions) == len(want.decisions)
-    for g, w in zip(got.decisions, want.decisions):
-        np.testing.assert_array_equal(g.observation, w.observation)
-        assert g.observation.dtype == np.float32
-        assert (g.action, g.valid, g.confidence, g.reason, g.blueprint, g.outcome, g.expert_action) == \
-               (w.action, w.valid, w.confidence, w.reason, w.blueprint, w.outcome, w.expert_action)
-    assert replace(got, decisions=[]) == replace(want, decisions=[])
 
 
 def write(path: Path, episodes: list[Episode]) -> None:
@@ -353,7 +303,7 @@ def test_error_messages_are_one_line(tmp_path):
 WRITER_THEN_WAIT = """
     import sys
     from esper_cli.data.store import EpisodeWriter
-    from test_store import make_episode
+    from episode_helpers import make_episode
     with EpisodeWriter(sys.argv[1]) as w:
         for i in range(3):
             w.append(make_episode(i))
@@ -435,7 +385,7 @@ def test_reader_in_same_process_as_writer(tmp_path):
 CRASH_WRITER = """
     import sys
     from esper_cli.data.store import EpisodeWriter
-    from test_store import make_episode
+    from episode_helpers import make_episode
     path, batch = sys.argv[1], int(sys.argv[2])
     with EpisodeWriter(path) as w:
         i = w.n_episodes
@@ -499,7 +449,7 @@ def test_kill_9_leaves_committed_episodes(tmp_path, delay, batch, after):
 KILL_BEFORE_COMMIT = """
     import os, signal, h5py
     from esper_cli.data.store import EpisodeWriter
-    from test_store import make_episode
+    from episode_helpers import make_episode
     set_item = h5py.Dataset.__setitem__
     def die_on_commit(ds, key, value):
         if ds.name == "/commit" and w.n_episodes == 2:  # rows of episode 2 written and flushed

@@ -117,13 +117,12 @@ def workers_and_backend(workers: str | None, backend: str = "local", ray_address
 def episode_config(reg: Registry, *, task: str, epochs: int, device: str, data_dir: Path | None,
                    threads: int, **extra: Any) -> EpisodeConfig:
     """The episode config of a command's options, with the task's data checked before any work."""
-    import torch  # only the commands that run episodes pay for it
-
+    from ..running.threads import use_threads  # only the commands that run episodes pay for torch
     from ..tasks import TaskError
 
     choose("task", task, reg.tasks, "--task", reg)
     resolve_device(device)
-    torch.set_num_threads(threads)
+    use_threads(threads)
     try:
         config = EpisodeConfig(task=task, epochs=epochs, device=device,
                                data_dir=str(data_dir) if data_dir is not None else None, **extra)

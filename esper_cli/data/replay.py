@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..contracts import N_FEATURES, TrainingSnapshot
+from ..contracts import FEATURE_NAMES, N_FEATURES, TrainingSnapshot
 from ..policy import EpisodeContext
 from .decisions import DataError, DecisionData
 
@@ -47,6 +47,9 @@ def select_split(data: DecisionData, split: str, trained: dict[str, Any] | None,
     return held, f"{len(held)} held-out episodes (not used in training; split seed {trained.get('seed')})"
 
 
+_AVAILABLE_SLOTS = FEATURE_NAMES.index("available_slots")
+
+
 def replay_context(data: DecisionData, position: int, blueprints: tuple[str, ...] = ()) -> Any:
     """The `EpisodeContext` a policy saw (as near as the store tells) while episode `position` ran."""
 
@@ -54,7 +57,8 @@ def replay_context(data: DecisionData, position: int, blueprints: tuple[str, ...
     config = meta.get("config") or {}
     first = data.observations[data.starts[position]] if data.lengths[position] else np.zeros(N_FEATURES)
     return EpisodeContext(task=str(config.get("task", "digits")), max_epochs=int(config.get("epochs", data.lengths[position])),
-                          blueprints=tuple(blueprints), n_slots=int(first[-1]),  # all slots free at epoch 0
+                          blueprints=tuple(blueprints),
+                          n_slots=int(first[_AVAILABLE_SLOTS]),  # all slots free at epoch 0
                           rng_seed=int(meta.get("rng_seed", 0)))
 
 

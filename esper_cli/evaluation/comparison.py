@@ -35,11 +35,13 @@ import numpy as np
 from ..checkpoint import CheckpointError, CheckpointOrigin, checkpoint_origin
 from ..contracts import (
     ACTION_NAMES,
+    FEATURE_NAMES,
     MAX_SEED,
     N_ACTIONS,
     Action,
     Episode,
     EpisodeConfig,
+    EpisodeRef,
     episode_rng_seed,
 )
 from ..learning.metrics import agreement_by_stage, seed_stages
@@ -142,14 +144,14 @@ _EPISODE_ID = re.compile(r"^(?P<prefix>.+)-s(?P<seed>\d+)-i(?P<index>\d+)-(?P<ke
 def trained_rng_seeds(split: Mapping[str, Any] | None, task: str) -> set[int]:
     """RNG seeds of the `task` episodes a checkpoint was trained or validated on.
 
-    `split` is the checkpoint's `split` record: its `episodes` list ([task, run seed, index, rng
-    seed] per episode) where present, else the episode ids of older checkpoints, parsed.
+    `split` is the checkpoint's `split` record: its `episodes` list (an `EpisodeRef` per episode)
+    where present, else the episode ids of older checkpoints, parsed.
     """
     if not split:
         return set()
     listed = split.get("episodes")
     if listed is not None:
-        return {int(e[3]) for e in listed if str(e[0]) == task}
+        return {ref.rng_seed for ref in map(EpisodeRef.parse, listed) if ref.task == task}
     seeds = set()
     for episode_id in [*split.get("train_ids", []), *split.get("val_ids", [])]:
         m = _EPISODE_ID.match(str(episode_id))
@@ -440,6 +442,9 @@ def build_report(specs: list[PolicySpec], runs: dict[str, PolicyRuns], shadow_ep
 
 
 # ================================================================================ the plot
+_VAL_ACCURACY = FEATURE_NAMES.index("val_accuracy")
+
+
 def plot_curves(path: Path, runs: Mapping[str, PolicyRuns], max_episodes: int = 3) -> Path:
     """Validation accuracy per epoch, one row per policy, one column per episode (first few):
     seed stages shaded, non-WAIT actions marked (invalid ones faded)."""
@@ -464,7 +469,7 @@ def plot_curves(path: Path, runs: Mapping[str, PolicyRuns], max_episodes: int = 
                 ax.set_axis_off()
                 continue
             # Epoch 0 is the untrained host; the decision at epoch t is marked on the curve at t.
-            acc = [float(e.decisions[0].observation[6])] + [d.outcome.val_accuracy for d in e.decisions]
+            acc = [float(e.decisions[0].observation[_VAL_ACCURACY])] + [d.outcome.val_accuracy for d in e.decisions]
             epochs = np.arange(len(acc))
             end = len(acc) - 1
             for s in e.seeds:
@@ -477,7 +482,7 @@ def plot_curves(path: Path, runs: Mapping[str, PolicyRuns], max_episodes: int = 
                 a = Action(d.action)
                 if a in markers:
                     m, c = markers[a]
-                    y = d.observation[6]  # val accuracy when the action was taken
+                    y = d.observation[_VAL_ACCURACY]  # when the action was taken
                     ax.scatter([t], [y], marker=m, s=40, zorder=3, color=c, alpha=1.0 if d.valid else 0.35)
             ax.set_title(f"{label}: episode {i}  final {e.final_accuracy:.1f}%", fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)

@@ -7,7 +7,7 @@ turned out*. For every stored decision (s, a):
                       an episode is 25 epochs and only its final accuracy counts). A decision's
                       reward is the val accuracy change over the next epoch (minus a penalty for
                       an invalid action), so G = final val accuracy - val accuracy now, in points.
-2. `fit_value`      - V(s) ~ E[G | s]: a small network regressed on the training episodes' G,
+2. `regress_value`  - V(s) ~ E[G | s]: a small network regressed on the training episodes' G,
                       early-stopped on the validation episodes' error (it must generalise to
                       unseen episodes, or the advantages below are just its memorisation error).
 3. `awr_weights`    - A = G - V(s); w = min(exp(A / temperature), max_weight). Decisions that did
@@ -117,8 +117,8 @@ class ValueFit:
         return self.model(x).squeeze(-1).double().numpy() * sd + mu
 
 
-def fit_value(x_train: torch.Tensor, g_train: np.ndarray, x_val: torch.Tensor, g_val: np.ndarray, seed: int,
-              steps: int = 500, lr: float = 3e-3, patience: int = 50) -> ValueFit:
+def regress_value(x_train: torch.Tensor, g_train: np.ndarray, x_val: torch.Tensor, g_val: np.ndarray, seed: int,
+                  steps: int = 500, lr: float = 3e-3, patience: int = 50) -> ValueFit:
     """Regress V(s) on returns-to-go with full-batch Adam; keep the step with the lowest val MSE.
 
     A few thousand decisions fit in one batch, so every step is an exact gradient and the
@@ -199,7 +199,7 @@ def advantage_weights(data: DecisionData, outcomes: Outcomes, train_pos: np.ndar
     g = returns_to_go(outcomes.rewards, data.starts, data.lengths)
     tr, va = data.rows_of(train_pos), data.rows_of(val_pos)
     x = torch.from_numpy((data.observations - mean) / std)
-    value = fit_value(x[tr], g[tr], x[va], g[va], seed)
+    value = regress_value(x[tr], g[tr], x[va], g[va], seed)
     adv_train, adv_val = g[tr] - value.predict(x[tr]), g[va] - value.predict(x[va])
     w_train, w_val = awr_weights(adv_train, temperature, max_weight), awr_weights(adv_val, temperature, max_weight)
     summary = {

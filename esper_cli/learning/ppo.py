@@ -45,13 +45,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from ..contracts import Episode, EpisodeConfig
+from ..contracts import Episode, EpisodeConfig, EpisodeRef
 from ..data.decisions import DataError
 from ..data.store import EpisodeWriter
 from ..plugins import Registry
 from ..policy import policy_version, valid_action_mask
 from ..running.collection import collect_episodes
 from ..running.runner import EpisodeJob, JobFailed, make_runner, run_job
+from ..running.threads import use_threads
 from .offline import returns_to_go, value_network
 from .training import build_network, train_policy
 
@@ -301,8 +302,8 @@ def ppo_update(policy: nn.Module, value: nn.Module, opt: torch.optim.Optimizer, 
     return {k: v / max(steps, 1) for k, v in stats.items()}
 
 
-def fit_value(value: ValueNet, value_opt: torch.optim.Optimizer, batch: Batch, cfg: ImproveConfig,
-              gen: torch.Generator) -> dict[str, float]:
+def value_only_update(value: ValueNet, value_opt: torch.optim.Optimizer, batch: Batch, cfg: ImproveConfig,
+                      gen: torch.Generator) -> dict[str, float]:
     """The baseline's regression alone (the update that starts a run); diagnostics like `ppo_update`'s."""
     losses = []
     for _ in range(cfg.update_epochs):
@@ -343,8 +344,8 @@ def bootstrap(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress)
     return path, cfg.bootstrap_episodes
 
 
-def _episode_record(ep: Episode) -> list[Any]:
-    return [ep.config.task, ep.seed, ep.index, ep.rng_seed]
+def _episode_record(ep: Episode) -> EpisodeRef:
+    return ep.ref
 
 
 def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | None = None) -> ImproveResult:
@@ -358,7 +359,7 @@ def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | 
     started = time.perf_counter()
     # Training runs in this process with the episodes' thread count whatever the runner: another
     # count changes the order of float sums, and so the checkpoint.
-    torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     result = ImproveResult(checkpoint=cfg.out)
     start, boot = (cfg.start, 0) if cfg.start is not None else bootstrap(cfg, registry, progress)
     result.bootstrap_episodes = result.episodes_used = boot
@@ -407,7 +408,7 @@ def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | 
                 if u == 0 and cfg.init_entropy > 0:
                     # The start policy drove these episodes too sure of itself to explore: they train
                     # the baseline and calibrate the softened policy the updates start from.
-                    stats = fit_value(value, value_opt, batch, cfg, gen)
+                    stats = value_only_update(value, value_opt, batch, cfg, gen)
                     result.temperature = soften(policy, batch.obs, batch.mask, cfg.init_entropy)
                 else:
                     stats = ppo_update(policy, value, opt, value_opt, batch, cfg, gen)

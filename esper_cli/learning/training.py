@@ -39,7 +39,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
 from ..checkpoint import check_writable_checkpoint, save_checkpoint
-from ..contracts import ACTION_NAMES, FEATURE_NAMES, N_ACTIONS, N_FEATURES, SCHEMA_VERSION
+from ..contracts import ACTION_NAMES, FEATURE_NAMES, N_ACTIONS, N_FEATURES, SCHEMA_VERSION, EpisodeRef
 from ..data.decisions import (
     DataError,
     DecisionData,
@@ -503,9 +503,9 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
         "split": {"by": "episode", "stratified_by": "rarest action", "seed": cfg.seed,
                   "val_fraction": cfg.val_fraction, "store": str(prep.data.store),
                   "train_ids": list(train.episode_ids), "val_ids": list(val.episode_ids),
-                  # [task, run seed, index, rng seed] of every train and val episode: `simic compare`
-                  # keeps its episodes off these (same rng seed = same host init and data order).
-                  "episodes": [[m["config"]["task"], int(m["seed"]), int(m["index"]), int(m["rng_seed"])]
+                  # Every train and val episode: `simic compare` keeps its episodes off these
+                  # (same rng seed = same host init and data order).
+                  "episodes": [EpisodeRef(m["config"]["task"], int(m["seed"]), int(m["index"]), int(m["rng_seed"]))
                                for m in (train.episode_meta or []) + (val.episode_meta or [])]},
         "class_weights": {"spec": cfg.class_weights, "values": weights.tolist(), "labels": list(ACTION_NAMES),
                           "train_counts": np.bincount(train.labels, minlength=N_ACTIONS).tolist()},

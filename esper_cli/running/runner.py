@@ -14,7 +14,7 @@ safety and the store lock are the same whatever the backend.
         ...
 
 Backends:
-  serial  in this process (workers=1): exactly what `simic collect` always did.
+  serial  in this process (workers=1): no pickling, no start-up cost, the easiest to debug.
   local   worker processes on this machine (`spawn`: a fresh interpreter, safe with torch threads
           and CUDA); each builds the plugin registry itself, so installed policy plugins work.
   ray     Ray tasks on an existing cluster (`ray_address`), or on a local one started (and shut
@@ -51,11 +51,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
-import torch
-
 from ..contracts import Episode, EpisodeConfig
 from ..plugins import Registry, build_registry
 from ..simulation.episode import PolicyError, run_episode
+from .threads import use_threads
 
 BACKENDS = ("local", "ray")
 DEFAULT_RETRIES = 2
@@ -159,8 +158,7 @@ def run_job(job: EpisodeJob, context: WorkerContext | None = None, *,
     `observers` (shadow mode) are policies asked on the same observations, never applied.
     """
     context = context or process_context()
-    if torch.get_num_threads() != job.threads:
-        torch.set_num_threads(job.threads)
+    use_threads(job.threads)
     reg = context.registry
     task = reg.tasks.get(job.config.task)
     if task is None:

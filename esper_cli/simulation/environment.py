@@ -4,9 +4,7 @@ One `step(decision)` = apply Tamiyo's action, train the host (and any seed) for 
 validate, and return the new observation plus the outcome the action caused. Every random choice
 (initial weights, data order, seed initialisation) is drawn from the episode's rng seed, and data
 order never depends on the actions taken, so runs of different policies from one seed are paired.
-Streams of the episode's seed: 0 host weights, 1 seed weights, 2 data order, 4 the blueprint
-rotation's starting point (3 is the DAgger coin and 6 the exploration draws of
-`episode.run_episode`; 5 is the `random` baseline's).
+Each draw has its own stream of the episode's seed (`contracts.RngStream`).
 
 The seed signal (schema v2's `seed_improvement`, see `contracts.FEATURE_MEANINGS`) is measured in
 the same validation pass as the host, once per epoch: the managed slot's counterfactual path (the
@@ -30,12 +28,14 @@ from ..contracts import (
     Decision,
     EpisodeConfig,
     Outcome,
+    RngStream,
     SeedLifecycle,
     SeedStage,
     TrainingSnapshot,
     sanitize_loss,
 )
 from ..kasmina import HostCNN, SeedSlot
+from ..policy import valid_actions as observed_valid_actions
 from ..tasks import Task, TaskData
 from .blueprints import BlueprintFactory
 
@@ -74,7 +74,7 @@ class MorphogeneticEnv:
         dev = self.device
         self.data = TaskData(*(t.to(dev) for t in (data.train_x, data.train_y, data.val_x,
                                                     data.val_y, data.test_x, data.test_y)))
-        torch.manual_seed(_torch_seed(rng_seed, 0))
+        torch.manual_seed(_torch_seed(rng_seed, RngStream.HOST_WEIGHTS))
         self.model: HostCNN = self.task.build_host().to(dev)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.steps_per_epoch = -(-len(self.data.train_y) // cfg.batch_size)
@@ -84,7 +84,7 @@ class MorphogeneticEnv:
         self._slot_record: dict[int, SeedLifecycle] = {}
         # The rotation starts at a point drawn from the episode's seed: every blueprint is grown
         # first in some episodes, and paired runs of different policies start at the same point.
-        start_rng = np.random.default_rng(np.random.SeedSequence([rng_seed, 4]))
+        start_rng = np.random.default_rng(np.random.SeedSequence([rng_seed, RngStream.ROTATION_START]))
         self._rotation = int(start_rng.integers(len(cfg.rotation)))
         self._stage_epochs: dict[int, int] = {}
         self._worth: dict[int, float] = {}  # per slot: the seed's measured worth (points)
@@ -122,13 +122,11 @@ class MorphogeneticEnv:
     def valid_actions(self) -> list[Action]:
         """The actions `apply` would carry out now (the rest are recorded no-ops), in action order.
 
-        GERMINATE counts as valid with the rotation's blueprint (an unknown named one is not).
+        Read from the observation by `policy.valid_actions`, the rule a policy and an offline
+        dataset's action mask use too, so the three cannot disagree. GERMINATE counts as valid
+        with the rotation's blueprint (an unknown named one is not).
         """
-        if self.active_slot() is not None:
-            return [Action.WAIT, Action.ADVANCE, Action.CULL]
-        if self.available_slots() > 0:
-            return [Action.WAIT, Action.GERMINATE]
-        return [Action.WAIT]
+        return observed_valid_actions(self.observe())
 
     # ------------------------------------------------------------------------------ observation
     def observe(self) -> TrainingSnapshot:
@@ -174,7 +172,7 @@ class MorphogeneticEnv:
             return False, None, f"GERMINATE with unknown blueprint '{blueprint}'"
         self._rotation += 1
         seed_id = len(self.seeds)
-        torch.manual_seed(_torch_seed(self.rng_seed, 1, seed_id))
+        torch.manual_seed(_torch_seed(self.rng_seed, RngStream.SEED_WEIGHTS, seed_id))
         module: nn.Module = self.blueprints[blueprint](slot.channels).to(self.device)
         slot.germinate(blueprint, module)
         self.optimizer.add_param_group({"params": list(module.parameters())})
@@ -242,7 +240,7 @@ class MorphogeneticEnv:
         """One pass over the training data in an order fixed by (rng_seed, epoch)."""
         cfg, data, model = self.config, self.data, self.model
         model.train()
-        gen = torch.Generator().manual_seed(_torch_seed(self.rng_seed, 2, self.epoch))
+        gen = torch.Generator().manual_seed(_torch_seed(self.rng_seed, RngStream.DATA_ORDER, self.epoch))
         order = torch.randperm(len(data.train_y), generator=gen).to(self.device)
         blending = [s for s in self.slots if s.stage == SeedStage.BLENDING]
         ramp = max(cfg.blending_epochs * self.steps_per_epoch, 1)

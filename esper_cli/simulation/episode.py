@@ -14,6 +14,7 @@ from ..contracts import (
     DecisionRecord,
     Episode,
     EpisodeConfig,
+    RngStream,
     episode_rng_seed,
 )
 from ..policy import EpisodeContext, Policy, describe
@@ -47,10 +48,6 @@ def _ask(policy: Policy, name: str, obs: Any, context: EpisodeContext, where: st
             raise PolicyError(f"policy '{name}' returned probabilities {decision.probabilities!r} {where}; "
                               f"expected {N_ACTIONS} non-negative numbers summing to 1, positive for its action")
     return decision
-
-
-#: The exploration draws' stream of the episode's seed (see environment.py for the others).
-EXPLORE_STREAM = 6
 
 
 def _explore(decision: Decision, mixture: np.ndarray, valid: list[Action], eps: float,
@@ -123,10 +120,9 @@ def run_episode(
             p.reset(context)
         except Exception as exc:
             raise PolicyError(f"{label} raised in reset(): {type(exc).__name__}: {exc}") from exc
-    # The coin of DAgger's mixture: its own stream of the episode's seed (the environment uses 0-2).
-    coin = np.random.default_rng(np.random.SeedSequence([rng_seed, 3]))
+    coin = np.random.default_rng(np.random.SeedSequence([rng_seed, RngStream.DAGGER_COIN]))
     beta = float(config.beta) if expert is not None else 0.0
-    explore_rng = np.random.default_rng(np.random.SeedSequence([rng_seed, EXPLORE_STREAM]))
+    explore_rng = np.random.default_rng(np.random.SeedSequence([rng_seed, RngStream.EXPLORATION]))
     eps = float(config.explore)
     shadow: dict[str, list[int]] = {name: [] for name in (observers or {})}
     records: list[DecisionRecord] = []

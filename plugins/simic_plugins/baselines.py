@@ -17,11 +17,8 @@ from typing import Any
 import numpy as np
 
 from esper_cli import hookimpl
-from esper_cli.contracts import Action, Decision, TrainingSnapshot
+from esper_cli.contracts import Action, Decision, RngStream, TrainingSnapshot
 from esper_cli.policy import EpisodeContext, valid_actions
-
-#: The random policy's stream of the episode's seed (the environment uses 0-2 and 4, DAgger 3).
-RANDOM_STREAM = 5
 
 
 class WaitTamiyo:
@@ -48,7 +45,7 @@ class RandomTamiyo:
         self._rng = np.random.default_rng(0)
 
     def reset(self, context: EpisodeContext) -> None:
-        parts = [int(context.rng_seed), RANDOM_STREAM] + ([] if self._seed is None else [int(self._seed)])
+        parts = [int(context.rng_seed), RngStream.RANDOM_POLICY] + ([] if self._seed is None else [int(self._seed)])
         self._rng = np.random.default_rng(np.random.SeedSequence(parts))
 
     def decide(self, obs: TrainingSnapshot, context: EpisodeContext | None = None) -> Decision:

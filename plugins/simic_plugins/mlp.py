@@ -18,7 +18,7 @@ import numpy as np
 
 from esper_cli import hookimpl
 from esper_cli.checkpoint import Checkpoint, CheckpointError, load_policy_checkpoint, to_numpy
-from esper_cli.contracts import N_FEATURES, Action, Decision, TrainingSnapshot, check_finite
+from esper_cli.contracts import N_FEATURES, Action, Decision, RngStream, TrainingSnapshot, check_finite
 from esper_cli.policy import EpisodeContext, valid_action_mask
 from esper_cli.trainable import TrainablePolicy
 
@@ -46,11 +46,6 @@ def folded_input_layer(weight: np.ndarray, bias: np.ndarray, ckpt: Checkpoint) -
     w = weight.astype(np.float64) / std[None, :]
     b = bias.astype(np.float64) - w @ mean
     return w.astype(np.float32), b.astype(np.float32)
-
-
-#: The sampling draws' stream of the episode's seed (the environment uses 0-2 and 4, DAgger 3,
-#: `random` 5, exploration 6).
-SAMPLE_STREAM = 7
 
 
 class MLPTamiyo:
@@ -93,7 +88,7 @@ class MLPTamiyo:
     def reset(self, context: EpisodeContext) -> None:
         """A sampling MLP restarts its draws from the episode's seed; a greedy one keeps no state."""
         if self.sample:
-            self._rng = np.random.default_rng(np.random.SeedSequence([context.rng_seed, SAMPLE_STREAM, self.draw]))
+            self._rng = np.random.default_rng(np.random.SeedSequence([context.rng_seed, RngStream.POLICY_SAMPLING, self.draw]))
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Raw (unnormalised) observations (N, 27) or (27,) -> logits (N, 4) or (4,)."""

@@ -174,8 +174,8 @@ def compare(
         fail(escape(str(exc)))
     auto_seed = seed is None
     config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads)
-    # Evaluating on the episodes a checkpoint learned from flatters it (the prototype's
-    # eval-on-training-data bug): by default run seeds none of them came from.
+    # Evaluating on the episodes a checkpoint learned from flatters it (it has seen their host
+    # init and data order): by default run seeds none of them came from.
     splits = {label: o.split for label, o in origins.items() if o.split is not None}
     unknown = sorted(label for label, o in origins.items() if not o.known)
     trained = set().union(*(trained_rng_seeds(split, config.task) for split in splits.values()))

@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -28,6 +27,7 @@ from ...learning.training import (
     trainable_policy,
 )
 from ...paths import default_checkpoint_path, default_store_path
+from ...running.threads import use_threads
 from ..common import err, fail, option_error, out, registry
 from ..interrupt import keep_work_on_interrupt
 
@@ -154,7 +154,7 @@ def train(
         trainable = trainable_policy(policy, reg)
     except DataError as exc:
         fail(escape(f"--policy: {exc}"))
-    torch.set_num_threads(threads)
+    use_threads(threads)
     store_path = store or default_store_path()
     target = out_path or default_checkpoint_path(policy)
     try:  # before loading anything: a store, a text file or a device is never overwritten

@@ -1,6 +1,7 @@
-"""Regression tests for the episode-store defects of issue 9 (items 5-8, 14, 15).
+"""The episode store against what real files and disks do: symlinks, a full disk, flipped bytes,
+bad content, refused paths; and its columnar read.
 
-Real HDF5 files and, where the defect is a process-level one (locks, crashes, a full disk, a
+Real HDF5 files and, where the failure is a process-level one (locks, crashes, a full disk, a
 hang), real `simic` processes.
 """
 
@@ -19,7 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_store import make_episode, run_python
+from episode_helpers import make_episode
+from test_store import run_python
 
 from esper_cli.contracts import ACTION_NAMES, N_FEATURES
 from esper_cli.data.store import EpisodeReader, EpisodeWriter, StoreError, StoreLockedError
@@ -64,7 +66,7 @@ def crash_writer(path: Path, episodes: int = 0) -> None:
     child = run_python(f"""
         import os, signal
         from esper_cli.data.store import EpisodeWriter
-        from test_store import make_episode
+        from episode_helpers import make_episode
         w = EpisodeWriter({str(path)!r})
         n = w.n_episodes
         w.append_many([make_episode(n + i, n=25) for i in range({episodes})])
@@ -78,7 +80,7 @@ def superblock_flags(path: Path) -> int:
     return path.read_bytes()[11]
 
 
-# ----------------------------------------------------------------------------- item 5: symlinks
+# ------------------------------------------------------------------------------------- symlinks
 def test_symlink_cannot_bypass_the_lock(tmp_path):
     live, link = tmp_path / "live.h5", tmp_path / "link.h5"
     link.symlink_to("live.h5")
@@ -127,7 +129,7 @@ def test_symlink_loop_is_one_line_error(tmp_path):
     assert a.is_symlink() and b.is_symlink()
 
 
-# ----------------------------------------------------------------------------- item 6: disk full
+# ------------------------------------------------------------------------------------- disk full
 @pytest.fixture
 def tiny_disk(tmp_path):
     """Mount a tmpfs of a given size (KiB) at tmp_path/mnt; unmounted when the test ends."""
@@ -196,7 +198,7 @@ def test_recovery_without_room_leaves_the_store_unchanged(tmp_path, tiny_disk):
         assert r.n_episodes == 3
 
 
-# ----------------------------------------------------------------------------- item 7: flipped bytes
+# ------------------------------------------------------------------------------------- flipped bytes
 def flip_offsets(size: int) -> list[int]:
     """The offsets that hung readers for minutes, then a seeded sample: half in the first 20 KB
     (HDF5's own bookkeeping lives there), half anywhere in the file."""
@@ -239,7 +241,7 @@ def test_flipped_byte_collect_fails_fast(tmp_path, collected):
     assert path.read_bytes() == bytes(damaged)
 
 
-# ----------------------------------------------------------------------------- item 8: bad content
+# ------------------------------------------------------------------------------------- bad content
 def test_corrupted_metadata_json_is_one_line_exit_2(tmp_path, collected):
     path = tmp_path / "s.h5"
     shutil.copy(collected, path)
@@ -267,7 +269,7 @@ def test_out_of_range_stored_action_is_one_line_exit_2(tmp_path, collected):
             r.columns()
 
 
-# ----------------------------------------------------------------------------- item 14: refused paths
+# -------------------------------------------------------------------------------------- refused paths
 def test_refused_paths_leave_no_lock_file(tmp_path):
     text = tmp_path / "notes.h5"
     text.write_text("not a store\n")
@@ -299,7 +301,7 @@ def test_store_cut_to_a_few_bytes_is_truncated(tmp_path):
         assert cut.stat().st_size == size and not Path(f"{cut}.lock").exists()
 
 
-# ----------------------------------------------------------------------------- item 15: columns()
+# -------------------------------------------------------------------------------------- columns()
 def test_columns_round_trip(tmp_path):
     path = tmp_path / "s.h5"
     episodes = [make_episode(i, n=3 + i) for i in range(4)] + [make_episode(9, n=0), make_episode(5, n=2)]

@@ -1,8 +1,7 @@
-"""Regression tests for issue 9's runtime, compare and task defects (items 2, 8, 9, 10, 13).
+"""Held-out seeds, and inputs at their limits, on real files and real processes.
 
-Each test reproduces a defect on real files or real processes: held-out compare seeds, seeds past
-the store's int64, malformed and malicious CIFAR-10 batches, a billion-episode plan, and the
-clamp of epoch-0 losses.
+Covered: held-out compare seeds, seeds past the store's int64, malformed and malicious CIFAR-10
+batches, a billion-episode plan, and the clamp of epoch-0 losses.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ def warning_lines(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if "Warning" in line]
 
 
-# ===================================================================== item 2: held-out compare seeds
+# ============================================================================= held-out compare seeds
 @pytest.fixture(scope="module")
 def seed0_checkpoint(tmp_path_factory) -> Path:
     """An MLP trained (and validated) on a tiny store of `simic collect`'s default seed 0."""
@@ -109,7 +108,7 @@ def test_dagger_moves_its_eval_seed_off_the_episodes_its_rounds_collect(tmp_path
     assert "run seed 1001" in result.stderr
 
 
-# ===================================================================== item 8: seeds past int64
+# ============================================================================= seeds past int64
 def test_a_seed_past_int64_is_refused_before_any_episode(tmp_path):
     store = tmp_path / "s.h5"
     one_line_error(invoke("collect", "--episodes", 1, "--epochs", 1, "--seed", TOO_BIG, "--store", store), "--seed")
@@ -122,7 +121,7 @@ def test_a_seed_past_int64_is_refused_before_any_episode(tmp_path):
         episode_rng_seed(2**63, 0)
 
 
-# ===================================================================== items 8 and 10: CIFAR-10 batches
+# ===================================================================================== CIFAR-10 batches
 def _write_cifar(root: Path, n: int = 20, *, batch: bytes | None = None, protocol: int = 4) -> Path:
     """A cifar-10-batches-py folder like the real one (dicts of numpy uint8 data and int labels);
     `batch` replaces data_batch_1's bytes."""
@@ -193,7 +192,7 @@ def test_cifar_batches_holding_numpy_arrays_still_load(tmp_path, protocol):
     assert len(data.test_y) == 20 and int(data.train_y.max()) <= 9
 
 
-# ===================================================================== item 9: a billion episodes
+# ============================================================================= a billion episodes
 def test_missing_is_lazy_on_a_huge_run(tmp_path):
     store = tmp_path / "s.h5"
     assert invoke("collect", "--episodes", 1, "--epochs", 1, "--store", store).exit_code == 0
@@ -277,7 +276,7 @@ def test_collect_a_billion_episodes_starts_within_a_small_memory_limit(tmp_path)
         assert reader.n_episodes >= 1 and reader.episode(0).index == 0
 
 
-# ===================================================================== item 13: epoch-0 losses
+# ============================================================================== epoch-0 losses
 def test_reset_clamps_the_untrained_hosts_losses():
     env = MorphogeneticEnv(EpisodeConfig(epochs=2), BUILTIN_TASKS["digits"], BUILTIN_BLUEPRINTS)
     losses = iter([math.nan, 1e30])  # train, then validation: a diverged untrained host

@@ -1,4 +1,4 @@
-"""Regression tests for issue 9's learning and checkpoint defects (items 1, 3, 4 and 14).
+"""What training reads and writes: checkpoint headers, episode splits, output paths, class weights.
 
 Stores are real HDF5 files written by `EpisodeWriter` from hand-made episodes, so each test
 controls exactly which episodes hold which actions; the CLI runs for real through typer's runner.
@@ -83,7 +83,7 @@ def wide_tables(monkeypatch):
     monkeypatch.setattr(common.out, "_width", 300)
 
 
-# ----------------------------------------------------------------------------- item 1
+# -------------------------------------------------------------- checkpoint headers
 def _header_length(path: Path) -> int:
     return struct.unpack("<Q", path.read_bytes()[:8])[0]
 
@@ -136,7 +136,7 @@ def test_pickles_and_torch_save_files_are_still_refused_unread(tmp_path):
     assert not payload.marker.exists()
 
 
-# ----------------------------------------------------------------------------- item 3
+# ---------------------------------------------------------- splits and missing classes
 def test_a_class_in_two_episodes_is_on_both_sides_of_every_split(cull_twice, tmp_path):
     for seed in range(20):
         prep = prepare_training(cull_twice, "mlp", out=tmp_path / "x.safetensors", seed=seed)
@@ -187,7 +187,7 @@ def test_train_and_eval_say_when_validation_has_no_cull(cull_once, tmp_path, wid
     assert "balanced accuracy (3 of 4 classes; no CULL in the scored episodes)" in table.stdout
 
 
-# ----------------------------------------------------------------------------- item 4
+# ---------------------------------------------------------------- output paths
 @pytest.fixture
 def no_training(monkeypatch):
     """Fails the test if training starts: a refused --out must be refused before any epoch."""
@@ -263,7 +263,7 @@ def test_dagger_out_is_checked_before_anything_runs(cull_twice, tmp_path):
     assert not (tmp_path / "notes.dagger-r0.txt").exists()
 
 
-# ----------------------------------------------------------------------------- item 14
+# --------------------------------------------------------------- class weights
 def test_class_weights_zero_on_every_training_class_are_refused(tmp_path):
     store = write_store(tmp_path / "no-cull.h5", 6, set())
     msg = one_line_error(invoke("train", "--store", store, "--out", tmp_path / "m.safetensors",
