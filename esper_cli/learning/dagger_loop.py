@@ -35,7 +35,7 @@ from ..evaluation.comparison import (
 from ..plugins import Registry
 from ..running.collection import collect_episodes
 from ..running.runner import JobFailed
-from .training import EpochStats, train_policy
+from .training import EpochStats, TrainConfig, train_policy
 
 #: Where the comparison's run seeds start by default, away from the small seeds rounds collect with.
 EVAL_SEED_START = 1000
@@ -186,10 +186,10 @@ def _collect_with_learner(cfg: DaggerConfig, registry: Registry, progress: Dagge
 def _train(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, r: int) -> tuple[Path, dict[str, Any]]:
     """Round r's learner, trained on the whole store: (its checkpoint, training metrics)."""
     progress.on_stage(f"round {r}: train {cfg.policy}", cfg.train_epochs)
-    ckpt, metrics = train_policy(
-        cfg.store, cfg.policy, out=round_checkpoint(cfg.checkpoint, r), epochs=cfg.train_epochs,
-        seed=cfg.train_seed, allow_missing_classes=cfg.allow_missing_classes, registry=registry,
-        on_epoch=progress.on_train_epoch, log=progress.log)
+    training = TrainConfig(cfg.policy, epochs=cfg.train_epochs, seed=cfg.train_seed,
+                           allow_missing_classes=cfg.allow_missing_classes)
+    ckpt, metrics = train_policy(cfg.store, training, out=round_checkpoint(cfg.checkpoint, r), registry=registry,
+                                 on_epoch=progress.on_train_epoch, log=progress.log)
     progress.on_trained(metrics["epochs_run"])
     return ckpt, metrics
 
