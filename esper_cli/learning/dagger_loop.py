@@ -82,6 +82,8 @@ class DaggerConfig:
     train_seed: int = 0
     allow_missing_classes: bool = False
     workers: int | None = None
+    backend: str = "local"  # where episodes run: local or ray
+    ray_address: str | None = None  # the Ray cluster to join (backend ray); None: start a local one
     threads: int = 1
 
     def beta_of(self, r: int) -> float | None:
@@ -165,7 +167,8 @@ def _collect(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, co
     with EpisodeWriter(cfg.store) as writer:
         result = collect_episodes(
             writer, registry, config, policy=policy, seed=seed, episodes=episodes, version=version,
-            options=options, expert=expert, threads=cfg.threads, workers=cfg.workers,
+            options=options, expert=expert, threads=cfg.threads, workers=cfg.workers, backend=cfg.backend,
+            ray_address=cfg.ray_address,
             on_start=lambda todo, _parallel: progress.on_stage(description, todo),
             on_episode=lambda _episode: progress.on_episode())
     if result.lost:
@@ -202,7 +205,8 @@ def _compare(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, r:
     progress.on_stage(f"round {r}: compare {cfg.expert} vs {cfg.policy}", cfg.compare_episodes * len(specs))
     runs, _ = run_comparison(specs, {**expert_versions, cfg.policy: version}, registry, cfg.episode,
                              episodes=cfg.compare_episodes, seed=cfg.eval_seed, mode="closed-loop",
-                             expert=cfg.expert, threads=cfg.threads, workers=cfg.workers,
+                             expert=cfg.expert, threads=cfg.threads, workers=cfg.workers, backend=cfg.backend,
+                             ray_address=cfg.ray_address,
                              on_episode=lambda _label, _episode: progress.on_episode())
     return runs
 
