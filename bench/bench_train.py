@@ -36,6 +36,7 @@ from esper_cli.data.decisions import load_decisions
 from esper_cli.data.preprocess import class_weights, fit_normaliser
 from esper_cli.data.store import EpisodeWriter
 from esper_cli.learning.training import (
+    TrainConfig,
     build_network,
     network_options,
     to_tensors,
@@ -156,8 +157,8 @@ def main() -> None:
         # decide() latency needs real checkpoints; weights do not matter, so train briefly.
         ckpts = {}
         for kind in ("mlp", "gru"):
-            ckpts[kind], _ = train_policy(store, kind, out=Path(tmp) / f"{kind}.safetensors", epochs=1,
-                                          allow_missing_classes=True)
+            ckpts[kind], _ = train_policy(store, TrainConfig(kind, epochs=1, allow_missing_classes=True),
+                                          out=Path(tmp) / f"{kind}.safetensors")
         obs = [TrainingSnapshot.from_vector(o) for o in data.observations[:2000]]
         mlp, gru, heur = MLPTamiyo(checkpoint=ckpts["mlp"]), GRUTamiyo(checkpoint=ckpts["gru"]), HeuristicTamiyo()
         net = build_network("mlp", mlp.checkpoint.meta["hparams"])

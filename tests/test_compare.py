@@ -20,7 +20,7 @@ from esper_cli import hookimpl
 from esper_cli.checkpoint import digest
 from esper_cli.contracts import EpisodeConfig, TrainingSnapshot
 from esper_cli.evaluation.comparison import mean_ci95, parse_specs
-from esper_cli.learning.training import train_policy
+from esper_cli.learning.training import TrainConfig, train_policy
 from esper_cli.paths import default_checkpoint_path
 from esper_cli.plugins import build_registry, registered_plugin
 from esper_cli.simulation.episode import run_episode
@@ -43,7 +43,7 @@ def mlp_checkpoint(tmp_path_factory) -> Path:
     store = root / "heuristic.h5"
     result = invoke("collect", "--episodes", 4, "--epochs", EPOCHS, *SEED, "--store", store)
     assert result.exit_code == 0, result.output
-    path, _ = train_policy(store, "mlp", out=root / "mlp.safetensors", epochs=30, allow_missing_classes=True)
+    path, _ = train_policy(store, TrainConfig("mlp", epochs=30, allow_missing_classes=True), out=root / "mlp.safetensors")
     return path
 
 

@@ -30,7 +30,7 @@ from esper_cli.contracts import (
 )
 from esper_cli.data.decisions import DataError
 from esper_cli.data.store import EpisodeWriter
-from esper_cli.learning.training import feature_group_lasso, features_read, train_policy
+from esper_cli.learning.training import TrainConfig, feature_group_lasso, features_read, train_policy
 from esper_cli.plugins import build_registry
 from esper_cli.trainable import TrainablePolicy
 
@@ -68,7 +68,7 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(store, tmp_path_factory) -> dict[float, tuple[Path, dict]]:
     folder = tmp_path_factory.mktemp("ckpt")
-    return {p: train_policy(store, "mlp", out=folder / f"mlp-{p}.safetensors", feature_penalty=p, **TRAIN)
+    return {p: train_policy(store, TrainConfig("mlp", feature_penalty=p, **TRAIN), out=folder / f"mlp-{p}.safetensors")
             for p in (0.0, FEATURE_PENALTY)}
 
 
@@ -135,5 +135,5 @@ def test_a_trainable_whose_input_weight_does_not_read_the_features_is_refused(st
     registry.trainables["mlp"] = TrainablePolicy(registry.trainables["mlp"].network, {"hidden": [8], "batch_size": 32},
                                                  input_weight="layers.1.weight", feature_penalty=0.1)
     with pytest.raises(DataError, match="not a \\(out, 27\\) parameter"):
-        train_policy(store, "mlp", out=tmp_path / "x.safetensors", registry=registry, **TRAIN)
+        train_policy(store, TrainConfig("mlp", **TRAIN), out=tmp_path / "x.safetensors", registry=registry)
     assert not (tmp_path / "x.safetensors").exists()

@@ -25,7 +25,7 @@ from cli_helpers import invoke, one_line_error
 from esper_cli.checkpoint import load_checkpoint
 from esper_cli.contracts import LOSS_CAP, EpisodeConfig, episode_rng_seed
 from esper_cli.data.store import EpisodeReader, EpisodeWriter
-from esper_cli.learning.training import train_policy
+from esper_cli.learning.training import TrainConfig, train_policy
 from esper_cli.simulation.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.simulation.environment import MorphogeneticEnv
 from esper_cli.tasks import BUILTIN_TASKS
@@ -48,7 +48,7 @@ def seed0_checkpoint(tmp_path_factory) -> Path:
     store = root / "seed0.h5"
     result = invoke("collect", "--episodes", 3, *TINY, "--store", store)
     assert result.exit_code == 0, result.output
-    path, _ = train_policy(store, "mlp", out=root / "mlp.safetensors", epochs=3, allow_missing_classes=True)
+    path, _ = train_policy(store, TrainConfig("mlp", epochs=3, allow_missing_classes=True), out=root / "mlp.safetensors")
     return path
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from esper_cli.data.preprocess import class_weights, fit_normaliser, parse_class
 from esper_cli.data.replay import replay, select_split
 from esper_cli.learning.metrics import classification_metrics
 from esper_cli.learning.ppo import BOOTSTRAP_TRAINING
-from esper_cli.learning.training import build_network, train_policy
+from esper_cli.learning.training import TrainConfig, build_network, prepare_training, train_policy
 
 TINY = {"epochs": 4, "allow_missing_classes": True}  # a 12-epoch episode rarely culls a seed
 
@@ -51,13 +52,13 @@ def single_episode_store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def mlp_checkpoint(store, tmp_path_factory) -> Path:
-    path, _ = train_policy(store, "mlp", out=tmp_path_factory.mktemp("ckpt") / "mlp.safetensors", **TINY)
+    path, _ = train_policy(store, TrainConfig("mlp", **TINY), out=tmp_path_factory.mktemp("ckpt") / "mlp.safetensors")
     return path
 
 
 @pytest.fixture(scope="session")
 def gru_checkpoint(store, tmp_path_factory) -> Path:
-    path, _ = train_policy(store, "gru", out=tmp_path_factory.mktemp("ckpt") / "gru.safetensors", **TINY)
+    path, _ = train_policy(store, TrainConfig("gru", **TINY), out=tmp_path_factory.mktemp("ckpt") / "gru.safetensors")
     return path
 
 
@@ -136,8 +137,8 @@ def test_train_mlp_writes_a_complete_checkpoint(store, mlp_checkpoint):
 
 
 def test_training_is_seeded(store, tmp_path):
-    a, _ = train_policy(store, "mlp", out=tmp_path / "a.safetensors", seed=1, **TINY)
-    b, _ = train_policy(store, "mlp", out=tmp_path / "b.safetensors", seed=1, **TINY)
+    a, _ = train_policy(store, TrainConfig("mlp", seed=1, **TINY), out=tmp_path / "a.safetensors")
+    b, _ = train_policy(store, TrainConfig("mlp", seed=1, **TINY), out=tmp_path / "b.safetensors")
     ca, cb = load_checkpoint(a), load_checkpoint(b)
     for k in ca.tensors:
         assert torch.equal(ca.tensors[k], cb.tensors[k])
@@ -145,28 +146,41 @@ def test_training_is_seeded(store, tmp_path):
 
 
 def test_every_epoch_runs_and_the_lowest_validation_loss_is_kept(store, tmp_path):
-    path, metrics = train_policy(store, "mlp", out=tmp_path / "all.safetensors", epochs=30, allow_missing_classes=True)
+    path, metrics = train_policy(store, TrainConfig("mlp", epochs=30, allow_missing_classes=True),
+                                 out=tmp_path / "all.safetensors")
     history = load_checkpoint(path).meta["history"]
     assert metrics["epochs_run"] == len(history) == 30
     assert metrics["best_epoch"] == min(history, key=lambda h: h["val_loss"])["epoch"]
 
-    _, early = train_policy(store, "mlp", out=tmp_path / "early.safetensors", epochs=500, patience=5,
-                            allow_missing_classes=True)
+    _, early = train_policy(store, TrainConfig("mlp", epochs=500, patience=5, allow_missing_classes=True),
+                            out=tmp_path / "early.safetensors")
     assert early["epochs_run"] == early["best_epoch"] + 5 < 500
     with pytest.raises(DataError, match="patience must be positive"):
-        train_policy(store, "mlp", out=tmp_path / "never.safetensors", patience=0, allow_missing_classes=True)
+        train_policy(store, TrainConfig("mlp", patience=0, allow_missing_classes=True), out=tmp_path / "never.safetensors")
+
+
+def test_a_train_config_is_typed_and_training_never_changes_it(store, tmp_path):
+    with pytest.raises(TypeError, match="epoch"):
+        TrainConfig("mlp", epoch=3)  # misspelt: refused where it is written, not deep in training
+    config = TrainConfig("mlp", **TINY)
+    with pytest.raises(FrozenInstanceError):
+        config.lr = 1.0  # type: ignore[misc]
+    prep = prepare_training(store, config, out=tmp_path / "x.safetensors")
+    assert config == TrainConfig("mlp", **TINY) and config.lr is None and config.class_weights is None
+    assert prep.cfg.lr == 1e-3 and prep.cfg.class_weights == "auto" and prep.cfg.feature_penalty is not None
+    assert replace(prep.cfg, lr=None, class_weights=None, feature_penalty=None) == config
 
 
 def test_simic_improves_bootstrap_recipe_keeps_plain_behaviour_cloning(store, tmp_path):
-    path, metrics = train_policy(store, "mlp", out=tmp_path / "boot.safetensors", epochs=30,
-                                 allow_missing_classes=True, **BOOTSTRAP_TRAINING)
+    path, metrics = train_policy(store, replace(BOOTSTRAP_TRAINING, epochs=30), out=tmp_path / "boot.safetensors")
     ckpt = load_checkpoint(path)
     assert ckpt.input_range is None and ckpt.meta["train_config"]["feature_penalty"] == 0.0
     history = ckpt.meta["history"]
     best = max(history, key=lambda h: (round(h["val_balanced_accuracy"], 9), -h["val_loss"]))
     assert metrics["best_epoch"] == best["epoch"]
     with pytest.raises(DataError, match="unknown selection"):
-        train_policy(store, "mlp", out=tmp_path / "never.safetensors", select="accuracy", allow_missing_classes=True)
+        train_policy(store, TrainConfig("mlp", select="accuracy", allow_missing_classes=True),
+                     out=tmp_path / "never.safetensors")
 
 
 def test_mlp_policy_matches_the_trained_torch_network(store, mlp_checkpoint):
@@ -253,11 +267,11 @@ def test_missing_class_and_tiny_store_are_refused(store, single_episode_store, t
     waits = tmp_path / "wait.h5"
     assert invoke("collect", "--policy", "wait", "--episodes", 2, "--epochs", 4, "--store", waits).exit_code == 0
     with pytest.raises(DataError, match="no GERMINATE/ADVANCE/CULL decisions"):
-        train_policy(waits, "mlp", out=tmp_path / "x.safetensors", epochs=1)
+        train_policy(waits, TrainConfig("mlp", epochs=1), out=tmp_path / "x.safetensors")
     with pytest.raises(DataError, match="at least 2"):
-        train_policy(single_episode_store, "mlp", out=tmp_path / "x.safetensors", **TINY)
+        train_policy(single_episode_store, TrainConfig("mlp", **TINY), out=tmp_path / "x.safetensors")
     with pytest.raises(DataError):
-        train_policy(tmp_path / "nope.h5", "mlp", out=tmp_path / "x.safetensors", **TINY)
+        train_policy(tmp_path / "nope.h5", TrainConfig("mlp", **TINY), out=tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -462,7 +476,7 @@ def test_v1_stores_open_in_info_and_eval_but_train_refuses_to_mix_schemas(v1_sto
     assert "v1" in error and "v2" in error
     assert not (tmp_path / "m.safetensors").exists()
     with pytest.raises(DataError, match="tamiyo-snapshot v1 observations; simic train uses v2"):
-        train_policy(v1_store, "mlp", out=tmp_path / "m.safetensors", **TINY)
+        train_policy(v1_store, TrainConfig("mlp", **TINY), out=tmp_path / "m.safetensors")
 
 
 def test_a_checkpoint_refuses_a_store_of_another_schema_version(v1_store, mlp_checkpoint):

@@ -17,7 +17,7 @@ from esper_cli.contracts import TrainingSnapshot
 from esper_cli.data.decisions import DataError, load_decisions
 from esper_cli.data.store import EpisodeReader
 from esper_cli.learning.offline import awr_weights, effective_sample_size, load_outcomes, returns_to_go
-from esper_cli.learning.training import train_policy
+from esper_cli.learning.training import TrainConfig, train_policy
 from esper_cli.policy import valid_action_mask
 
 OUTCOME = ("--objective", "outcome", "--epochs", 8, "--allow-missing-classes")
@@ -102,8 +102,8 @@ def test_outcome_training_writes_an_mlp_checkpoint_that_never_acts_invalidly(exp
 
 
 def test_bc_stays_the_default_and_unmasked(explore_store, tmp_path):
-    path, bc = train_policy(explore_store, "mlp", out=tmp_path / "bc.safetensors", epochs=2,
-                            allow_missing_classes=True)
+    path, bc = train_policy(explore_store, TrainConfig("mlp", epochs=2, allow_missing_classes=True),
+                            out=tmp_path / "bc.safetensors")
     meta = load_checkpoint(path).meta
     assert bc["objective"] == meta["objective"] == "bc" and "outcome" not in bc
     assert "mask_invalid" not in meta and meta["class_weights"]["spec"] == "auto"
@@ -140,5 +140,5 @@ def test_bad_objective_and_options_are_one_line_exit_2(explore_store, tmp_path):
                    "--max-weight")
     assert not out.exists()
     with pytest.raises(DataError) as exc:
-        train_policy(explore_store, "mlp", out=out, objective="awr")
+        train_policy(explore_store, TrainConfig("mlp", objective="awr"), out=out)
     assert exc.value.option == "objective"

@@ -23,7 +23,7 @@ from esper_cli.cli import common
 from esper_cli.contracts import N_FEATURES, Action, DecisionRecord, Episode, EpisodeConfig, Outcome, SeedStage
 from esper_cli.data.store import EpisodeReader, EpisodeWriter
 from esper_cli.learning.metrics import classification_metrics
-from esper_cli.learning.training import prepare_training, train_policy
+from esper_cli.learning.training import TrainConfig, prepare_training, train_policy
 
 W, G, A, C = (int(a) for a in Action)
 ALL_FOUR = {W, G, A, C}
@@ -73,7 +73,7 @@ def cull_once(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(cull_twice, tmp_path_factory) -> Path:
-    path, _ = train_policy(cull_twice, "mlp", out=tmp_path_factory.mktemp("ckpt") / "mlp.safetensors", epochs=2)
+    path, _ = train_policy(cull_twice, TrainConfig("mlp", epochs=2), out=tmp_path_factory.mktemp("ckpt") / "mlp.safetensors")
     return path
 
 
@@ -139,7 +139,7 @@ def test_pickles_and_torch_save_files_are_still_refused_unread(tmp_path):
 # ---------------------------------------------------------- splits and missing classes
 def test_a_class_in_two_episodes_is_on_both_sides_of_every_split(cull_twice, tmp_path):
     for seed in range(20):
-        prep = prepare_training(cull_twice, "mlp", out=tmp_path / "x.safetensors", seed=seed)
+        prep = prepare_training(cull_twice, TrainConfig("mlp", seed=seed), out=tmp_path / "x.safetensors")
         assert set(prep.train.labels.tolist()) == ALL_FOUR, seed
         assert set(prep.val.labels.tolist()) == ALL_FOUR, seed
         assert not set(prep.train.episode_ids) & set(prep.val.episode_ids)
@@ -151,7 +151,7 @@ def test_the_split_covers_a_class_that_is_never_an_episodes_rarest(tmp_path):
     # in training for ADVANCE: CULL's validation episode has to be episode 5.
     store = write_store(tmp_path / "s.h5", 10, cull_in={2, 5}, advance_in={2})
     for seed in range(20):
-        prep = prepare_training(store, "mlp", out=tmp_path / "x.safetensors", seed=seed)
+        prep = prepare_training(store, TrainConfig("mlp", seed=seed), out=tmp_path / "x.safetensors")
         assert set(prep.train.labels.tolist()) == ALL_FOUR, seed
         assert C in prep.val.labels, seed
 
@@ -246,7 +246,7 @@ def test_the_library_refuses_to_write_over_a_store(cull_twice, tmp_path):
     store = write_store(tmp_path / "store.h5", 4, {1, 2})
     before = store.read_bytes()
     with pytest.raises(CheckpointError, match="not a Simic checkpoint"):
-        train_policy(cull_twice, "mlp", out=store, epochs=1)
+        train_policy(cull_twice, TrainConfig("mlp", epochs=1), out=store)
     with pytest.raises(CheckpointError, match="not a Simic checkpoint"):
         save_checkpoint(store, {"w": torch.zeros(1)}, {"policy": "mlp", "hparams": {}})
     assert store.read_bytes() == before

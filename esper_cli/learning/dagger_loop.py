@@ -35,7 +35,7 @@ from ..evaluation.comparison import (
 from ..plugins import Registry
 from ..running.collection import collect_episodes
 from ..running.runner import JobFailed
-from .training import EpochStats, train_policy
+from .training import EpochStats, TrainConfig, train_policy
 
 #: Where the comparison's run seeds start by default, away from the small seeds rounds collect with.
 EVAL_SEED_START = 1000
@@ -82,6 +82,8 @@ class DaggerConfig:
     train_seed: int = 0
     allow_missing_classes: bool = False
     workers: int | None = None
+    backend: str = "local"  # where episodes run: local or ray
+    ray_address: str | None = None  # the Ray cluster to join (backend ray); None: start a local one
     threads: int = 1
 
     def beta_of(self, r: int) -> float | None:
@@ -165,7 +167,8 @@ def _collect(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, co
     with EpisodeWriter(cfg.store) as writer:
         result = collect_episodes(
             writer, registry, config, policy=policy, seed=seed, episodes=episodes, version=version,
-            options=options, expert=expert, threads=cfg.threads, workers=cfg.workers,
+            options=options, expert=expert, threads=cfg.threads, workers=cfg.workers, backend=cfg.backend,
+            ray_address=cfg.ray_address,
             on_start=lambda todo, _parallel: progress.on_stage(description, todo),
             on_episode=lambda _episode: progress.on_episode())
     if result.lost:
@@ -186,10 +189,10 @@ def _collect_with_learner(cfg: DaggerConfig, registry: Registry, progress: Dagge
 def _train(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, r: int) -> tuple[Path, dict[str, Any]]:
     """Round r's learner, trained on the whole store: (its checkpoint, training metrics)."""
     progress.on_stage(f"round {r}: train {cfg.policy}", cfg.train_epochs)
-    ckpt, metrics = train_policy(
-        cfg.store, cfg.policy, out=round_checkpoint(cfg.checkpoint, r), epochs=cfg.train_epochs,
-        seed=cfg.train_seed, allow_missing_classes=cfg.allow_missing_classes, registry=registry,
-        on_epoch=progress.on_train_epoch, log=progress.log)
+    training = TrainConfig(cfg.policy, epochs=cfg.train_epochs, seed=cfg.train_seed,
+                           allow_missing_classes=cfg.allow_missing_classes)
+    ckpt, metrics = train_policy(cfg.store, training, out=round_checkpoint(cfg.checkpoint, r), registry=registry,
+                                 on_epoch=progress.on_train_epoch, log=progress.log)
     progress.on_trained(metrics["epochs_run"])
     return ckpt, metrics
 
@@ -202,7 +205,8 @@ def _compare(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, r:
     progress.on_stage(f"round {r}: compare {cfg.expert} vs {cfg.policy}", cfg.compare_episodes * len(specs))
     runs, _ = run_comparison(specs, {**expert_versions, cfg.policy: version}, registry, cfg.episode,
                              episodes=cfg.compare_episodes, seed=cfg.eval_seed, mode="closed-loop",
-                             expert=cfg.expert, threads=cfg.threads, workers=cfg.workers,
+                             expert=cfg.expert, threads=cfg.threads, workers=cfg.workers, backend=cfg.backend,
+                             ray_address=cfg.ray_address,
                              on_episode=lambda _label, _episode: progress.on_episode())
     return runs
 

@@ -54,7 +54,7 @@ from ..running.collection import collect_episodes
 from ..running.runner import EpisodeJob, JobFailed, make_runner, run_job
 from ..running.threads import use_threads
 from .offline import returns_to_go, value_network
-from .training import build_network, train_policy
+from .training import TrainConfig, build_network, train_policy
 
 
 @dataclass(frozen=True)
@@ -315,9 +315,11 @@ def value_only_update(value: ValueNet, value_opt: torch.optim.Optimizer, batch: 
             "value_loss": float(np.mean(losses))}
 
 
-#: How the bootstrap behaviour-clones the expert: no feature penalty, no input clipping, the epoch
-#: with the best validation balanced accuracy, early stopping after 100 epochs without one.
-BOOTSTRAP_TRAINING = {"feature_penalty": 0.0, "clip_inputs": False, "select": "balanced_accuracy", "patience": 100}
+#: How the bootstrap behaviour-clones the expert (its run's seed is set per run): no feature
+#: penalty, no input clipping, the epoch with the best validation balanced accuracy, early
+#: stopping after 100 epochs without one.
+BOOTSTRAP_TRAINING = TrainConfig("mlp", class_weights="auto", allow_missing_classes=True, feature_penalty=0.0,
+                                 clip_inputs=False, select="balanced_accuracy", patience=100)
 
 
 # ================================================================================ the loop
@@ -337,8 +339,8 @@ def bootstrap(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress)
     progress.on_stage("bootstrap: behaviour cloning", 1)
     # The start PPO fine-tunes is part of this recipe (the README's measured runs): plain behaviour
     # cloning, not `simic train`'s defaults, which are chosen to imitate on other seeds' states.
-    path, metrics = train_policy(store, "mlp", out=ckpt, registry=registry, seed=cfg.seed, class_weights="auto",
-                                 allow_missing_classes=True, log=progress.log, **BOOTSTRAP_TRAINING)
+    path, metrics = train_policy(store, replace(BOOTSTRAP_TRAINING, seed=cfg.seed), out=ckpt, registry=registry,
+                                 log=progress.log)
     if metrics["interrupted"]:  # Ctrl-C in behaviour cloning stops the run (its episodes are kept)
         raise KeyboardInterrupt
     return path, cfg.bootstrap_episodes

@@ -18,8 +18,9 @@ Reads top to bottom, like the training loop it is:
 6. `classification_metrics` - accuracy, balanced accuracy, per-class P/R/F1, confusion matrix,
                          and the classes without support (a score that leaves them out says so).
 
-`train_policy(store, policy="mlp") -> (checkpoint_path, metrics)` is the reusable entry point
-(DAgger loops call it); `simic train` is a thin CLI around it.
+`train_policy(store, TrainConfig("mlp", epochs=...)) -> (checkpoint_path, metrics)` is the reusable
+entry point (DAgger loops call it); `simic train` is a thin CLI around it. A `TrainConfig` is
+frozen and typed: a misspelt option fails where it is written, and no reader changes it.
 """
 
 from __future__ import annotations
@@ -73,9 +74,12 @@ OBJECTIVES = ("bc", "outcome")
 OUTCOME_CLASS_WEIGHTS = "none"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of one `train_policy` run (all stored in the checkpoint)."""
+    """Hyper-parameters of one `train_policy` run (all stored in the checkpoint).
+
+    Frozen: `prepare_training` resolves the defaults left as None into a new config (the one the
+    checkpoint records) and never changes the caller's."""
 
     policy: str = "mlp"
     epochs: int = 1000
@@ -275,17 +279,18 @@ class Prepared:
     awr: AWR | None = None  # objective "outcome": per-decision advantage weights of each side
 
 
-def check_feature_penalty(cfg: TrainConfig, trainable: TrainablePolicy) -> None:
-    """Resolve the feature penalty (None = the policy's default) and refuse, in one line naming
-    --feature-penalty, a negative one or one for a network that names no input weight."""
-    if cfg.feature_penalty is None:
-        cfg.feature_penalty = trainable.feature_penalty if trainable.input_weight else 0.0
-    if not (math.isfinite(cfg.feature_penalty) and cfg.feature_penalty >= 0):
-        raise DataError(f"feature penalty {cfg.feature_penalty}: expected a finite number >= 0",
-                        option="feature_penalty")
-    if cfg.feature_penalty > 0 and not trainable.input_weight:
+def check_feature_penalty(cfg: TrainConfig, trainable: TrainablePolicy) -> float:
+    """The feature penalty (None = the policy's default), refused in one line naming
+    --feature-penalty when negative or for a network that names no input weight."""
+    penalty = cfg.feature_penalty
+    if penalty is None:
+        penalty = trainable.feature_penalty if trainable.input_weight else 0.0
+    if not (math.isfinite(penalty) and penalty >= 0):
+        raise DataError(f"feature penalty {penalty}: expected a finite number >= 0", option="feature_penalty")
+    if penalty > 0 and not trainable.input_weight:
         raise DataError(f"policy {cfg.policy!r} names no input weight to penalise (TrainablePolicy.input_weight); "
                         "train it with a feature penalty of 0", option="feature_penalty")
+    return penalty
 
 
 def input_weight(model: nn.Module, name: str | None, policy: str) -> torch.Tensor | None:
@@ -324,37 +329,44 @@ def check_objective(cfg: TrainConfig, trainable: TrainablePolicy) -> None:
         check_awr_options(cfg.temperature, cfg.max_weight)
 
 
+def resolve_config(config: TrainConfig, trainable: TrainablePolicy, batch_size: int) -> TrainConfig:
+    """`config` with its None defaults resolved for `trainable` (learning rate, feature penalty,
+    class weights), checked with the network's `batch_size`; raises `DataError` (one line) for a
+    value that cannot train."""
+    lr = trainable.lr if config.lr is None else config.lr
+    if config.epochs < 1 or batch_size < 1 or not lr > 0 or (config.patience is not None and config.patience < 1):
+        raise DataError("the training epochs, the batch size, the learning rate and the patience must be positive")
+    check_objective(config, trainable)
+    penalty = check_feature_penalty(config, trainable)
+    if config.select not in SELECTIONS:
+        raise DataError(f"unknown selection {config.select!r} (choose {' or '.join(SELECTIONS)})")
+    weights = config.class_weights
+    if weights is None:
+        weights = OUTCOME_CLASS_WEIGHTS if config.objective == "outcome" else "auto"
+    return replace(config, lr=lr, feature_penalty=penalty, class_weights=weights)
+
+
 def prepare_training(
     store_path: str | Path,
-    policy: str = "mlp",
+    config: TrainConfig | None = None,
     *,
     out: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     registry: Registry | None = None,
-    **options: Any,
 ) -> Prepared:
     """Load and check the store, split it by episode, fit the normaliser and the class weights.
 
-    `options` are `TrainConfig` fields; `policy` is looked up among the registered trainable
-    policies of `registry` (default: every loaded plugin). Raises `DataError` (one line) for any
-    bad input.
+    `config.policy` is looked up among the registered trainable policies of `registry` (default:
+    every loaded plugin); `config` itself is left as given (`Prepared.cfg` is the resolved copy).
+    Raises `DataError` (one line) for any bad input.
     """
-    cfg = TrainConfig(policy=policy, **options)
-    trainable = trainable_policy(policy, registry)
-    hp = _hparams(cfg, trainable)
-    if cfg.lr is None:
-        cfg.lr = trainable.lr
-    if cfg.epochs < 1 or hp["batch_size"] < 1 or not cfg.lr > 0 or (cfg.patience is not None and cfg.patience < 1):
-        raise DataError("the training epochs, the batch size, the learning rate and the patience must be positive")
-    check_objective(cfg, trainable)
-    check_feature_penalty(cfg, trainable)
-    if cfg.select not in SELECTIONS:
-        raise DataError(f"unknown selection {cfg.select!r} (choose {' or '.join(SELECTIONS)})")
+    config = config or TrainConfig()
+    trainable = trainable_policy(config.policy, registry)
+    hp = _hparams(config, trainable)
+    cfg = resolve_config(config, trainable, hp["batch_size"])
     outcome = cfg.objective == "outcome"
-    if cfg.class_weights is None:
-        cfg.class_weights = OUTCOME_CLASS_WEIGHTS if outcome else "auto"
     weight_spec = parse_class_weights(cfg.class_weights)
-    out_path = Path(out) if out is not None else default_checkpoint_path(policy)
+    out_path = Path(out) if out is not None else default_checkpoint_path(cfg.policy)
     check_writable_checkpoint(out_path)  # before any work: never train for a file we may not write
 
     data = load_decisions(store_path)
@@ -398,46 +410,46 @@ def prepare_training(
 
 def train_policy(
     store_path: str | Path,
-    policy: str = "mlp",
+    config: TrainConfig | None = None,
     *,
     out: str | Path | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
     log: Callable[[str], None] | None = None,
     registry: Registry | None = None,
-    **options: Any,
 ) -> tuple[Path, dict[str, Any]]:
-    """Behaviour-clone a trainable `policy` (mlp, gru, or a plugin's) on a store; write its
-    checkpoint; return (path, metrics).
+    """Train the trainable `config.policy` (mlp, gru, or a plugin's) on a store, by behaviour
+    cloning or outcome learning as `config.objective` says; write its checkpoint; return
+    (path, metrics).
 
-    `options` are `TrainConfig` fields (epochs, lr, seed, val_fraction, class_weights, hidden, ...).
-    Without `out` the checkpoint goes to `default_checkpoint_path(policy)`. Nothing is written
-    unless training succeeded. Raises `DataError` / `CheckpointError` with one-line messages.
+    `config` defaults to `TrainConfig()` (mlp, bc). Without `out` the checkpoint goes to
+    `default_checkpoint_path(config.policy)`. Nothing is written unless training succeeded.
+    Raises `DataError` / `CheckpointError` with one-line messages.
     """
-    return fit(prepare_training(store_path, policy, out=out, log=log, registry=registry, **options), on_epoch)
+    return fit(prepare_training(store_path, config, out=out, log=log, registry=registry), on_epoch)
 
 
-def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) -> tuple[Path, dict[str, Any]]:
-    """The training loop on prepared data; writes the checkpoint of the best epoch."""
-    cfg, hp, train, val = prep.cfg, prep.hparams, prep.train, prep.val
-    sequence = prep.trainable.sequence
-    weights, mean, std = prep.weights, prep.mean, prep.std
-    weight_t = torch.from_numpy(weights)
-    awr = prep.awr
-    # Validation sees what deployment sees: observations clipped to the training range.
-    tr = to_tensors(train, mean, std, sequence, None if awr is None else awr.train_weights)
-    va = to_tensors(val, mean, std, sequence, None if awr is None else awr.val_weights, prep.bounds)
+@dataclass
+class Trained:
+    """What the epoch loop kept: the best epoch's weights and score, and every epoch's figures."""
 
-    # -- model and optimiser, seeded: same store + seed + config = same checkpoint (on CPU)
-    torch.manual_seed(cfg.seed)
+    state: dict[str, torch.Tensor]
+    epoch: int
+    val_loss: float
+    history: list[dict[str, float]]
+    interrupted: bool
+    seconds: float
+
+
+def run_epochs(prep: Prepared, model: nn.Module, tr: Tensors, va: Tensors, weight_t: torch.Tensor,
+               inputs: torch.Tensor | None, on_epoch: Callable[[EpochStats], None] | None) -> Trained:
+    """Train epoch after epoch, keeping the best (Ctrl-C keeps the best so far, once there is one)."""
+    cfg, val, sequence = prep.cfg, prep.val, prep.trainable.sequence
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = prep.trainable.network(**network_options(hp))
-    inputs = input_weight(model, prep.trainable.input_weight, cfg.policy)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-
-    # -- the loop: keep the epoch with the lowest (class- or advantage-) weighted validation loss,
-    # ties to the better balanced accuracy (select="loss"). The validation split is a few episodes
-    # with a handful of CULLs: its balanced accuracy moves in steps of one decision and reaches 1.0
-    # long before the model has settled, while the weighted loss is its smooth counterpart.
+    # Keep the epoch with the lowest (class- or advantage-) weighted validation loss, ties to the
+    # better balanced accuracy (select="loss"). The validation split is a few episodes with a
+    # handful of CULLs: its balanced accuracy moves in steps of one decision and reaches 1.0 long
+    # before the model has settled, while the weighted loss is its smooth counterpart.
     history: list[dict[str, float]] = []
     best_key, best_epoch, best_state = (-math.inf, 0.0), 0, None
     best_val_loss, best_bal = math.nan, 0.0
@@ -445,7 +457,7 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
     started = time.perf_counter()
     try:
         for epoch in range(1, cfg.epochs + 1):
-            train_loss = train_one_epoch(model, opt, tr, weight_t, hp["batch_size"], gen, inputs,
+            train_loss = train_one_epoch(model, opt, tr, weight_t, prep.hparams["batch_size"], gen, inputs,
                                          cfg.feature_penalty or 0.0)
             if not math.isfinite(train_loss):
                 raise DataError(f"training diverged at epoch {epoch} (loss {train_loss}); try a lower learning rate")
@@ -467,39 +479,23 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
     except KeyboardInterrupt:
         if best_state is None:
             raise
-        interrupted = True  # keep the work done so far: the best epoch yet is saved below
-    seconds = time.perf_counter() - started
+        interrupted = True  # keep the work done so far: the best epoch yet is saved
     assert best_state is not None
-    model.load_state_dict(best_state)
+    return Trained(best_state, best_epoch, best_val_loss, history, interrupted, time.perf_counter() - started)
 
-    # -- final metrics of the kept epoch, then the checkpoint (written only now, atomically)
-    train_pred, _ = predict(model, tr, weight_t, sequence)
-    val_pred, _ = predict(model, va, weight_t, sequence)
-    metrics = {
-        "train": classification_metrics(train.labels, train_pred),
-        "val": classification_metrics(val.labels, val_pred),
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "interrupted": interrupted,
-        "seconds": seconds,
-        "decisions_per_second": len(history) * len(train.labels) / max(seconds, 1e-9),
-        "objective": cfg.objective,
-        "feature_penalty": cfg.feature_penalty,
-    }
-    if inputs is not None:
-        metrics["input_feature_norms"] = input_feature_norms(inputs)
-    if awr is not None:  # the kept epoch's score, and how the advantages were made
-        metrics["val_weighted_loss"] = best_val_loss
-        metrics["outcome"] = awr.summary
+
+def checkpoint_meta(prep: Prepared, metrics: dict[str, Any], history: list[dict[str, float]]) -> dict[str, Any]:
+    """What a checkpoint records besides its weights: the run's config, the normaliser, the split
+    (so `simic compare` can keep off its episodes), the class weights, metrics and history."""
+    cfg, train, val, bounds = prep.cfg, prep.train, prep.val, prep.bounds
     meta = {
         "policy": cfg.policy,
         "objective": cfg.objective,
-        "hparams": hp,
+        "hparams": prep.hparams,
         "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("hidden", "layers", "batch_size")},
-        "normalisation": {"kind": "standardise" if prep.bounds is None else "clip to [low, high], then standardise",
-                          "fitted_on": "train episodes", "mean": mean.tolist(), "std": std.tolist(),
-                          **({} if prep.bounds is None else {"low": prep.bounds[0].tolist(),
-                                                             "high": prep.bounds[1].tolist()})},
+        "normalisation": {"kind": "standardise" if bounds is None else "clip to [low, high], then standardise",
+                          "fitted_on": "train episodes", "mean": prep.mean.tolist(), "std": prep.std.tolist(),
+                          **({} if bounds is None else {"low": bounds[0].tolist(), "high": bounds[1].tolist()})},
         "split": {"by": "episode", "stratified_by": "rarest action", "seed": cfg.seed,
                   "val_fraction": cfg.val_fraction, "store": str(prep.data.store),
                   "train_ids": list(train.episode_ids), "val_ids": list(val.episode_ids),
@@ -507,17 +503,55 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
                   # (same rng seed = same host init and data order).
                   "episodes": [EpisodeRef(m["config"]["task"], int(m["seed"]), int(m["index"]), int(m["rng_seed"]))
                                for m in (train.episode_meta or []) + (val.episode_meta or [])]},
-        "class_weights": {"spec": cfg.class_weights, "values": weights.tolist(), "labels": list(ACTION_NAMES),
+        "class_weights": {"spec": cfg.class_weights, "values": prep.weights.tolist(), "labels": list(ACTION_NAMES),
                           "train_counts": np.bincount(train.labels, minlength=N_ACTIONS).tolist()},
         "metrics": metrics,
         "history": history,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if awr is not None:
+    if prep.awr is not None:
         # Exploration took invalid actions only as no-ops; their advantages say nothing, so the
         # policy that decides from this checkpoint never picks one (the mlp plugin reads this).
         meta["mask_invalid"] = True
-        meta["outcome"] = awr.summary
-    path = save_checkpoint(prep.out, dict(model.state_dict()), meta)
+        meta["outcome"] = prep.awr.summary
+    return meta
+
+
+def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) -> tuple[Path, dict[str, Any]]:
+    """The training loop on prepared data; writes the checkpoint of the best epoch."""
+    cfg, train, val, awr = prep.cfg, prep.train, prep.val, prep.awr
+    sequence = prep.trainable.sequence
+    weight_t = torch.from_numpy(prep.weights)
+    # Validation sees what deployment sees: observations clipped to the training range.
+    tr = to_tensors(train, prep.mean, prep.std, sequence, None if awr is None else awr.train_weights)
+    va = to_tensors(val, prep.mean, prep.std, sequence, None if awr is None else awr.val_weights, prep.bounds)
+
+    # Seeded: same store + seed + config = same checkpoint (on CPU).
+    torch.manual_seed(cfg.seed)
+    model = prep.trainable.network(**network_options(prep.hparams))
+    inputs = input_weight(model, prep.trainable.input_weight, cfg.policy)
+    trained = run_epochs(prep, model, tr, va, weight_t, inputs, on_epoch)
+    model.load_state_dict(trained.state)
+
+    # Final metrics of the kept epoch, then the checkpoint (written only now, atomically).
+    train_pred, _ = predict(model, tr, weight_t, sequence)
+    val_pred, _ = predict(model, va, weight_t, sequence)
+    metrics = {
+        "train": classification_metrics(train.labels, train_pred),
+        "val": classification_metrics(val.labels, val_pred),
+        "best_epoch": trained.epoch,
+        "epochs_run": len(trained.history),
+        "interrupted": trained.interrupted,
+        "seconds": trained.seconds,
+        "decisions_per_second": len(trained.history) * len(train.labels) / max(trained.seconds, 1e-9),
+        "objective": cfg.objective,
+        "feature_penalty": cfg.feature_penalty,
+    }
+    if inputs is not None:
+        metrics["input_feature_norms"] = input_feature_norms(inputs)
+    if awr is not None:  # the kept epoch's score, and how the advantages were made
+        metrics["val_weighted_loss"] = trained.val_loss
+        metrics["outcome"] = awr.summary
+    path = save_checkpoint(prep.out, dict(model.state_dict()), checkpoint_meta(prep, metrics, trained.history))
     return path, {**metrics, "checkpoint": str(path), "n_train_episodes": train.n_episodes,
-                  "n_val_episodes": val.n_episodes, "class_weights": weights.tolist()}
+                  "n_val_episodes": val.n_episodes, "class_weights": prep.weights.tolist()}

@@ -19,15 +19,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ...contracts import MAX_SEED, Episode
+from ...contracts import MAX_SEED, Episode, EpisodeConfig
 from ...data.store import EpisodeWriter, StoreError
 from ...paths import default_store_path
 from ...plugins import Registry
 from ...policy import policy_version
-from ...running.collection import collect_episodes
+from ...running.collection import CollectResult, collect_episodes
 from ...running.runner import DEFAULT_RETRIES, BackendUnavailable, JobFailed
 from ..common import choose, episode_config, err, fail, out, registry, workers_and_backend
 from ..interrupt import keep_work_on_interrupt
+from ..options import Backend, DataDir, Device, Epochs, RayAddress, Task, Threads, Workers
 from ..tables import RateColumn
 
 
@@ -54,19 +55,93 @@ def build_or_fail(reg: Registry, name: str, role: str) -> Any:
         fail(f"{role} {name!r} could not be created: {exc}")
 
 
+class CollectProgress:
+    """The bar of one collection and the count of episodes it committed (for the messages after).
+
+    The bar appears once there are episodes to run, and `shown` closes it before any message
+    that follows the run."""
+
+    def __init__(self, policy: str, episodes: int, store_path: Path) -> None:
+        self.policy, self.episodes, self.store_path = policy, episodes, store_path
+        self.added = 0
+        self.bar = progress_bar()
+        self.shown = ExitStack()
+
+    def started(self, todo: int, parallel: str | None) -> None:
+        if todo < self.episodes:
+            err.print(f"{self.episodes - todo} of {self.episodes} episodes already in {self.store_path}; "
+                      "running the rest.")
+        if parallel is not None:
+            err.print(f"Running {todo} episodes on {parallel}.", highlight=False)
+        if todo:
+            self.shown.enter_context(self.bar)
+            self.bar.add_task(f"collect {self.policy}", total=todo, last="")
+
+    def committed(self, episode: Episode) -> None:
+        self.added += 1
+        self.bar.update(self.bar.task_ids[0], advance=1, last=f"last acc {episode.final_accuracy:.1f}%")
+
+
+def open_writer(store_path: Path) -> EpisodeWriter:
+    """The store's writer; exit 1 when recovery or creation ran out of disk, 2 for a bad path."""
+    try:
+        return EpisodeWriter(store_path)
+    except StoreError as exc:
+        fail(escape(str(exc)), code=exc.exit_code)
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]Warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def run_collection(writer: EpisodeWriter, reg: Registry, config: EpisodeConfig, progress: CollectProgress, *,
+                   policy: str, expert: str | None, seed: int, episodes: int, threads: int, n_workers: int | None,
+                   backend: str, ray_address: str | None, retries: int) -> tuple[CollectResult, str]:
+    """Build the policies, then run and commit the missing episodes; (the result, the policy's version)."""
+    if writer.recovered:
+        err.print(f"[yellow]Recovered[/] {writer.path} after an interrupted write; committed episodes kept.")
+    agent = build_or_fail(reg, policy, "policy")
+    if expert is not None:
+        build_or_fail(reg, expert, "expert")
+    version = policy_version(reg, policy, agent)
+    with progress.shown:
+        result = collect_episodes(
+            writer, reg, config, policy=policy, seed=seed, episodes=episodes, version=version, expert=expert,
+            threads=threads, agent=agent, backend=backend, workers=n_workers, ray_address=ray_address,
+            retries=retries, on_start=progress.started, on_episode=progress.committed, on_event=warn)
+    return result, version
+
+
+def summary_table(store_path: Path, config: EpisodeConfig, result: CollectResult, *, policy: str, version: str,
+                  seed: int) -> Table:
+    table = Table(title="simic collect", show_header=False)
+    table.add_row("store", str(store_path))
+    table.add_row("policy", f"{policy} {version}")
+    if config.expert is not None:
+        table.add_row("expert (labels) / beta", f"{config.expert} / {config.beta:g}")
+    if config.explore > 0:
+        table.add_row("exploration (eps)", f"{config.explore:g}")
+    table.add_row("task / epochs / seed", f"{config.task} / {config.epochs} / {seed}")
+    table.add_row("episodes added", str(result.added))
+    table.add_row("episodes already present", str(result.present))
+    if result.lost:
+        table.add_row("episodes failed", str(len(result.lost)))
+    return table
+
+
 def collect(
     episodes: int = typer.Option(50, "--episodes", "-n", min=1, max=MAX_SEED, help="Episodes the run should hold (indices 0..N-1)."),
     store: Optional[Path] = typer.Option(None, "--store", help="Episode store (default: $SIMIC_HOME/episodes.h5, SIMIC_HOME=./simic-data)."),
     policy: str = typer.Option("heuristic", "--policy", help="Tamiyo policy that drives the episodes (see `simic plugins`)."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Run seed; episode i uses a seed derived from (seed, i)."),
-    epochs: int = typer.Option(25, "--epochs", min=1, help="Training epochs (= decisions) per episode."),
-    task: str = typer.Option("digits", "--task", help="Training task: digits (bundled) or cifar10 (needs --data-dir)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder holding cifar-10-batches-py (for --task cifar10)."),
-    device: str = typer.Option("cpu", "--device", help="Torch device for training: cpu, cuda, cuda:1, ..."),
-    threads: int = typer.Option(1, "--threads", min=1, help="Torch CPU threads per episode (1 is fastest for the small default host)."),
-    workers: Optional[str] = typer.Option(None, "--workers", "-w", help="Episodes run in parallel: a number or 'auto' (= CPU cores). Default: 1 locally; every CPU of the cluster with --backend ray."),
-    backend: str = typer.Option("local", "--backend", help="Where episodes run: local (this machine) or ray (a Ray cluster; needs the ray extra)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one. Needs --backend ray."),
+    epochs: Epochs = 25,
+    task: Task = "digits",
+    data_dir: DataDir = None,
+    device: Device = "cpu",
+    threads: Threads = 1,
+    workers: Workers = None,
+    backend: Backend = "local",
+    ray_address: RayAddress = None,
     retries: int = typer.Option(DEFAULT_RETRIES, "--retries", min=0, help="Re-runs of an episode whose worker died (killed, out of memory) before it is reported as failed."),
     expert: Optional[str] = typer.Option(None, "--expert", help="DAgger: a policy asked at every state; its action is stored as the label (the acting policy's action is kept too)."),
     beta: Optional[float] = typer.Option(None, "--beta", min=0.0, max=1.0, help="DAgger: probability that the expert's action is applied instead of the policy's (default 0.5 with --expert)."),
@@ -105,74 +180,29 @@ def collect(
     store_path = store or default_store_path()
 
     keep_work_on_interrupt()
+    writer = open_writer(store_path)
+    progress = CollectProgress(policy, episodes, store_path)
+    # Every failure is reported after the writer has closed (quietly, with an error in flight; a
+    # failed close on success is a StoreError below), so no message or exit code replaces another.
     try:
-        writer = EpisodeWriter(store_path)
-        writer.__enter__()
-    except StoreError as exc:  # exit 1 when recovery or creation ran out of disk, 2 for a bad path
-        fail(escape(str(exc)), code=exc.exit_code)
-    added = 0
-    bar = progress_bar()
-    shown = ExitStack()  # the bar appears once there are episodes to run, and is gone before any message below
-
-    def started(todo: int, parallel: str | None) -> None:
-        if todo < episodes:
-            err.print(f"{episodes - todo} of {episodes} episodes already in {store_path}; running the rest.")
-        if parallel is not None:
-            err.print(f"Running {todo} episodes on {parallel}.", highlight=False)
-        if todo:
-            shown.enter_context(bar)
-            bar.add_task(f"collect {policy}", total=todo, last="")
-
-    def committed(episode: Episode) -> None:
-        nonlocal added
-        added += 1
-        bar.update(bar.task_ids[0], advance=1, last=f"last acc {episode.final_accuracy:.1f}%")
-
-    try:
-        if writer.recovered:
-            err.print(f"[yellow]Recovered[/] {store_path} after an interrupted write; committed episodes kept.")
-        agent = build_or_fail(reg, policy, "policy")
-        if expert is not None:
-            build_or_fail(reg, expert, "expert")
-        version = policy_version(reg, policy, agent)
-        with shown:
-            result = collect_episodes(
-                writer, reg, config, policy=policy, seed=seed, episodes=episodes, version=version, expert=expert,
-                threads=threads, agent=agent, backend=backend, workers=n_workers, ray_address=ray_address,
-                retries=retries, on_start=started, on_episode=committed,
-                on_event=lambda m: err.print(f"[yellow]Warning:[/] {escape(m)}", highlight=False, soft_wrap=True))
+        with writer:
+            result, version = run_collection(
+                writer, reg, config, progress, policy=policy, expert=expert, seed=seed, episodes=episodes,
+                threads=threads, n_workers=n_workers, backend=backend, ray_address=ray_address, retries=retries)
     except BackendUnavailable as exc:
         fail(escape(str(exc)))
     except JobFailed as exc:
         if exc.traceback and not exc.policy_error:
             err.print(exc.traceback.rstrip(), style="dim", highlight=False, markup=False)
-        fail(f"{escape(str(exc))} ({added} episodes committed before it; the store is intact)", code=1)
+        fail(f"{escape(str(exc))} ({progress.added} episodes committed before it; the store is intact)", code=1)
     except KeyboardInterrupt:
-        writer.close(quiet=True)  # a failure to finish the file must not replace exit 130
-        err.print(f"Interrupted: {added} new episodes committed to {store_path}; "
+        err.print(f"Interrupted: {progress.added} new episodes committed to {store_path}; "
                   "re-run the same command to complete the rest.")
         raise typer.Exit(130) from None
-    except StoreError as exc:  # writing failed (disk full): every committed episode stands
-        fail(f"{escape(str(exc))} ({added} added by this run)", code=exc.exit_code)
-    finally:
-        try:
-            writer.close()
-        except StoreError as exc:  # finishing the file failed; the commits are on disk
-            fail(f"{escape(str(exc))} ({added} added by this run)", code=exc.exit_code)
+    except StoreError as exc:  # writing or finishing the file failed (disk full): every committed episode stands
+        fail(f"{escape(str(exc))} ({progress.added} added by this run)", code=exc.exit_code)
 
-    table = Table(title="simic collect", show_header=False)
-    table.add_row("store", str(store_path))
-    table.add_row("policy", f"{policy} {version}")
-    if expert is not None:
-        table.add_row("expert (labels) / beta", f"{expert} / {config.beta:g}")
-    if explore > 0:
-        table.add_row("exploration (eps)", f"{explore:g}")
-    table.add_row("task / epochs / seed", f"{task} / {epochs} / {seed}")
-    table.add_row("episodes added", str(result.added))
-    table.add_row("episodes already present", str(result.present))
-    if result.lost:
-        table.add_row("episodes failed", str(len(result.lost)))
-    out.print(table)
+    out.print(summary_table(store_path, config, result, policy=policy, version=version, seed=seed))
     if result.lost:
         names = escape(", ".join(f"{x.job.label}: {x.reason}" for x in result.lost))
         fail(f"{len(result.lost)} episode(s) failed because their worker died on every attempt ({names}); "

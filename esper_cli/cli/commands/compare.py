@@ -39,6 +39,7 @@ from ...evaluation.comparison import (
 from ...running.runner import BackendUnavailable, JobFailed
 from ..common import check_plot, episode_config, err, fail, out, registry, workers_and_backend
 from ..interrupt import keep_work_on_interrupt
+from ..options import Backend, DataDir, Device, Epochs, RayAddress, Task, Threads, Workers
 from ..tables import confusion_table
 
 
@@ -136,16 +137,16 @@ def compare(
                                             "as `simic collect --seed` does. Default: the smallest seed none of whose "
                                             "episodes a compared checkpoint was trained or validated on."),
     mode: str = typer.Option("both", "--mode", help="both | shadow | closed-loop."),
-    epochs: int = typer.Option(25, "--epochs", min=1, help="Training epochs (= decisions) per episode."),
-    task: str = typer.Option("digits", "--task", help="Training task: digits (bundled) or cifar10 (needs --data-dir)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder holding cifar-10-batches-py (for --task cifar10)."),
-    device: str = typer.Option("cpu", "--device", help="Torch device for training: cpu, cuda, ..."),
+    epochs: Epochs = 25,
+    task: Task = "digits",
+    data_dir: DataDir = None,
+    device: Device = "cpu",
     expert: str = typer.Option("heuristic", "--expert",
                                help="Expert asked at every state a non-expert policy visits (on-policy agreement); 'none' to skip."),
-    threads: int = typer.Option(1, "--threads", min=1, help="Torch CPU threads per episode."),
-    workers: Optional[str] = typer.Option(None, "--workers", "-w", help="Episodes run in parallel: a number or 'auto'."),
-    backend: str = typer.Option("local", "--backend", help="Where episodes run: local or ray."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (needs --backend ray)."),
+    threads: Threads = 1,
+    workers: Workers = None,
+    backend: Backend = "local",
+    ray_address: RayAddress = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the tables."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw accuracy curves per policy (seed stages shaded, actions marked) to this PNG."),
 ) -> None:

@@ -41,9 +41,10 @@ from ...learning.dagger_loop import (
     run_dagger,
 )
 from ...paths import default_checkpoint_path, default_store_path
-from ...running.runner import JobFailed
+from ...running.runner import BackendUnavailable, JobFailed
 from ..common import choose, episode_config, err, fail, out, registry, workers_and_backend
 from ..interrupt import keep_work_on_interrupt
+from ..options import Backend, DataDir, Device, Epochs, RayAddress, Task, Threads, Workers
 
 
 def progress_bars(progress: Progress, results: list[dict[str, Any]]) -> DaggerProgress:
@@ -99,15 +100,17 @@ def dagger(
                                             help="Run seed of the comparison episodes. Default: the smallest from 1000 "
                                                  "none of whose episodes the store holds or a round will collect."),
     compare_episodes: int = typer.Option(5, "--compare-episodes", min=1, help="Paired closed-loop episodes per comparison."),
-    epochs: int = typer.Option(25, "--epochs", min=1, help="Training epochs (= decisions) per episode."),
-    task: str = typer.Option("digits", "--task", help="Training task."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder holding cifar-10-batches-py (for --task cifar10)."),
-    device: str = typer.Option("cpu", "--device", help="Torch device for the episodes."),
+    epochs: Epochs = 25,
+    task: Task = "digits",
+    data_dir: DataDir = None,
+    device: Device = "cpu",
     train_epochs: int = typer.Option(1000, "--train-epochs", min=1, help="Training epochs per round (the epoch with the lowest validation loss is kept)."),
     train_seed: int = typer.Option(0, "--train-seed", min=0, help="Seed of the split, initial weights and batch order."),
     allow_missing_classes: bool = typer.Option(False, "--allow-missing-classes", help="Train even if some action never occurs."),
-    workers: Optional[str] = typer.Option(None, "--workers", "-w", help="Episodes run in parallel: a number or 'auto'."),
-    threads: int = typer.Option(1, "--threads", min=1, help="Torch CPU threads per episode."),
+    workers: Workers = None,
+    backend: Backend = "local",
+    ray_address: RayAddress = None,
+    threads: Threads = 1,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (one entry per round)."),
 ) -> None:
     """Run DAgger rounds: the learner acts, the expert labels, retrain, compare closed loop.
@@ -123,7 +126,7 @@ def dagger(
     if seed + rounds > MAX_SEED:  # round r collects with seed + r: the last must still fit the store
         fail(f"--seed {seed}: round {rounds} would collect with seed {seed + rounds}, over the largest run seed {MAX_SEED}")
     choose("policy", expert, reg.policies, "--expert", reg)
-    n_workers = workers_and_backend(workers)
+    n_workers = workers_and_backend(workers, backend, ray_address)
     config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads)
     store_path = store or default_store_path()
     final_ckpt = out_path or default_checkpoint_path(policy)
@@ -137,7 +140,7 @@ def dagger(
         beta=beta, beta_decay=beta_decay, episodes_per_round=episodes_per_round,
         bootstrap_episodes=bootstrap_episodes, seed=seed, compare_episodes=compare_episodes,
         train_epochs=train_epochs, train_seed=train_seed, allow_missing_classes=allow_missing_classes,
-        workers=n_workers, threads=threads)
+        workers=n_workers, backend=backend, ray_address=ray_address, threads=threads)
     try:
         resolve_specs([expert], reg, None)  # the expert must build before anything runs
         avoided = avoided_rng_seeds(plan)
@@ -158,6 +161,8 @@ def dagger(
         with progress:
             run_dagger(replace(plan, eval_seed=eval_seed), reg, progress_bars(progress, results))
     except (DataError, CheckpointError, StoreError, CompareError) as exc:
+        fail(escape(str(exc)))
+    except BackendUnavailable as exc:
         fail(escape(str(exc)))
     except JobFailed as exc:
         fail(escape(str(exc)), code=1)

@@ -30,6 +30,7 @@ from ...paths import default_checkpoint_path
 from ...running.runner import BackendUnavailable, JobFailed
 from ..common import check_plot, choose, episode_config, err, fail, option_error, out, registry, workers_and_backend
 from ..interrupt import keep_work_on_interrupt
+from ..options import Backend, DataDir, Device, Epochs, RayAddress, Task, Threads, Workers
 from ..tables import RateColumn
 
 
@@ -104,14 +105,14 @@ def improve_command(
     lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Adam learning rate of the policy."),
     entropy: float = typer.Option(0.01, "--entropy", min=0.0, help="Entropy bonus (keeps the policy exploring)."),
     explore: float = typer.Option(0.0, "--explore", min=0.0, max=1.0, help="Probability of a uniform valid action instead of the policy's draw."),
-    epochs: int = typer.Option(25, "--epochs", min=1, help="Training epochs (= decisions) per episode."),
-    task: str = typer.Option("digits", "--task", help="Training task."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder holding cifar-10-batches-py (for --task cifar10)."),
-    device: str = typer.Option("cpu", "--device", help="Torch device for the episodes."),
-    workers: Optional[str] = typer.Option(None, "--workers", "-w", help="Episodes run in parallel: a number or 'auto'."),
-    backend: str = typer.Option("local", "--backend", help="Where episodes run: local or ray."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (needs --backend ray)."),
-    threads: int = typer.Option(1, "--threads", min=1, help="Torch CPU threads per episode (and for the updates)."),
+    epochs: Epochs = 25,
+    task: Task = "digits",
+    data_dir: DataDir = None,
+    device: Device = "cpu",
+    workers: Workers = None,
+    backend: Backend = "local",
+    ray_address: RayAddress = None,
+    threads: Threads = 1,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary (with the learning curve) instead of the table."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the learning curve to this PNG."),
 ) -> None:

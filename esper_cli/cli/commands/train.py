@@ -21,6 +21,7 @@ from ...learning.offline import DEFAULT_MAX_WEIGHT, DEFAULT_TEMPERATURE
 from ...learning.training import (
     OUTCOME_CLASS_WEIGHTS,
     EpochStats,
+    TrainConfig,
     features_read,
     fit,
     prepare_training,
@@ -175,13 +176,14 @@ def train(
 
     keep_work_on_interrupt()
     try:  # every input check happens here, before the progress bar appears
-        prep = prepare_training(
-            store_path, policy, out=target,
-            log=lambda msg: err.print(f"[yellow]Warning:[/] {msg}", highlight=False, soft_wrap=True),
-            epochs=epochs, seed=seed, val_fraction=val_fraction, class_weights=class_weights,
+        config = TrainConfig(
+            policy, epochs=epochs, seed=seed, val_fraction=val_fraction, class_weights=class_weights,
             hidden=_hidden(hidden, trainable.defaults), lr=lr, batch_size=batch_size, patience=patience,
             allow_missing_classes=allow_missing_classes, objective=objective, temperature=temperature,
-            max_weight=max_weight, feature_penalty=feature_penalty, registry=reg)
+            max_weight=max_weight, feature_penalty=feature_penalty)
+        prep = prepare_training(
+            store_path, config, out=target, registry=reg,
+            log=lambda msg: err.print(f"[yellow]Warning:[/] {msg}", highlight=False, soft_wrap=True))
         err.print(f"{prep.train.n_episodes} training / {prep.val.n_episodes} validation episodes "
                   f"({len(prep.train.labels)} / {len(prep.val.labels)} decisions) from {store_path}", highlight=False)
         with progress:
