@@ -66,7 +66,7 @@ import torch
 from ..contracts import Episode, EpisodeConfig
 from ..plugins import Registry, build_registry
 from ..simulation.episode import PolicyError, run_episode
-from .weights import Weights, loaded
+from .weights import loaded
 
 BACKENDS = ("local", "ray")
 DEFAULT_RETRIES = 2
@@ -493,11 +493,14 @@ def parse_workers(value: str | int | None) -> int | None:
     return n
 
 
-from .ray_backend import RayRunner, import_ray  # noqa: E402  (the Ray backend builds on the classes above)
+def __getattr__(name: str) -> Any:
+    """`RayRunner` and `import_ray` live in `ray_backend`, which builds on this module's classes;
+    imported on first use, so either module may be imported first (a Ray worker imports that one)."""
+    if name in ("RayRunner", "import_ray", "RAY_INSTALL_HINT"):
+        from . import ray_backend
 
-__all__ = ["BACKENDS", "BackendUnavailable", "BaseRunner", "EpisodeJob", "JobFailed", "LostJob", "ProcessRunner",
-           "RayRunner", "SerialRunner", "WorkerContext", "Weights", "import_ray", "make_runner", "parse_workers",
-           "run_job"]
+        return getattr(ray_backend, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_runner(backend: str = "local", workers: int | None = None, *, ray_address: str | None = None,
@@ -508,6 +511,8 @@ def make_runner(backend: str = "local", workers: int | None = None, *, ray_addre
     `workers=None` is the backend's whole capacity: in this process locally, every CPU of the
     cluster on Ray (see the module docstring)."""
     if backend == "ray":
+        from .ray_backend import RayRunner
+
         return RayRunner(workers, ray_address, retries=retries, on_event=on_event)
     if backend != "local":
         raise ValueError(f"unknown backend {backend!r} (available: {', '.join(BACKENDS)})")

@@ -59,7 +59,7 @@ class Weights:
 
 def _fetch(fetch: Callable[[Any], bytes] | None, ref: Any) -> bytes:
     if fetch is None:
-        from .runner import import_ray
+        from .ray_backend import import_ray
 
         fetch = import_ray().get
     return fetch(ref)
