@@ -59,7 +59,7 @@ def batch(cfg: EpisodeConfig, start: int, n: int) -> list[EpisodeJob]:
 
 def timed(runner: BaseRunner, jobs: list[EpisodeJob], writer: EpisodeWriter) -> float:
     t0 = time.perf_counter()
-    for episode in runner.run(jobs):
+    for _job, episode in runner.run(jobs):
         writer.append(episode)
     return time.perf_counter() - t0
 

@@ -21,7 +21,8 @@ import time
 
 from esper_cli.cli.common import registry
 from esper_cli.contracts import EpisodeConfig
-from esper_cli.evaluation.comparison import build_report, resolve_specs, run_comparison
+from esper_cli.evaluation.comparison import ComparisonConfig, build_report, resolve_specs, run_comparison
+from esper_cli.running.runner import make_runner
 
 
 def _ci(ci: list[float] | None) -> str:
@@ -43,8 +44,10 @@ def main() -> None:
     specs, versions = resolve_specs(names, reg, None)
     config = EpisodeConfig(epochs=args.epochs)
     t0 = time.perf_counter()
-    runs, _ = run_comparison(specs, versions, reg, config, episodes=args.episodes, seed=args.seed,
-                             mode="closed-loop", expert=None, workers=args.workers)
+    plan = ComparisonConfig(specs=tuple(specs), versions=versions, episode=config, episodes=args.episodes,
+                            seed=args.seed, mode="closed-loop")
+    with make_runner(workers=args.workers, registry=reg) as runner:
+        runs, _ = run_comparison(plan, runner)
     report = build_report(specs, runs, [], mode="closed-loop", expert=None, config=config,
                           episodes=args.episodes, seed=args.seed)
     if args.json:

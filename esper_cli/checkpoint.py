@@ -24,6 +24,7 @@ first, so the check and the write apply to the real file.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import stat
@@ -124,6 +125,15 @@ def digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _encoded(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (contiguous, on the CPU) and the safetensors header of a checkpoint of `meta`."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "feature_schema": feature_schema(),
+            "versions": package_versions(), **meta}
+    meta_json = json.dumps(meta, sort_keys=True)
+    return tensors, {"simic": meta_json, "sha256": digest(meta_json, tensors)}
+
+
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write a checkpoint atomically (temp file + rename): a crash never leaves half a file.
 
@@ -135,11 +145,7 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
     path = Path(path)
     real = _real_path(path)
     _check_replaceable(real, path)  # again at write time: the file may have appeared since the check
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "feature_schema": feature_schema(),
-            "versions": package_versions(), **meta}
-    meta_json = json.dumps(meta, sort_keys=True)
-    header = {"simic": meta_json, "sha256": digest(meta_json, tensors)}
+    tensors, header = _encoded(tensors, meta)
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
@@ -153,6 +159,14 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
     return path
+
+
+def checkpoint_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """The bytes `save_checkpoint` would write, without a file (weights that travel with a job)."""
+    from safetensors.torch import save
+
+    tensors, header = _encoded(tensors, meta)
+    return save(tensors, metadata=header)
 
 
 def _safetensors_header(f: Any, size: int) -> dict[str, Any] | None:
@@ -278,6 +292,12 @@ def load_checkpoint(path: str | Path, expect_policy: str | None = None) -> Check
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} is corrupted: {first}") from None
+    return _validated(path, header, tensors, expect_policy)
+
+
+def _validated(path: Path, header: dict[str, str], tensors: dict[str, torch.Tensor],
+               expect_policy: str | None) -> Checkpoint:
+    """The checks every checkpoint passes, from a file or from bytes: format, digest, schema, policy."""
     if "simic" not in header or "sha256" not in header:
         raise CheckpointError(f"checkpoint {path} is a safetensors file but not a Simic checkpoint (no simic metadata)")
     try:
@@ -304,8 +324,35 @@ def load_checkpoint(path: str | Path, expect_policy: str | None = None) -> Check
     return Checkpoint(path=path, tensors=tensors, meta=meta, sha256=header["sha256"])
 
 
-def load_policy_checkpoint(policy: str, checkpoint: str | Path | None) -> Checkpoint:
-    """What a learned policy's factory calls: the given checkpoint, or the policy's default one."""
+def checkpoint_from_bytes(data: bytes, source: str | Path, expect_policy: str | None = None) -> Checkpoint:
+    """`load_checkpoint` of a checkpoint's bytes (shipped with a job), with every check it makes;
+    `source` (where the driver read it) names it in messages and is never opened."""
+    from safetensors.torch import load
+
+    path = Path(source)
+    header = _safetensors_header(io.BytesIO(data), len(data))
+    if header is None:
+        raise CheckpointError(f"checkpoint {path} is not a safetensors file (bad header)")
+    try:
+        tensors = load(bytes(data))
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupted: {first}") from None
+    meta = header.get("__metadata__")
+    return _validated(path, meta if isinstance(meta, dict) else {}, tensors, expect_policy)
+
+
+def load_policy_checkpoint(policy: str, checkpoint: str | Path | Checkpoint | None) -> Checkpoint:
+    """What a learned policy's factory calls: the given checkpoint, or the policy's default one.
+
+    `checkpoint` is a path, or a `Checkpoint` the framework already loaded and checked (how
+    weights reach a worker on another machine: they travel with the job, never as a path).
+    """
+    if isinstance(checkpoint, Checkpoint):
+        if checkpoint.meta.get("policy") != policy:
+            raise CheckpointError(f"checkpoint {checkpoint.path} is a {checkpoint.meta.get('policy')!r} "
+                                  f"checkpoint, not {policy!r}")
+        return checkpoint
     return load_checkpoint(checkpoint if checkpoint is not None else default_checkpoint_path(policy),
                            expect_policy=policy)
 

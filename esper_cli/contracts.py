@@ -397,9 +397,6 @@ class Episode:
     final_observation: np.ndarray | None = None
     #: Transient, never stored: shadow-mode observers' actions at each decision (name -> actions).
     shadow: dict[str, list[int]] = field(default_factory=dict)
-    #: Transient, never stored: the policy factory's options, so a comparison of one policy with
-    #: two checkpoints knows which of its entries produced the episode.
-    policy_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def key(self) -> str:

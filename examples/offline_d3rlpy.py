@@ -32,7 +32,8 @@ from esper_cli.data.interop import D3RLPY_SIMIC_GROUP, export_d3rlpy, import_d3r
 from esper_cli.data.store import EpisodeWriter
 from esper_cli.plugins import Registry, build_registry
 from esper_cli.policy import EpisodeContext, policy_version
-from esper_cli.running.collection import collect_episodes
+from esper_cli.running.collection import CollectConfig, collect_episodes
+from esper_cli.running.runner import make_runner
 
 ENV_ID = "simic/Morphogenetic-v0"
 
@@ -40,9 +41,10 @@ ENV_ID = "simic/Morphogenetic-v0"
 def collect(store: Path, registry: Registry, *, episodes: int, epochs: int, explore: float, seed: int) -> None:
     """`simic collect --policy heuristic --explore EPS --episodes N --epochs E --seed S`, via the library."""
     config = EpisodeConfig(epochs=epochs, explore=explore)
-    with EpisodeWriter(store) as writer:
-        collect_episodes(writer, registry, config, policy="heuristic", seed=seed, episodes=episodes,
+    plan = CollectConfig(episode=config, policy="heuristic", seed=seed, episodes=episodes,
                          version=policy_version(registry, "heuristic"))
+    with EpisodeWriter(store) as writer, make_runner(registry=registry) as runner:
+        collect_episodes(writer, runner, plan, strict=True)
 
 
 def masked_greedy(algo: Any, obs: np.ndarray, mask: np.ndarray) -> int:

@@ -22,7 +22,8 @@ from esper_cli.learning.dagger_loop import (
 )
 from esper_cli.plugins import build_registry
 from esper_cli.policy import policy_version
-from esper_cli.running.collection import collect_episodes
+from esper_cli.running.collection import CollectConfig, collect_episodes
+from esper_cli.running.runner import make_runner
 
 EPOCHS = 12
 SEED = 5  # episode 1 of run seed 5 grows a seed within 12 epochs
@@ -48,9 +49,11 @@ class CountingHeuristic(HeuristicTamiyo):
 def collect(reg, store, episodes, **kw):
     started, seen = [], []
     with EpisodeWriter(store) as writer:
-        result = collect_episodes(writer, reg, EpisodeConfig(epochs=4), policy="heuristic", seed=SEED,
-                                  episodes=episodes, version="2.0", on_start=lambda *a: started.append(a),
-                                  on_episode=seen.append, **kw)
+        plan = CollectConfig(episode=EpisodeConfig(epochs=4), policy="heuristic", seed=SEED, episodes=episodes,
+                             version="2.0")
+        with make_runner(registry=reg) as runner:
+            result = collect_episodes(writer, runner, plan, on_start=lambda *a: started.append(a),
+                                      on_episode=seen.append, **kw)
     return result, started, seen
 
 

@@ -233,7 +233,7 @@ def test_worker_runners_draw_jobs_as_they_go(tmp_path):
 
     got = []
     with ProcessRunner(2) as pool:
-        for index in pool.run(jobs(), fn=_index_of):
+        for _job, index in pool.run(jobs(), fn=_index_of):
             got.append(index)
             if len(got) == 6:
                 break

@@ -56,9 +56,8 @@ def test_a_group_of_draws_on_one_seed_is_credited_relative_to_its_mean(serial_ru
 
     with EpisodeReader(out.with_name("mlp.bootstrap.h5")) as reader:
         a, b, c = reader.episode(0), reader.episode(1), reader.episode(2)
-    a.policy_options = (("draw", 0),)
-    b.index, b.policy_options = a.index, (("draw", 1),)  # as if a second draw on a's seed
-    batch = make_batch([c, b, a], np.zeros(27, np.float32), np.ones(27, np.float32))
+    b.index = a.index  # as if a second draw on a's seed
+    batch = make_batch([(0, c), (1, b), (0, a)], np.zeros(27, np.float32), np.ones(27, np.float32))
     total = {id(e): sum(d.outcome.reward for d in e.decisions) for e in (a, b, c)}
     n = len(a.decisions)
     # (index, draw) order: a, b (one group), then c alone; every decision gets its episode's credit

@@ -97,8 +97,13 @@ def assert_same_episode(a, b) -> None:
     assert [s.to_dict() for s in a.seeds] == [s.to_dict() for s in b.seeds]
 
 
-def by_index(episodes) -> dict:
-    return {(e.seed, e.index): e for e in episodes}
+def by_index(pairs) -> dict:
+    """The episodes of `runner.run`'s (job, episode) pairs, by (seed, index); each beside its own job."""
+    got = {}
+    for job, e in pairs:
+        assert (job.seed, job.index) == (e.seed, e.index)
+        got[(e.seed, e.index)] = e
+    return got
 
 
 # ------------------------------------------------------------------------------------ fixtures

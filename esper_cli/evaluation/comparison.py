@@ -14,9 +14,10 @@ Can a learned Tamiyo replace the heuristic? Two ways to ask, both on real morpho
   on-policy labels, `run_episode(expert=...)`), so on-policy agreement is measured too.
 
 `resolve_specs` checks the policies named on the command line, `pick_seed` chooses held-out run
-seeds, `run_comparison` runs every episode through the episode runner (`compare_job` is the
-module-level job function it executes, in this process, in worker processes or as Ray tasks), and
-`build_report` turns the finished episodes into the report (`simic compare --json` prints it).
+seeds, `run_comparison` runs every episode of a `ComparisonConfig` through the episode runner (in
+this process, in worker processes or as Ray tasks; the shadow policies ride on the driver's jobs,
+and checkpoints travel with the jobs), and `build_report` turns the finished episodes into the
+report (`simic compare --json` prints it).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import math
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,8 @@ from ..contracts import (
 from ..learning.metrics import agreement_by_stage, seed_stages
 from ..plugins import Registry
 from ..policy import policy_version
-from ..running.runner import EpisodeJob, JobFailed, make_runner, run_job
+from ..running.runner import BaseRunner, EpisodeJob
+from ..running.weights import checkpoint_options
 
 MODES = ("both", "shadow", "closed-loop")
 
@@ -211,36 +212,6 @@ def pick_seed(seed: int | None, trained: Collection[int], episodes: int, *, star
     return chosen, [], f"Comparing on run seed {chosen} (episodes {last}): {why}; {option} N picks another"
 
 
-# ================================================================================ the job
-@dataclass(frozen=True)
-class ShadowPlan:
-    """Which closed-loop job also carries the shadow policies (label, name, options)."""
-
-    driver: str  # registered name of the driver
-    driver_options: tuple[tuple[str, Any], ...]
-    observers: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...]
-
-
-def compare_job(job: Any, context: Any, shadow: ShadowPlan | None = None) -> Episode:
-    """Run one compare episode (module-level, so worker processes and Ray import it by name).
-
-    The job's policy drives; its `expert` (if any) labels every state without acting (beta 0);
-    when the job is the driver's and a shadow plan is given, the shadow policies observe.
-    """
-    observers = None
-    if shadow is not None and job.policy == shadow.driver \
-            and options_key(job.policy_options) == shadow.driver_options:
-        observers = {label: context.policy(name, dict(options)) for label, name, options in shadow.observers}
-    episode = run_job(job, context, observers=observers)
-    episode.policy_options = options_key(job.policy_options)
-    return episode
-
-
-def options_key(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """A hashable, order-free form of a policy's factory options (which compared spec ran)."""
-    return tuple(sorted(dict(options).items()))
-
-
 # ================================================================================ statistics
 def mean_ci95(values: Sequence[float]) -> tuple[float | None, list[float] | None]:
     """(mean, [low, high]) with a Student-t 95% interval; the interval is None for n < 2."""
@@ -375,47 +346,59 @@ def shadow_summary(driver: str, episodes: Iterable[Episode], observers: Sequence
 
 
 # ================================================================================ running a comparison
-def run_comparison(
-    specs: list[PolicySpec], versions: dict[str, str], reg: Registry, config: EpisodeConfig, *,
-    episodes: int, seed: int, mode: str, expert: str | None, threads: int = 1, workers: int | None = None,
-    backend: str = "local", ray_address: str | None = None,
-    on_episode: Callable[[str, Episode], None] | None = None, on_event: Callable[[str], None] | None = None,
-) -> tuple[dict[str, PolicyRuns], list[Episode]]:
-    """Run every compare episode through the episode runner; (closed-loop runs, shadow episodes).
+@dataclass(frozen=True)
+class ComparisonConfig:
+    """One comparison: the policies (checked by `resolve_specs`), the episodes, how they run."""
 
-    `on_episode(label, episode)` is called as each episode finishes (in completion order);
-    `on_event` gets the runner's one-line notices (a worker died and its episode is re-run).
+    specs: tuple[PolicySpec, ...]  # the first drives in shadow mode and is the paired reference
+    versions: Mapping[str, str]  # label -> policy version (from `resolve_specs`)
+    episode: EpisodeConfig
+    episodes: int  # paired episodes per policy (indices 0..episodes-1)
+    seed: int  # run seed of every policy's episodes
+    mode: str = "both"  # one of MODES
+    expert: str | None = None  # labels every state a non-expert policy visits
+    threads: int = 1  # torch CPU threads per episode
+
+    @property
+    def closed(self) -> bool:
+        return self.mode in ("both", "closed-loop")
+
+    @property
+    def shadowing(self) -> bool:
+        return self.mode in ("both", "shadow") and len(self.specs) > 1
+
+
+def _jobs(plan: ComparisonConfig, runs: Mapping[str, PolicyRuns]) -> Iterator[EpisodeJob]:
+    """Every compare episode, drawn by the runner as workers free up (never listed); each job is
+    tagged with its policy's label, and each checkpoint is read here once and travels with the jobs."""
+    options = {s.label: checkpoint_options(s.checkpoint) for s in plan.specs}
+    driver = plan.specs[0]
+    observers = tuple((s.label, s.name, options[s.label]) for s in plan.specs[1:]) if plan.shadowing else ()
+    for i in range(plan.episodes):
+        for s in (plan.specs if plan.closed else [driver]):
+            labelled = plan.closed and plan.expert is not None and not runs[s.label].is_expert
+            yield EpisodeJob(policy=s.name, config=plan.episode, seed=plan.seed, index=i, policy_options=options[s.label],
+                             policy_version=plan.versions[s.label], threads=plan.threads,
+                             expert=plan.expert if labelled else None,
+                             observers=observers if s is driver else (), tag=s.label)
+
+
+def run_comparison(plan: ComparisonConfig, runner: BaseRunner, *,
+                   on_episode: Callable[[str, Episode], None] | None = None,
+                   ) -> tuple[dict[str, PolicyRuns], list[Episode]]:
+    """Run every compare episode on `runner`; (closed-loop runs, shadow episodes).
+
+    The driver's episodes carry the shadow policies' answers (`Episode.shadow`) in shadow mode.
+    `on_episode(label, episode)` is called as each episode finishes (in completion order).
     Raises `JobFailed` when a policy fails or an episode is lost."""
-    driver = specs[0]
-    closed = mode in ("both", "closed-loop")
-    shadowing = mode in ("both", "shadow") and len(specs) > 1
-    runs = {s.label: PolicyRuns(s, is_expert=(s.name == expert and not s.options)) for s in specs}
-    by_key = {(s.name, options_key(s.options)): s.label for s in specs}
-    plan = None
-    if shadowing:
-        plan = ShadowPlan(driver.name, options_key(driver.options),
-                          tuple((s.label, s.name, options_key(s.options)) for s in specs[1:]))
-    def jobs() -> Iterator[EpisodeJob]:  # drawn by the runner as workers free up, never listed
-        for i in range(episodes):
-            for s in (specs if closed else [driver]):
-                labelled = closed and expert is not None and not runs[s.label].is_expert
-                yield EpisodeJob(policy=s.name, config=config, seed=seed, index=i, policy_options=s.options,
-                                 policy_version=versions[s.label], threads=threads,
-                                 expert=expert if labelled else None)
+    runs = {s.label: PolicyRuns(s, is_expert=(s.name == plan.expert and not s.options)) for s in plan.specs}
     shadow_eps: list[Episode] = []
-    runner = make_runner(backend, workers, ray_address=ray_address, registry=reg, on_event=on_event)
-    with runner:
-        for episode in runner.run(jobs(), fn=partial(compare_job, shadow=plan)):
-            label = by_key[(episode.policy, episode.policy_options)]
-            runs[label].episodes[episode.index] = episode
-            if label == driver.label and shadowing:
-                shadow_eps.append(episode)
-            if on_episode is not None:
-                on_episode(label, episode)
-    if runner.lost:
-        names = ", ".join(f"{x.job.policy} {x.job.label}: {x.reason}" for x in runner.lost)
-        raise JobFailed(runner.lost[0].job, f"{len(runner.lost)} compare episode(s) lost ({names})",
-                        policy_error=False)
+    for job, episode in runner.run(_jobs(plan, runs), strict=True):
+        runs[job.tag].episodes[episode.index] = episode
+        if job.observers:
+            shadow_eps.append(episode)
+        if on_episode is not None:
+            on_episode(job.tag, episode)
     shadow_eps.sort(key=lambda e: e.index)
     return runs, shadow_eps
 

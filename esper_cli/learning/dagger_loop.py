@@ -18,6 +18,7 @@ accuracy difference per round.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 from ..contracts import EpisodeConfig, episode_rng_seed
 from ..data.store import EpisodeReader, EpisodeWriter
 from ..evaluation.comparison import (
+    ComparisonConfig,
     PolicyRuns,
     PolicySpec,
     closed_loop_summary,
@@ -33,8 +35,9 @@ from ..evaluation.comparison import (
     run_comparison,
 )
 from ..plugins import Registry
-from ..running.collection import collect_episodes
-from ..running.runner import JobFailed
+from ..running.collection import CollectConfig, collect_episodes
+from ..running.runner import BaseRunner, make_runner
+from ..running.weights import checkpoint_options
 from .training import EpochStats, TrainConfig, train_policy
 
 #: Where the comparison's run seeds start by default, away from the small seeds rounds collect with.
@@ -122,30 +125,40 @@ def avoided_rng_seeds(cfg: DaggerConfig) -> set[int]:
     return seeds | {episode_rng_seed(s, i) for s, n in planned for i in range(n)}
 
 
-def run_dagger(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress | None = None) -> list[dict[str, Any]]:
+def run_dagger(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress | None = None,
+               runner: BaseRunner | None = None) -> list[dict[str, Any]]:
     """Run round 0 (bootstrap if the store is empty, train, compare) and rounds 1..`cfg.rounds`
     (collect with the learner mixed with the expert, train, compare); one result per round.
 
+    Every episode runs on `runner`, or on one runner opened from `cfg` for the whole run.
     Every episode is committed as it arrives and every round writes its checkpoint
     (`round_checkpoint`), so an interrupted run keeps its work. Raises `CompareError` (a policy
     cannot be built), `DataError` / `CheckpointError` (training), `StoreError` and `JobFailed`.
     """
     progress = progress or DaggerProgress()
+    with ExitStack() as stack:
+        if runner is None:
+            runner = stack.enter_context(make_runner(cfg.backend, cfg.workers, ray_address=cfg.ray_address,
+                                                     registry=registry))
+        return _rounds(cfg, registry, progress, runner)
+
+
+def _rounds(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, runner: BaseRunner) -> list[dict[str, Any]]:
     if cfg.eval_seed is None:
         cfg = replace(cfg, eval_seed=held_out_seed(avoided_rng_seeds(cfg), cfg.compare_episodes, EVAL_SEED_START))
     _, expert_versions = resolve_specs([cfg.expert], registry, None)
     if store_episodes(cfg.store)[0] == 0:
-        _collect(cfg, registry, progress, cfg.episode, policy=cfg.expert, options={},
-                 version=expert_versions[cfg.expert], expert=None, seed=cfg.seed, episodes=cfg.bootstrap_episodes,
-                 description=f"round 0: collect {cfg.expert}")
+        plan = CollectConfig(episode=cfg.episode, policy=cfg.expert, seed=cfg.seed, episodes=cfg.bootstrap_episodes,
+                             version=expert_versions[cfg.expert], threads=cfg.threads)
+        _collect(cfg, runner, progress, plan, f"round 0: collect {cfg.expert}")
     results: list[dict[str, Any]] = []
     expert_runs: PolicyRuns | None = None
     ckpt = cfg.checkpoint  # replaced by each round's; round r >= 1 collects with round r-1's
     for r in range(cfg.rounds + 1):
         if r > 0:
-            _collect_with_learner(cfg, registry, progress, r, ckpt)
+            _collect_with_learner(cfg, registry, runner, progress, r, ckpt)
         ckpt, metrics = _train(cfg, registry, progress, r)
-        runs = _compare(cfg, registry, progress, r, ckpt, expert_versions, with_expert=expert_runs is None)
+        runs = _compare(cfg, registry, runner, progress, r, ckpt, expert_versions, with_expert=expert_runs is None)
         if expert_runs is None:
             expert_runs = runs[cfg.expert]
         result = _round_result(cfg, r, ckpt, metrics, expert_runs, runs[cfg.policy])
@@ -160,30 +173,24 @@ def _learner(cfg: DaggerConfig, registry: Registry, ckpt: Path) -> tuple[PolicyS
     return PolicySpec(cfg.policy, str(ckpt), label=cfg.policy), versions[cfg.policy]
 
 
-def _collect(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, config: EpisodeConfig, *,
-             policy: str, options: dict[str, Any], version: str, expert: str | None, seed: int, episodes: int,
+def _collect(cfg: DaggerConfig, runner: BaseRunner, progress: DaggerProgress, plan: CollectConfig,
              description: str) -> None:
-    """Add the missing episodes 0..`episodes`-1 of `seed` to the store (a lost one fails the run)."""
+    """Add the missing episodes of `plan` to the store (a lost one fails the run)."""
     with EpisodeWriter(cfg.store) as writer:
-        result = collect_episodes(
-            writer, registry, config, policy=policy, seed=seed, episodes=episodes, version=version,
-            options=options, expert=expert, threads=cfg.threads, workers=cfg.workers, backend=cfg.backend,
-            ray_address=cfg.ray_address,
-            on_start=lambda todo, _parallel: progress.on_stage(description, todo),
-            on_episode=lambda _episode: progress.on_episode())
-    if result.lost:
-        raise JobFailed(result.lost[0].job, f"{len(result.lost)} episode(s) lost: worker died", policy_error=False)
+        collect_episodes(writer, runner, plan, strict=True,
+                         on_start=lambda todo, _parallel: progress.on_stage(description, todo),
+                         on_episode=lambda _episode: progress.on_episode())
 
 
-def _collect_with_learner(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, r: int,
-                          ckpt: Path) -> None:
+def _collect_with_learner(cfg: DaggerConfig, registry: Registry, runner: BaseRunner, progress: DaggerProgress,
+                          r: int, ckpt: Path) -> None:
     """Round r's episodes: the learner of `ckpt` acts, mixed with the expert by round r's beta."""
     beta = cfg.beta_of(r)
-    learner, version = _learner(cfg, registry, ckpt)
-    config = replace(cfg.episode, expert=cfg.expert, beta=float(beta))
-    _collect(cfg, registry, progress, config, policy=cfg.policy, options=dict(learner.options), version=version,
-             expert=cfg.expert, seed=cfg.seed + r, episodes=cfg.episodes_per_round,
-             description=f"round {r}: collect {cfg.policy}+{cfg.expert} beta {beta:.3g}")
+    _, version = _learner(cfg, registry, ckpt)
+    plan = CollectConfig(episode=replace(cfg.episode, expert=cfg.expert, beta=float(beta)), policy=cfg.policy,
+                         seed=cfg.seed + r, episodes=cfg.episodes_per_round, version=version,
+                         options=checkpoint_options(ckpt, cfg.policy), expert=cfg.expert, threads=cfg.threads)
+    _collect(cfg, runner, progress, plan, f"round {r}: collect {cfg.policy}+{cfg.expert} beta {beta:.3g}")
 
 
 def _train(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, r: int) -> tuple[Path, dict[str, Any]]:
@@ -197,17 +204,16 @@ def _train(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, r: i
     return ckpt, metrics
 
 
-def _compare(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, r: int, ckpt: Path,
+def _compare(cfg: DaggerConfig, registry: Registry, runner: BaseRunner, progress: DaggerProgress, r: int, ckpt: Path,
              expert_versions: dict[str, str], *, with_expert: bool) -> dict[str, PolicyRuns]:
     """Closed-loop runs of round r's learner (and of the expert, the first time) on the eval seed."""
     learner, version = _learner(cfg, registry, ckpt)
     specs = [PolicySpec(cfg.expert, label=cfg.expert), learner] if with_expert else [learner]
     progress.on_stage(f"round {r}: compare {cfg.expert} vs {cfg.policy}", cfg.compare_episodes * len(specs))
-    runs, _ = run_comparison(specs, {**expert_versions, cfg.policy: version}, registry, cfg.episode,
-                             episodes=cfg.compare_episodes, seed=cfg.eval_seed, mode="closed-loop",
-                             expert=cfg.expert, threads=cfg.threads, workers=cfg.workers, backend=cfg.backend,
-                             ray_address=cfg.ray_address,
-                             on_episode=lambda _label, _episode: progress.on_episode())
+    plan = ComparisonConfig(specs=tuple(specs), versions={**expert_versions, cfg.policy: version},
+                            episode=cfg.episode, episodes=cfg.compare_episodes, seed=int(cfg.eval_seed or 0),
+                            mode="closed-loop", expert=cfg.expert, threads=cfg.threads)
+    runs, _ = run_comparison(plan, runner, on_episode=lambda _label, _episode: progress.on_episode())
     return runs
 
 

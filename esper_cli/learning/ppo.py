@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from ..contracts import Episode, EpisodeConfig, EpisodeRef
+from ..contracts import Episode, EpisodeConfig
 from ..data.decisions import DataError
 from ..data.store import EpisodeWriter
 from ..plugins import Registry
 from ..policy import policy_version, valid_action_mask
-from ..running.collection import collect_episodes
-from ..running.runner import EpisodeJob, JobFailed, make_runner, run_job
+from ..running.collection import CollectConfig, collect_episodes
+from ..running.runner import BaseRunner, EpisodeJob, make_runner
 from ..running.threads import use_threads
+from ..running.weights import Weights
 from .offline import returns_to_go, value_network
 from .training import TrainConfig, build_network, train_policy
 
@@ -169,21 +171,18 @@ class Batch:
     advantages: torch.Tensor | None = None  # (N,) group-relative, when episodes share their seeds
 
 
-def draw_of(episode: Episode) -> int:
-    """Which of the policy's draws on its seed an episode is (`improve_job` tags it)."""
-    return int(dict(episode.policy_options).get("draw", 0))
+#: An episode with its draw: which of the policy's draws on its seed (episode index) it is.
+Drawn = tuple[int, Episode]
 
 
-def improve_job(job: EpisodeJob, context: Any = None) -> Episode:
-    """`run_job`, with the episode tagged by its draw (a module-level function: workers pickle it)."""
-    episode = run_job(job, context)
-    episode.policy_options = (("draw", int(job.policy_options.get("draw", 0))),)
-    return episode
+def in_draw_order(drawn: Sequence[Drawn]) -> list[Episode]:
+    """The episodes in (index, draw) order: sums over them do not depend on the workers."""
+    return [ep for _, ep in sorted(drawn, key=lambda d: (d[1].index, d[0]))]
 
 
-def make_batch(episodes: list[Episode], mean: np.ndarray, std: np.ndarray,
+def make_batch(drawn: Sequence[Drawn], mean: np.ndarray, std: np.ndarray,
                bounds: tuple[np.ndarray, np.ndarray] | None = None) -> Batch:
-    """Every decision of `episodes`, in (index, draw) order so the batch is worker-independent.
+    """Every decision of the `drawn` episodes, in (index, draw) order so the batch is worker-independent.
     Observations are clipped to `bounds` (the start checkpoint's input range, as the policy that
     acted clipped them) and normalised.
 
@@ -192,7 +191,7 @@ def make_batch(episodes: list[Episode], mean: np.ndarray, std: np.ndarray,
     group. What the seed alone decides (an easy or a hard start) cancels out, and what is left is
     the effect of the policy's own draws: far less noise than against a learned baseline.
     """
-    ordered = sorted(episodes, key=lambda e: (e.index, draw_of(e)))
+    ordered = in_draw_order(drawn)
     decisions = [d for ep in ordered for d in ep.decisions]
     rewards = np.array([d.outcome.reward for d in decisions], dtype=np.float64)
     lengths = np.array([len(ep.decisions) for ep in ordered], dtype=np.int64)
@@ -323,18 +322,14 @@ BOOTSTRAP_TRAINING = TrainConfig("mlp", class_weights="auto", allow_missing_clas
 
 
 # ================================================================================ the loop
-def bootstrap(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress) -> tuple[Path, int]:
+def bootstrap(cfg: ImproveConfig, registry: Registry, runner: BaseRunner, progress: ImproveProgress) -> tuple[Path, int]:
     """Behaviour-clone the expert from `bootstrap_episodes` of its episodes; (checkpoint, episodes it learned from)."""
     store = cfg.bootstrap_path()
     progress.on_stage(f"bootstrap: collect {cfg.expert}", cfg.bootstrap_episodes)
+    plan = CollectConfig(episode=cfg.episode, policy=cfg.expert, seed=cfg.seed, episodes=cfg.bootstrap_episodes,
+                         version=policy_version(registry, cfg.expert), threads=cfg.threads)
     with EpisodeWriter(store) as writer:
-        result = collect_episodes(writer, registry, cfg.episode, policy=cfg.expert, seed=cfg.seed,
-                                  episodes=cfg.bootstrap_episodes, version=policy_version(registry, cfg.expert),
-                                  threads=cfg.threads, backend=cfg.backend, workers=cfg.workers,
-                                  ray_address=cfg.ray_address, on_episode=progress.on_episode)
-    if result.lost:
-        raise JobFailed(result.lost[0].job, f"{len(result.lost)} bootstrap episode(s) lost: worker died",
-                        policy_error=False)
+        collect_episodes(writer, runner, plan, strict=True, on_episode=progress.on_episode)
     ckpt = cfg.bootstrap_checkpoint()
     progress.on_stage("bootstrap: behaviour cloning", 1)
     # The start PPO fine-tunes is part of this recipe (the README's measured runs): plain behaviour
@@ -346,16 +341,60 @@ def bootstrap(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress)
     return path, cfg.bootstrap_episodes
 
 
-def _episode_record(ep: Episode) -> EpisodeRef:
-    return ep.ref
+@dataclass
+class _Learner:
+    """What the updates change: the policy and its optimiser, the baseline (sized on the first
+    batch), the seeded generator of the minibatches, and the episodes learned from so far."""
+
+    base: Checkpoint  # the start checkpoint: architecture, normalisation, input range
+    policy: nn.Module
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    seen: list[list[Any]]  # [task, seed, index, rng seed] of every episode learned from (the split)
+    value: ValueNet | None = None
+    value_opt: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def start(cls, path: Path, registry: Registry, cfg: ImproveConfig) -> _Learner:
+        base = load_checkpoint(path, expect_policy="mlp")
+        policy = build_network("mlp", base.meta["hparams"], registry)
+        policy.load_state_dict(base.tensors)
+        return cls(base, policy, torch.optim.Adam(policy.parameters(), lr=cfg.lr),
+                   torch.Generator().manual_seed(cfg.seed), list(base.meta.get("split", {}).get("episodes", [])))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """A copy of the policy's weights as they are now (an update changes the policy in place)."""
+        return {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
+
+    def batch(self, drawn: Sequence[Drawn]) -> Batch:
+        mean, std = (a.astype(np.float32) for a in self.base.normalisation)
+        return make_batch(drawn, mean, std, self.base.input_range)
+
+    def update(self, u: int, batch: Batch, cfg: ImproveConfig, result: ImproveResult) -> dict[str, float]:
+        """Update `u` on `batch`: the first calibrates the start (see the module docstring)."""
+        if self.value is None:  # seeded here: in-process episodes reseed torch's global generator
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.seed)
+                self.value = ValueNet(float(batch.returns.mean()), float(batch.returns.std()))
+            self.value_opt = torch.optim.Adam(self.value.parameters(), lr=cfg.value_lr)
+        assert self.value_opt is not None
+        if u == 0 and cfg.init_entropy > 0:
+            # The start policy drove these episodes too sure of itself to explore: they train
+            # the baseline and calibrate the softened policy the updates start from.
+            stats = value_only_update(self.value, self.value_opt, batch, cfg, self.gen)
+            result.temperature = soften(self.policy, batch.obs, batch.mask, cfg.init_entropy)
+            return stats
+        return ppo_update(self.policy, self.value, self.opt, self.value_opt, batch, cfg, self.gen)
 
 
-def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | None = None) -> ImproveResult:
+def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | None = None,
+            runner: BaseRunner | None = None) -> ImproveResult:
     """Fine-tune a `mlp` policy with PPO on its own episodes; the best policy so far is at `cfg.out`.
 
-    Raises `JobFailed` when an episode fails, `CheckpointError` for an unusable start checkpoint.
-    A `KeyboardInterrupt` ends the run early: the result says so, and `cfg.out` holds the best
-    policy so far (if an update finished).
+    Every episode (the bootstrap's and the updates') runs on `runner`, or on one runner opened
+    from `cfg` for the whole run. Raises `JobFailed` when an episode fails or is lost,
+    `CheckpointError` for an unusable start checkpoint. A `KeyboardInterrupt` ends the run early:
+    the result says so, and `cfg.out` holds the best policy so far (if an update finished).
     """
     progress = progress or ImproveProgress()
     started = time.perf_counter()
@@ -363,97 +402,84 @@ def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | 
     # count changes the order of float sums, and so the checkpoint.
     use_threads(cfg.threads)
     result = ImproveResult(checkpoint=cfg.out)
-    start, boot = (cfg.start, 0) if cfg.start is not None else bootstrap(cfg, registry, progress)
-    result.bootstrap_episodes = result.episodes_used = boot
-    base = load_checkpoint(start, expect_policy="mlp")
-    mean, std = (a.astype(np.float32) for a in base.normalisation)
-
-    gen = torch.Generator().manual_seed(cfg.seed)
-    policy = build_network("mlp", base.meta["hparams"], registry)
-    policy.load_state_dict(base.tensors)
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    value: ValueNet | None = None  # sized on the first batch's returns
-    value_opt: torch.optim.Optimizer | None = None
-
-    current = cfg.out.with_name(f".{cfg.out.stem}.current{cfg.out.suffix}")
-    seen: list[list[Any]] = list(base.meta.get("split", {}).get("episodes", []))
-    best_score, best = -math.inf, None
-    episode_config = replace(cfg.episode, explore=cfg.explore)
-    first_index = cfg.bootstrap_episodes if cfg.start is None else 0
-    try:
-        with make_runner(cfg.backend, cfg.workers, ray_address=cfg.ray_address, registry=registry) as runner:
-            for u in range(cfg.updates):
-                n = min(cfg.episodes_per_update, cfg.episodes - u * cfg.episodes_per_update)
-                acting = {k: v.detach().clone() for k, v in policy.state_dict().items()}  # the update changes policy
-                save_checkpoint(current, acting, _meta(base, cfg, seen, result, policy_only=True))
-                seeds = n // cfg.group  # whole groups (the config's counts are multiples of the group)
-                first = first_index + u * cfg.seeds_per_update
-                jobs = (EpisodeJob(policy="mlp", config=episode_config, seed=cfg.seed, index=first + i // cfg.group,
-                                   policy_options={"checkpoint": str(current), "sample": True, "draw": i % cfg.group},
-                                   policy_version=f"improve-u{u}", threads=cfg.threads) for i in range(seeds * cfg.group))
-                progress.on_stage(f"update {u + 1}/{cfg.updates}: collect", seeds * cfg.group)
-                episodes = []
-                for ep in runner.run(jobs, fn=improve_job):
-                    episodes.append(ep)
-                    progress.on_episode(ep)
-                if runner.lost:
-                    raise JobFailed(runner.lost[0].job, f"{len(runner.lost)} episode(s) lost: worker died",
-                                    policy_error=False)
-                result.episodes_used += len(episodes)
-                seen += [_episode_record(ep) for ep in sorted(episodes, key=lambda e: e.index) if draw_of(ep) == 0]
-                batch = make_batch(episodes, mean, std, base.input_range)
-                if value is None:  # seeded here: in-process episodes reseed torch's global generator
-                    with torch.random.fork_rng():
-                        torch.manual_seed(cfg.seed)
-                        value = ValueNet(float(batch.returns.mean()), float(batch.returns.std()))
-                    value_opt = torch.optim.Adam(value.parameters(), lr=cfg.value_lr)
-                if u == 0 and cfg.init_entropy > 0:
-                    # The start policy drove these episodes too sure of itself to explore: they train
-                    # the baseline and calibrate the softened policy the updates start from.
-                    stats = value_only_update(value, value_opt, batch, cfg, gen)
-                    result.temperature = soften(policy, batch.obs, batch.mask, cfg.init_entropy)
-                else:
-                    stats = ppo_update(policy, value, opt, value_opt, batch, cfg, gen)
-                row = _curve_row(u, episodes, stats, result.episodes_used)
-                result.history.append(row)
-                recent = result.history[-cfg.window:]
-                row["running_mean_return"] = float(np.mean([r["mean_return"] for r in recent]))
-                # The policy that earned the recent returns is the one before this update (it drove
-                # them), so the best is the episodes' own checkpoint; on disk at once for Ctrl-C.
-                if row["running_mean_return"] > best_score:
-                    best_score, result.best_update = row["running_mean_return"], u
-                    best = acting
-                    save_checkpoint(cfg.out, best, _meta(base, cfg, seen, result))
-                progress.on_update(row)
-    except KeyboardInterrupt:
-        result.interrupted = True
-    finally:
-        current.unlink(missing_ok=True)
+    with ExitStack() as stack:
+        if runner is None:
+            runner = stack.enter_context(make_runner(cfg.backend, cfg.workers, ray_address=cfg.ray_address,
+                                                     registry=registry))
+        start, boot = (cfg.start, 0) if cfg.start is not None else bootstrap(cfg, registry, runner, progress)
+        result.bootstrap_episodes = result.episodes_used = boot
+        learner = _Learner.start(start, registry, cfg)
+        best = _fine_tune(cfg, runner, learner, result, progress)
     result.seconds = time.perf_counter() - started
     if best is None and not result.interrupted:  # no update ran (--episodes 0 is refused; kept safe)
-        best = dict(policy.state_dict())
+        best = dict(learner.policy.state_dict())
     if best is not None:  # again, with the whole run in its metadata: every episode, the full curve
-        save_checkpoint(cfg.out, best, _meta(base, cfg, seen, result))
+        save_checkpoint(cfg.out, best, _meta(learner, cfg, result))
     return result
 
 
-def _curve_row(u: int, episodes: list[Episode], stats: dict[str, float], used: int) -> dict[str, Any]:
-    episodes = sorted(episodes, key=lambda e: (e.index, draw_of(e)))  # sums in a worker-independent order
+def _fine_tune(cfg: ImproveConfig, runner: BaseRunner, learner: _Learner, result: ImproveResult,
+               progress: ImproveProgress) -> dict[str, torch.Tensor] | None:
+    """The PPO updates, each on episodes of the policy as it was; the best acting policy's weights
+    (None when no update finished). Ctrl-C stops it and sets `result.interrupted`."""
+    best_score, best = -math.inf, None
+    try:
+        for u in range(cfg.updates):
+            acting = learner.weights()
+            drawn = _collect_update(cfg, runner, u, Weights.of(acting, _meta(learner, cfg, result, policy_only=True),
+                                                                f"{cfg.out} (update {u}'s acting policy)"), progress)
+            result.episodes_used += len(drawn)
+            learner.seen += [ep.ref for draw, ep in sorted(drawn, key=lambda d: d[1].index) if draw == 0]
+            stats = learner.update(u, learner.batch(drawn), cfg, result)
+            row = _curve_row(u, drawn, stats, result.episodes_used)
+            result.history.append(row)
+            row["running_mean_return"] = float(np.mean([r["mean_return"] for r in result.history[-cfg.window:]]))
+            # The policy that earned the recent returns is the one before this update (it drove
+            # them), so the best is the episodes' own checkpoint; on disk at once for Ctrl-C.
+            if row["running_mean_return"] > best_score:
+                best_score, result.best_update, best = row["running_mean_return"], u, acting
+                save_checkpoint(cfg.out, best, _meta(learner, cfg, result))
+            progress.on_update(row)
+    except KeyboardInterrupt:
+        result.interrupted = True
+    return best
+
+
+def _collect_update(cfg: ImproveConfig, runner: BaseRunner, u: int, acting: Weights,
+                    progress: ImproveProgress) -> list[Drawn]:
+    """Update `u`'s episodes: `group` draws of the acting policy on each of its new seeds, the
+    weights travelling with every job (a lost episode fails the run)."""
+    n = min(cfg.episodes_per_update, cfg.episodes - u * cfg.episodes_per_update)
+    seeds = n // cfg.group  # whole groups (the config's counts are multiples of the group)
+    first = (cfg.bootstrap_episodes if cfg.start is None else 0) + u * cfg.seeds_per_update
+    config = replace(cfg.episode, explore=cfg.explore)
+    jobs = (EpisodeJob(policy="mlp", config=config, seed=cfg.seed, index=first + i // cfg.group,
+                       policy_options={"checkpoint": acting, "sample": True, "draw": i % cfg.group},
+                       policy_version=f"improve-u{u}", threads=cfg.threads) for i in range(seeds * cfg.group))
+    progress.on_stage(f"update {u + 1}/{cfg.updates}: collect", seeds * cfg.group)
+    drawn: list[Drawn] = []
+    for job, ep in runner.run(jobs, strict=True):
+        drawn.append((int(job.policy_options["draw"]), ep))
+        progress.on_episode(ep)
+    return drawn
+
+
+def _curve_row(u: int, drawn: Sequence[Drawn], stats: dict[str, float], used: int) -> dict[str, Any]:
+    episodes = in_draw_order(drawn)
     returns = [sum(d.outcome.reward for d in ep.decisions) for ep in episodes]
     return {"update": u, "episodes_used": used, "mean_return": float(np.mean(returns)),
             "final_accuracy": float(np.mean([ep.final_accuracy for ep in episodes])),
             "seeds_fossilized": float(np.mean([ep.seeds_fossilized for ep in episodes])), **stats}
 
 
-def _meta(base: Checkpoint, cfg: ImproveConfig, seen: list[list[Any]], result: ImproveResult,
-          policy_only: bool = False) -> dict[str, Any]:
+def _meta(learner: _Learner, cfg: ImproveConfig, result: ImproveResult, policy_only: bool = False) -> dict[str, Any]:
     """The improved checkpoint's metadata: the base's (architecture, normalisation) plus the run."""
-    meta = {k: v for k, v in base.meta.items() if k not in ("format", "format_version", "feature_schema", "versions")}
+    meta = {k: v for k, v in learner.base.meta.items() if k not in ("format", "format_version", "feature_schema", "versions")}
     meta["mask_invalid"] = True
     meta["objective"] = "ppo"
     if policy_only:
         return meta
-    meta["split"] = {**meta.get("split", {}), "episodes": seen}
+    meta["split"] = {**meta.get("split", {}), "episodes": list(learner.seen)}
     meta["improve"] = {"config": cfg.to_dict(), "start": str(cfg.start) if cfg.start else None,
                        "best_update": result.best_update, "episodes_used": result.episodes_used,
                        "start_temperature": result.temperature,

@@ -2,16 +2,22 @@
 
 Collection is embarrassingly parallel: every episode is a full morphogenetic training run that
 depends only on (seed, index, config, policy). The runner ships picklable `EpisodeJob`s to
-workers and yields finished `Episode`s back to the caller, in completion order, as they arrive.
+workers and yields each finished episode back to the caller with the job that ran it, as
+`(job, episode)` in completion order: the job says which run, policy and draw it was, so no
+caller needs to tag the episode.
 The caller (the main process) is the one writer: it commits each episode to the store, so crash
 safety and the store lock are the same whatever the backend.
 
     jobs = (EpisodeJob(policy="heuristic", config=config, seed=0, index=i) for i in todo)  # drawn lazily
     with make_runner(workers=4) as runner:          # or backend="ray", ray_address=...
-        for episode in runner.run(jobs):
+        for job, episode in runner.run(jobs):       # strict=True: a lost episode raises JobFailed
             writer.append(episode)
     if runner.lost:                                 # workers that died more than `retries` times
         ...
+
+Workers: `workers=None` means the backend's whole capacity, never a guess: locally, one episode at
+a time in this process; on Ray, as many tasks at a time as the cluster has CPUs (a local cluster
+the runner starts gets every CPU of this machine).
 
 Backends:
   serial  in this process (workers=1): no pickling, no start-up cost, the easiest to debug.
@@ -22,7 +28,8 @@ Backends:
 
 Failures:
   * A worker that dies (killed, segfault, out of memory, node lost) loses only its episode: it is
-    re-run up to `retries` times, then recorded in `runner.lost` and the run goes on.
+    re-run up to `retries` times, then recorded in `runner.lost` and the run goes on; with
+    `run(jobs, strict=True)` the run then raises `JobFailed` naming the lost episodes.
   * A `PolicyError` (the policy raised or answered nonsense) is deterministic: never retried. The
     runner stops handing out work, yields the episodes still finishing, then raises `JobFailed`.
     Any other exception in a worker does the same (`JobFailed.traceback` holds the worker's).
@@ -33,14 +40,17 @@ Determinism: a job builds its policy fresh for its episode (nothing carries over
 episode on the same worker) and sets its own torch thread count, so 1 worker, N workers and Ray
 give identical episodes for the same (seed, index, config, policy).
 
-Other commands reuse this: `simic compare` runs jobs for several policies through one runner;
-DAgger collection sets `EpisodeJob.expert`, or passes its own `fn(job, context) -> Episode` (a
-module-level function, so workers can import it) to `runner.run(jobs, fn=...)`.
+Weights: a learned policy's checkpoint travels with its job as `Weights` (see `weights`): bytes to
+local workers, on Ray one object-store entry per version; no worker opens a driver's path.
+
+Other commands reuse this: `simic compare` runs jobs for several policies through one runner
+(shadow policies ride on the driver's jobs as `EpisodeJob.observers`); DAgger collection sets
+`EpisodeJob.expert`; a caller can pass its own `fn(job, context) -> Episode` (a module-level
+function, so workers can import it) to `runner.run(jobs, fn=...)`.
 """
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import signal
@@ -55,10 +65,10 @@ from ..contracts import Episode, EpisodeConfig
 from ..plugins import Registry, build_registry
 from ..simulation.episode import PolicyError, run_episode
 from .threads import use_threads
+from .weights import loaded
 
 BACKENDS = ("local", "ray")
 DEFAULT_RETRIES = 2
-RAY_INSTALL_HINT = 'pip install "simic[ray]" (or: pip install "ray>=2.9")'
 
 
 class BackendUnavailable(Exception):
@@ -73,11 +83,15 @@ class EpisodeJob:
     config: EpisodeConfig
     seed: int
     index: int
-    policy_options: Mapping[str, Any] = field(default_factory=dict)  # factory kwargs, e.g. checkpoint=
+    policy_options: Mapping[str, Any] = field(default_factory=dict)  # factory kwargs; checkpoint= as `Weights`
     policy_version: str = ""  # recorded in the episode; the main process resolves it once
     threads: int = 1  # torch CPU threads inside the worker
     expert: str | None = None  # DAgger: a policy asked for a label at every decision
     expert_options: Mapping[str, Any] = field(default_factory=dict)
+    #: Shadow mode: (label, policy, options) of policies asked on the same observations, never applied.
+    observers: tuple[tuple[str, str, Mapping[str, Any]], ...] = ()
+    #: The caller's own name for the job (a comparison: the policy's label); never read by a worker.
+    tag: Any = None
 
     @property
     def label(self) -> str:
@@ -109,7 +123,7 @@ class WorkerContext:
 
     def __init__(self, registry: Registry | None = None) -> None:
         self._registry = registry
-        self._adopted: dict[tuple[str, str], Any] = {}
+        self._adopted: list[tuple[str, Mapping[str, Any], Any]] = []
 
     @property
     def registry(self) -> Registry:
@@ -119,25 +133,24 @@ class WorkerContext:
 
     def adopt(self, name: str, options: Mapping[str, Any], policy: Any) -> None:
         """Use an already-built, never-run `policy` for the next episode of `name` (in-process)."""
-        self._adopted[(name, _options_key(options))] = policy
+        self._adopted.append((name, dict(options), policy))
 
     def policy(self, name: str, options: Mapping[str, Any]) -> Any:
-        """A fresh policy for one episode: nothing carries over from the worker's last episode."""
-        adopted = self._adopted.pop((name, _options_key(options)), None)
-        if adopted is not None:
-            return adopted
+        """A fresh policy for one episode: nothing carries over from the worker's last episode.
+
+        Shipped `Weights` among the options reach the factory as the checked `Checkpoint`."""
+        for i, (adopted_name, adopted_options, adopted) in enumerate(self._adopted):
+            if adopted_name == name and adopted_options == dict(options):
+                del self._adopted[i]
+                return adopted
         factory = self.registry.policies.get(name)
         if factory is None:
             raise PolicyError(f"policy '{name}' is not registered in this worker "
                               "(is its plugin installed on every machine?)")
         try:
-            return factory(**dict(options))
+            return factory(**loaded(options))
         except Exception as exc:
             raise PolicyError(f"policy '{name}' could not be created: {exc}") from exc
-
-
-def _options_key(options: Mapping[str, Any]) -> str:
-    return repr(sorted(options.items()))
 
 
 _PROCESS_CONTEXT: WorkerContext | None = None
@@ -151,12 +164,8 @@ def process_context() -> WorkerContext:
     return _PROCESS_CONTEXT
 
 
-def run_job(job: EpisodeJob, context: WorkerContext | None = None, *,
-            observers: Mapping[str, Any] | None = None) -> Episode:
-    """Run one episode: a pure function of the job (same job, same episode, on any worker).
-
-    `observers` (shadow mode) are policies asked on the same observations, never applied.
-    """
+def run_job(job: EpisodeJob, context: WorkerContext | None = None) -> Episode:
+    """Run one episode: a pure function of the job (same job, same episode, on any worker)."""
     context = context or process_context()
     use_threads(job.threads)
     reg = context.registry
@@ -169,6 +178,7 @@ def run_job(job: EpisodeJob, context: WorkerContext | None = None, *,
     if job.expert is not None:
         extra["expert"] = context.policy(job.expert, job.expert_options)
         extra["expert_name"] = job.expert
+    observers = {label: context.policy(name, options) for label, name, options in job.observers} or None
     return run_episode(policy, job.config, job.seed, job.index, task=task, blueprints=reg.blueprints,
                        policy_name=job.policy, policy_version=job.policy_version, observers=observers, **extra)
 
@@ -206,11 +216,6 @@ def _worker_main(conn: Any) -> None:
         except Exception as exc:
             conn.send(("error", f"could not send the result back: {type(exc).__name__}: {exc}",
                        traceback.format_exc()))
-
-
-def _ray_task(fn: JobFn, job: EpisodeJob) -> tuple:
-    """The body of a Ray task (module-level, so Ray workers import it by name)."""
-    return _execute(fn, job, process_context())
 
 
 # ------------------------------------------------------------------------------ main side
@@ -263,7 +268,23 @@ class BaseRunner:
     def retried(self) -> int:
         return self._tracker.retried
 
-    def run(self, jobs: Iterable[EpisodeJob], fn: JobFn = run_job) -> Iterator[Episode]:
+    def run(self, jobs: Iterable[EpisodeJob], fn: JobFn = run_job, *,
+            strict: bool = False) -> Iterator[tuple[EpisodeJob, Episode]]:
+        """Run `jobs` (drawn lazily), yielding `(job, episode)` as each finishes.
+
+        A deterministic failure raises `JobFailed` once the episodes still finishing are yielded.
+        A job whose worker died on every attempt is recorded in `lost`; with `strict`, the run
+        then ends in `JobFailed` naming every episode this run lost.
+        """
+        before = len(self.lost)
+        yield from self._run(jobs, fn)
+        lost = self.lost[before:]
+        if strict and lost:
+            names = ", ".join(f"{x.job.policy} {x.job.label}: {x.reason}" for x in lost)
+            raise JobFailed(lost[0].job, f"{len(lost)} episode(s) lost, their worker died on every attempt "
+                                         f"({names})", policy_error=False)
+
+    def _run(self, jobs: Iterable[EpisodeJob], fn: JobFn) -> Iterator[tuple[EpisodeJob, Episode]]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -286,10 +307,10 @@ class SerialRunner(BaseRunner):
         super().__init__(**kw)
         self.context = WorkerContext(registry)
 
-    def run(self, jobs: Iterable[EpisodeJob], fn: JobFn = run_job) -> Iterator[Episode]:
+    def _run(self, jobs: Iterable[EpisodeJob], fn: JobFn) -> Iterator[tuple[EpisodeJob, Episode]]:
         for job in jobs:
             try:
-                yield fn(job, self.context)
+                yield job, fn(job, self.context)
             except PolicyError as exc:
                 raise JobFailed(job, str(exc), policy_error=True) from exc
 
@@ -368,7 +389,7 @@ class ProcessRunner(BaseRunner):
             slot.proc.join()
         slot.conn.close()
 
-    def run(self, jobs: Iterable[EpisodeJob], fn: JobFn = run_job) -> Iterator[Episode]:
+    def _run(self, jobs: Iterable[EpisodeJob], fn: JobFn) -> Iterator[tuple[EpisodeJob, Episode]]:
         tracker = self._tracker
         pending = _JobQueue(jobs)
         while len(self._slots) < pending.available(self.parallelism):
@@ -391,7 +412,7 @@ class ProcessRunner(BaseRunner):
                 waitables[slot.conn] = slot
                 waitables[slot.proc.sentinel] = slot
             ready = mp_wait(list(waitables))
-            finished: list[Episode] = []
+            finished: list[tuple[EpisodeJob, Episode]] = []
             for slot in {id(waitables[r]): waitables[r] for r in ready}.values():
                 if slot.job is None:
                     continue
@@ -416,7 +437,7 @@ class ProcessRunner(BaseRunner):
                     continue
                 slot.job = None
                 if outcome[0] == "ok":
-                    finished.append(outcome[1])
+                    finished.append((job, outcome[1]))
                 else:
                     tracker.failed(job, outcome)
             dispatch()  # keep the workers busy while the caller commits
@@ -442,98 +463,6 @@ def _describe_exit(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
-
-
-def import_ray() -> Any:
-    """Import Ray quietly (no usage stats), or say how to install it."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        import ray
-    except ImportError as exc:
-        raise BackendUnavailable(f"the ray backend needs Ray, which is not installed ({exc}); "
-                                 f"install the extra: {RAY_INSTALL_HINT}") from None
-    return ray
-
-
-class RayRunner(BaseRunner):
-    """Episodes as Ray tasks (`num_cpus` = the job's torch threads), on a cluster or a local one."""
-
-    backend = "ray"
-
-    def __init__(self, workers: int | None = None, address: str | None = None, **kw: Any) -> None:
-        super().__init__(**kw)
-        ray = self._ray = import_ray()
-        self._owns = False
-        self._in_flight: dict[Any, tuple[int, EpisodeJob]] = {}
-        if not ray.is_initialized():
-            common = dict(logging_level=logging.WARNING, log_to_driver=True)
-            try:
-                if address:
-                    ray.init(address=address, **common)
-                else:  # a private local cluster, offline, no dashboard
-                    # address="local": without it Ray joins whatever cluster its address file
-                    # names, even one that died without `ray stop`; a running one is joined only
-                    # when asked (`ray_address`).
-                    ray.init(address="local", num_cpus=workers or available_cpus(), include_dashboard=False, **common)
-            except Exception as exc:
-                where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
-                raise BackendUnavailable(f"could not start or reach {where}: {type(exc).__name__}: {exc}") from None
-            self._owns = True
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.parallelism = max(1, workers or cpus)
-        self._remote = ray.remote(_ray_task)
-
-    def describe(self) -> str:
-        where = "a local Ray cluster" if self._owns else "the Ray cluster"
-        return f"{self.parallelism} Ray tasks at a time on {where}"
-
-    def run(self, jobs: Iterable[EpisodeJob], fn: JobFn = run_job) -> Iterator[Episode]:
-        ray, tracker = self._ray, self._tracker
-        pending = _JobQueue(jobs)
-        in_flight = self._in_flight
-
-        def submit() -> None:
-            while pending and len(in_flight) < self.parallelism and tracker.failure is None:
-                n, job = pending.pop()
-                ref = self._remote.options(num_cpus=job.threads, max_retries=0).remote(fn, job)
-                in_flight[ref] = (n, job)
-
-        submit()
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            finished: list[Episode] = []
-            for ref in ready:
-                n, job = in_flight.pop(ref)
-                try:
-                    outcome = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:  # the task itself raised (not our code)
-                    cause = getattr(exc, "cause", None) or exc
-                    outcome = ("error", f"{type(cause).__name__}: {cause}", str(exc))
-                except ray.exceptions.RayError as exc:  # worker or node died, object lost, ...
-                    reason = f"Ray worker lost ({type(exc).__name__})"
-                    if tracker.died(n, job, reason):
-                        pending.retry((n, job))
-                    continue
-                if outcome[0] == "ok":
-                    finished.append(outcome[1])
-                else:
-                    tracker.failed(job, outcome)
-            submit()
-            yield from finished
-        if tracker.failure is not None:
-            raise tracker.failure
-
-    def close(self) -> None:
-        ray = self._ray
-        refs, self._in_flight = list(self._in_flight), {}
-        for ref in refs:
-            try:
-                ray.cancel(ref, force=True)
-            except Exception:
-                pass
-        if self._owns and ray.is_initialized():
-            ray.shutdown()
-            self._owns = False
 
 
 def available_cpus() -> int:
@@ -562,11 +491,26 @@ def parse_workers(value: str | int | None) -> int | None:
     return n
 
 
+def __getattr__(name: str) -> Any:
+    """`RayRunner` and `import_ray` live in `ray_backend`, which builds on this module's classes;
+    imported on first use, so either module may be imported first (a Ray worker imports that one)."""
+    if name in ("RayRunner", "import_ray", "RAY_INSTALL_HINT"):
+        from . import ray_backend
+
+        return getattr(ray_backend, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def make_runner(backend: str = "local", workers: int | None = None, *, ray_address: str | None = None,
                 registry: Registry | None = None, retries: int = DEFAULT_RETRIES,
                 on_event: Callable[[str], None] | None = None) -> BaseRunner:
-    """The runner for a backend: `local` with 1 worker runs in-process (using `registry`)."""
+    """The runner for a backend: `local` with 1 worker runs in-process (using `registry`).
+
+    `workers=None` is the backend's whole capacity: in this process locally, every CPU of the
+    cluster on Ray (see the module docstring)."""
     if backend == "ray":
+        from .ray_backend import RayRunner
+
         return RayRunner(workers, ray_address, retries=retries, on_event=on_event)
     if backend != "local":
         raise ValueError(f"unknown backend {backend!r} (available: {', '.join(BACKENDS)})")

@@ -24,8 +24,8 @@ from ...data.store import EpisodeWriter, StoreError
 from ...paths import default_store_path
 from ...plugins import Registry
 from ...policy import policy_version
-from ...running.collection import CollectResult, collect_episodes
-from ...running.runner import DEFAULT_RETRIES, BackendUnavailable, JobFailed
+from ...running.collection import CollectConfig, CollectResult, collect_episodes
+from ...running.runner import DEFAULT_RETRIES, BackendUnavailable, JobFailed, make_runner
 from ..common import choose, episode_config, err, fail, out, registry, workers_and_backend
 from ..interrupt import keep_work_on_interrupt
 from ..options import Backend, DataDir, Device, Epochs, RayAddress, Task, Threads, Workers
@@ -104,11 +104,12 @@ def run_collection(writer: EpisodeWriter, reg: Registry, config: EpisodeConfig, 
     if expert is not None:
         build_or_fail(reg, expert, "expert")
     version = policy_version(reg, policy, agent)
-    with progress.shown:
-        result = collect_episodes(
-            writer, reg, config, policy=policy, seed=seed, episodes=episodes, version=version, expert=expert,
-            threads=threads, agent=agent, backend=backend, workers=n_workers, ray_address=ray_address,
-            retries=retries, on_start=progress.started, on_episode=progress.committed, on_event=warn)
+    plan = CollectConfig(episode=config, policy=policy, seed=seed, episodes=episodes, version=version,
+                         expert=expert, threads=threads)
+    runner = make_runner(backend, n_workers, ray_address=ray_address, registry=reg, retries=retries, on_event=warn)
+    with runner, progress.shown:
+        result = collect_episodes(writer, runner, plan, agent=agent, on_start=progress.started,
+                                  on_episode=progress.committed)
     return result, version
 
 

@@ -27,6 +27,7 @@ from ...contracts import ACTION_NAMES, MAX_SEED, Episode
 from ...evaluation.comparison import (
     MODES,
     CompareError,
+    ComparisonConfig,
     PolicyRuns,
     PolicySpec,
     build_report,
@@ -36,7 +37,7 @@ from ...evaluation.comparison import (
     run_comparison,
     trained_rng_seeds,
 )
-from ...running.runner import BackendUnavailable, JobFailed
+from ...running.runner import BackendUnavailable, JobFailed, make_runner
 from ..common import check_plot, episode_config, err, fail, out, registry, workers_and_backend
 from ..interrupt import keep_work_on_interrupt
 from ..options import Backend, DataDir, Device, Epochs, RayAddress, Task, Threads, Workers
@@ -211,11 +212,12 @@ def compare(
                 progress.advance(bar)
                 live.update(render())
 
-            runs, shadow_eps = run_comparison(
-                specs, versions, reg, config, episodes=episodes, seed=seed, mode=mode, expert=expert_name,
-                threads=threads, workers=n_workers, backend=backend, ray_address=ray_address,
-                on_episode=on_episode,
-                on_event=lambda m: err.print(f"[yellow]Warning:[/] {escape(m)}", highlight=False, soft_wrap=True))
+            plan = ComparisonConfig(specs=tuple(specs), versions=versions, episode=config, episodes=episodes,
+                                    seed=seed, mode=mode, expert=expert_name, threads=threads)
+            with make_runner(backend, n_workers, ray_address=ray_address, registry=reg,
+                             on_event=lambda m: err.print(f"[yellow]Warning:[/] {escape(m)}", highlight=False,
+                                                          soft_wrap=True)) as runner:
+                runs, shadow_eps = run_comparison(plan, runner, on_episode=on_episode)
     except BackendUnavailable as exc:
         fail(escape(str(exc)))
     except JobFailed as exc:
