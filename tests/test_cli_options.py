@@ -55,16 +55,16 @@ def test_dagger_backend_ray_needs_ray(monkeypatch):
 
 
 def test_dagger_runs_its_episodes_on_the_backend_it_is_given(monkeypatch, tmp_path):
-    """--backend and --ray-address reach the runner of dagger's first collection (the bootstrap)."""
+    """--backend, --ray-address and --workers reach the one runner dagger opens for its run."""
     import esper_cli.learning.dagger_loop as dagger_loop
 
     asked = {}
 
-    def collect_episodes(*_args, **kwargs):
-        asked.update(kwargs)
+    def make_runner(backend, workers, **kwargs):
+        asked.update(kwargs, backend=backend, workers=workers)
         raise StoreError("stop here: the runner was reached")
 
-    monkeypatch.setattr(dagger_loop, "collect_episodes", collect_episodes)
+    monkeypatch.setattr(dagger_loop, "make_runner", make_runner)
     result = invoke("dagger", "--backend", "ray", "--ray-address", "ray://head:10001", "--workers", "2",
                     "--eval-seed", "1000", "--store", tmp_path / "s.h5", "--out", tmp_path / "mlp.safetensors",
                     *TINY)
