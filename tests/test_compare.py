@@ -19,7 +19,7 @@ from simic_plugins.mlp import MLPTamiyo
 from esper_cli import hookimpl
 from esper_cli.checkpoint import digest
 from esper_cli.contracts import EpisodeConfig, TrainingSnapshot
-from esper_cli.evaluation.comparison import mean_ci95, parse_specs
+from esper_cli.evaluation.comparison import mean_ci95, parse_specs, resolve_specs
 from esper_cli.learning.training import TrainConfig, train_policy
 from esper_cli.paths import default_checkpoint_path
 from esper_cli.plugins import build_registry, registered_plugin
@@ -146,6 +146,10 @@ def test_a_learned_policy_by_name_uses_the_default_checkpoint_and_prints_tables(
     assert result.exit_code == 0, result.output
     for fragment in ("Closed loop", "Shadow", "heuristic", "mlp", "expert agreement", "(the expert)"):
         assert fragment in result.stdout, fragment
+    # The default checkpoint is the one handed over: its weights travel with the jobs, so a worker
+    # that cannot see this machine's SIMIC_HOME still builds the policy.
+    specs, _ = resolve_specs(["heuristic", "mlp"], build_registry(), None)
+    assert [s.checkpoint for s in specs] == [None, str(target)]
 
 
 def test_bad_input_is_one_line_and_exit_2(mlp_checkpoint, tmp_path):

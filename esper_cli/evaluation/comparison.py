@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -105,10 +105,12 @@ def resolve_specs(values: list[str], reg: Registry, expert: str | None, *,
                   origins: dict[str, CheckpointOrigin] | None = None) -> tuple[list[PolicySpec], dict[str, str]]:
     """Parse and check every policy (registered, buildable: checkpoint present and readable).
 
-    Returns the specs and each spec's version (`policy_version`). With `origins`, also fills it
-    with the checkpoint each compared policy was built from (label -> `CheckpointOrigin`, as the
-    framework handed it; policies with no checkpoint are left out), so a comparison can avoid the
-    episodes they learned from, or say it cannot."""
+    Returns the specs and each spec's version (`policy_version`). A trainable policy named without
+    a checkpoint comes back with the default one its factory loaded as its `checkpoint`, so the
+    jobs carry those weights to any node. With `origins`, also fills it with the checkpoint each
+    compared policy was built from (label -> `CheckpointOrigin`, as the framework handed it;
+    policies with no checkpoint are left out), so a comparison can avoid the episodes they
+    learned from, or say it cannot."""
     try:
         specs = parse_specs(values)
     except ValueError as exc:
@@ -118,22 +120,23 @@ def resolve_specs(values: list[str], reg: Registry, expert: str | None, *,
         if name not in reg.policies:
             raise CompareError(f"policy {name!r}: {reg.unknown('policy', name)}")
     versions: dict[str, str] = {}
+    resolved: list[PolicySpec] = []
     for spec in specs + ([PolicySpec(expert, label=f"expert {expert}")] if expert else []):
         try:
             agent = build_policy(reg.policies[spec.name], spec)
+            origin = checkpoint_origin(spec.name, spec.options, agent, trainable=spec.name in reg.trainables)
         except CheckpointError as exc:
             raise CompareError(f"policy {spec.label!r}: {exc}") from None
         except Exception as exc:
             raise CompareError(f"policy {spec.label!r} could not be created: {type(exc).__name__}: {exc}") from None
-        if origins is not None and spec in specs:
-            try:
-                origin = checkpoint_origin(spec.name, spec.options, agent, trainable=spec.name in reg.trainables)
-            except CheckpointError as exc:
-                raise CompareError(f"policy {spec.label!r}: {exc}") from None
-            if origin.path is not None or not origin.known:
-                origins[spec.label] = origin
         versions[spec.label] = policy_version(reg, spec.name, agent)
-    return specs, versions
+        if spec not in specs:  # the expert
+            continue
+        if origins is not None and (origin.path is not None or not origin.known):
+            origins[spec.label] = origin
+        resolved.append(spec if spec.checkpoint is not None or origin.path is None
+                        else replace(spec, checkpoint=str(origin.path)))
+    return resolved, versions
 
 
 # ================================================================================ held-out seeds

@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ...checkpoint import CheckpointError, checkpoint_origin
 from ...contracts import MAX_SEED, Episode, EpisodeConfig
 from ...data.store import EpisodeWriter, StoreError
 from ...paths import default_store_path
@@ -26,6 +27,7 @@ from ...plugins import Registry
 from ...policy import policy_version
 from ...running.collection import CollectConfig, CollectResult, collect_episodes
 from ...running.runner import DEFAULT_RETRIES, BackendUnavailable, JobFailed, make_runner
+from ...running.weights import checkpoint_options
 from ..common import choose, episode_config, err, fail, out, registry, workers_and_backend
 from ..interrupt import keep_work_on_interrupt
 from ..options import Backend, DataDir, Device, Epochs, RayAddress, Task, Threads, Workers
@@ -104,8 +106,13 @@ def run_collection(writer: EpisodeWriter, reg: Registry, config: EpisodeConfig, 
     if expert is not None:
         build_or_fail(reg, expert, "expert")
     version = policy_version(reg, policy, agent)
+    try:  # a trainable policy's default checkpoint is read here and travels with the jobs
+        origin = checkpoint_origin(policy, {}, agent, trainable=policy in reg.trainables)
+        options = checkpoint_options(origin.path, policy)
+    except CheckpointError as exc:
+        fail(escape(f"--policy {policy}: {exc}"))
     plan = CollectConfig(episode=config, policy=policy, seed=seed, episodes=episodes, version=version,
-                         expert=expert, threads=threads)
+                         options=options, expert=expert, threads=threads)
     runner = make_runner(backend, n_workers, ray_address=ray_address, registry=reg, retries=retries, on_event=warn)
     with runner, progress.shown:
         result = collect_episodes(writer, runner, plan, agent=agent, on_start=progress.started,
