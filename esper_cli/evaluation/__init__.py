@@ -1,0 +1,1 @@
+"""Evaluating policies live: shadow and closed-loop comparisons, held-out seeds, paired statistics."""

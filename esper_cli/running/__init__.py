@@ -1,0 +1,1 @@
+"""Where episodes run: the runner (in-process, worker processes, Ray), weights that travel with jobs, collection into a store."""

@@ -1,1 +1,1 @@
-"""One module per CLI command; shared helpers in `common`."""
+"""One module per CLI command; their shared helpers are `esper_cli.cli.common`, `options` and `tables`."""
