@@ -41,3 +41,8 @@ RayAddress = Annotated[Optional[str], typer.Option(
 #: with one help text.
 EPISODE_OPTIONS = ("--task", "--epochs", "--data-dir", "--device", "--threads")
 RUNNER_OPTIONS = ("--workers", "--backend", "--ray-address")
+
+# -- what a learning run shows while it runs
+TensorBoardDir = Annotated[Optional[Path], typer.Option(
+    "--tensorboard", help="Write TensorBoard curves (event files) to this folder; watch with `tensorboard --logdir DIR`. "
+                          'Needs the tensorboard extra: pip install "simic[tensorboard]".')]
