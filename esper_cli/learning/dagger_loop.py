@@ -13,6 +13,8 @@ accuracy difference per round.
 
 `run_dagger(config, registry, progress)` runs the rounds and returns one result per round;
 `DaggerProgress` is how a caller (the `simic dagger` command draws progress bars) follows it.
+Given a run state file, it saves where it stands after every round and continues from a saved
+state (`learning.dagger_state`), so a killed run resumes at its next round.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..plugins import Registry
 from ..running.collection import CollectConfig, collect_episodes
 from ..running.runner import BaseRunner, make_runner
 from ..running.weights import checkpoint_options
+from .dagger_state import DaggerResume, save_dagger_state
 from .training import EpochStats, TrainConfig, train_policy
 
 #: Where the comparison's run seeds start by default, away from the small seeds rounds collect with.
@@ -126,35 +129,48 @@ def avoided_rng_seeds(cfg: DaggerConfig) -> set[int]:
 
 
 def run_dagger(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress | None = None,
-               runner: BaseRunner | None = None) -> list[dict[str, Any]]:
+               runner: BaseRunner | None = None, *, state: Path | None = None,
+               resume: DaggerResume | None = None) -> list[dict[str, Any]]:
     """Run round 0 (bootstrap if the store is empty, train, compare) and rounds 1..`cfg.rounds`
     (collect with the learner mixed with the expert, train, compare); one result per round.
 
     Every episode runs on `runner`, or on one runner opened from `cfg` for the whole run.
     Every episode is committed as it arrives and every round writes its checkpoint
-    (`round_checkpoint`), so an interrupted run keeps its work. Raises `CompareError` (a policy
-    cannot be built), `DataError` / `CheckpointError` (training), `StoreError` and `JobFailed`.
+    (`round_checkpoint`), so an interrupted run keeps its work. With `state`, the run state is
+    written there before any work and after every round; `resume` (`load_dagger_state` of it)
+    continues a saved run at its next round, returning its completed rounds' results first.
+    Raises `CompareError` (a policy cannot be built), `DataError` / `CheckpointError`
+    (training), `StoreError` and `JobFailed`.
     """
     progress = progress or DaggerProgress()
     with ExitStack() as stack:
         if runner is None:
             runner = stack.enter_context(make_runner(cfg.backend, cfg.workers, ray_address=cfg.ray_address,
                                                      registry=registry))
-        return _rounds(cfg, registry, progress, runner)
+        return _rounds(cfg, registry, progress, runner, state, resume)
 
 
-def _rounds(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, runner: BaseRunner) -> list[dict[str, Any]]:
-    if cfg.eval_seed is None:
-        cfg = replace(cfg, eval_seed=held_out_seed(avoided_rng_seeds(cfg), cfg.compare_episodes, EVAL_SEED_START))
+def _rounds(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, runner: BaseRunner,
+            state: Path | None, resume: DaggerResume | None) -> list[dict[str, Any]]:
+    if resume is None:
+        if cfg.eval_seed is None:
+            cfg = replace(cfg, eval_seed=held_out_seed(avoided_rng_seeds(cfg), cfg.compare_episodes, EVAL_SEED_START))
+        resume = DaggerResume(eval_seed=int(cfg.eval_seed or 0), bootstrap=store_episodes(cfg.store)[0] == 0,
+                              results=[])
+        if state is not None:  # before any work: a kill during the bootstrap resumes the same plan
+            save_dagger_state(state, cfg, resume)
+    else:
+        cfg = replace(cfg, eval_seed=resume.eval_seed)
     _, expert_versions = resolve_specs([cfg.expert], registry, None)
-    if store_episodes(cfg.store)[0] == 0:
+    results = list(resume.results)
+    if resume.bootstrap and not results:  # resumes per episode, like every collect stage
         plan = CollectConfig(episode=cfg.episode, policy=cfg.expert, seed=cfg.seed, episodes=cfg.bootstrap_episodes,
                              version=expert_versions[cfg.expert], threads=cfg.threads)
         _collect(cfg, runner, progress, plan, f"round 0: collect {cfg.expert}")
-    results: list[dict[str, Any]] = []
-    expert_runs: PolicyRuns | None = None
-    ckpt = cfg.checkpoint  # replaced by each round's; round r >= 1 collects with round r-1's
-    for r in range(cfg.rounds + 1):
+    expert_runs: PolicyRuns | None = None  # run again by the first round this call runs (it is seeded)
+    # Replaced by each round's; round r >= 1 collects with round r-1's.
+    ckpt = Path(results[-1]["checkpoint"]) if results else cfg.checkpoint
+    for r in range(len(results), cfg.rounds + 1):
         if r > 0:
             _collect_with_learner(cfg, registry, runner, progress, r, ckpt)
         ckpt, metrics = _train(cfg, registry, progress, r)
@@ -163,7 +179,9 @@ def _rounds(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, run
             expert_runs = runs[cfg.expert]
         result = _round_result(cfg, r, ckpt, metrics, expert_runs, runs[cfg.policy])
         results.append(result)
-        progress.on_round(result)
+        progress.on_round(result)  # before the state: a kill in between runs (and logs) the round again
+        if state is not None:
+            save_dagger_state(state, cfg, replace(resume, results=results))
     return results
 
 

@@ -110,6 +110,12 @@ class EpochStats:
     best_epoch: int
     best_balanced_accuracy: float
     best_val_loss: float = math.nan  # the kept epoch's validation loss (outcome keeps the lowest)
+    val_recall: tuple[float | None, ...] = ()  # per action (WAIT..CULL); None where validation holds none
+
+
+def class_recalls(labels: np.ndarray, pred: np.ndarray) -> tuple[float | None, ...]:
+    """Recall of every action on one split, None for an action the split holds no example of."""
+    return tuple(float((pred[labels == c] == c).mean()) if (labels == c).any() else None for c in range(N_ACTIONS))
 
 
 @dataclass
@@ -473,7 +479,8 @@ def run_epochs(prep: Prepared, model: nn.Module, tr: Tensors, va: Tensors, weigh
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                             "val_accuracy": acc, "val_balanced_accuracy": bal})
             if on_epoch is not None:
-                on_epoch(EpochStats(epoch, train_loss, val_loss, acc, bal, best_epoch, best_bal, best_val_loss))
+                on_epoch(EpochStats(epoch, train_loss, val_loss, acc, bal, best_epoch, best_bal, best_val_loss,
+                                    class_recalls(val.labels, pred)))
             if cfg.patience is not None and epoch - best_epoch >= cfg.patience:
                 break
     except KeyboardInterrupt:

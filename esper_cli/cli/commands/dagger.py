@@ -4,12 +4,16 @@ The learner acts (mixed with the expert by beta), the expert labels every visite
 learner is retrained on the aggregated store and compared closed loop with the expert on held-out
 paired seeds, round after round (see `esper_cli.learning.dagger_loop`). This command checks the options, draws
 the progress and prints one row (or JSON entry) per round.
+
+The run state beside `--out` (`<out stem>.dagger-run.safetensors`) lets the same command after
+Ctrl-C or SIGKILL continue from its next round; `--tensorboard DIR` logs one step per round.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -40,15 +44,29 @@ from ...learning.dagger_loop import (
     round_checkpoint,
     run_dagger,
 )
+from ...learning.dagger_state import DaggerResume, load_dagger_state, run_state_path
+from ...learning.event_log import EventLog, TensorBoardUnavailable, check_tensorboard
+from ...learning.run_state import RunStateError
 from ...paths import default_checkpoint_path, default_store_path
+from ...plugins import Registry
 from ...running.runner import BackendUnavailable, JobFailed
 from ..common import choose, episode_config, err, fail, out, registry, workers_and_backend
 from ..interrupt import keep_work_on_interrupt
-from ..options import Backend, DataDir, Device, Epochs, RayAddress, Task, Threads, Workers
+from ..options import Backend, DataDir, Device, Epochs, RayAddress, Task, TensorBoardDir, Threads, Workers
 
 
-def progress_bars(progress: Progress, results: list[dict[str, Any]]) -> DaggerProgress:
-    """A bar per stage of every round; `results` collects each finished round."""
+def round_scalars(result: dict[str, Any]) -> dict[str, Any]:
+    """A round's TensorBoard curves (step = round): on-policy agreement and closed-loop accuracy."""
+    return {"dagger/on_policy_agreement": result["on_policy_agreement"],
+            "dagger/learner_final_accuracy": result["learner_final_accuracy_mean"],
+            "dagger/expert_final_accuracy": result["expert_final_accuracy_mean"],
+            "dagger/final_accuracy_diff": result["final_accuracy_diff_mean"],
+            "dagger/val_balanced_accuracy": result["val_balanced_accuracy"],
+            "dagger/store_episodes": result["store_episodes"]}
+
+
+def progress_bars(progress: Progress, results: list[dict[str, Any]], events: EventLog | None = None) -> DaggerProgress:
+    """A bar per stage of every round; `results` collects each finished round, `events` logs it."""
     bar = TaskID(-1)  # the stage under way
 
     def stage(description: str, total: int) -> None:
@@ -57,6 +75,8 @@ def progress_bars(progress: Progress, results: list[dict[str, Any]]) -> DaggerPr
 
     def round_done(result: dict[str, Any]) -> None:
         results.append(result)
+        if events is not None:
+            events.scalars(result["round"], round_scalars(result))
         progress.update(bar, info=f"agreement {100 * (result['on_policy_agreement'] or 0):.2f}%  "
                                   f"Δ {result['final_accuracy_diff_mean']:+.2f}")
 
@@ -111,14 +131,23 @@ def dagger(
     backend: Backend = "local",
     ray_address: RayAddress = None,
     threads: Threads = 1,
+    tensorboard: TensorBoardDir = None,
+    restart: bool = typer.Option(False, "--restart", help="Start over: forget the run state saved beside --out "
+                                                          "(the store's episodes are kept and reused)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (one entry per round)."),
 ) -> None:
     """Run DAgger rounds: the learner acts, the expert labels, retrain, compare closed loop.
 
     Each round the learner (mixed with the expert by beta) drives new episodes while the expert's
     action at every state is stored as the label; the learner is retrained on the aggregated
-    store and compared closed loop on held-out seeds.
+    store and compared closed loop on held-out seeds. The same command after Ctrl-C or a kill
+    continues from the next round (the run state is kept beside --out); --restart starts over.
     """
+    if tensorboard is not None:
+        try:
+            check_tensorboard()
+        except TensorBoardUnavailable as exc:
+            fail(escape(str(exc)))
     reg = registry()
     trainable = [name for name in sorted(reg.trainables) if name in reg.policies]
     if policy not in trainable:
@@ -138,28 +167,21 @@ def dagger(
     plan = DaggerConfig(
         policy=policy, expert=expert, episode=config, store=store_path, checkpoint=final_ckpt, rounds=rounds,
         beta=beta, beta_decay=beta_decay, episodes_per_round=episodes_per_round,
-        bootstrap_episodes=bootstrap_episodes, seed=seed, compare_episodes=compare_episodes,
+        bootstrap_episodes=bootstrap_episodes, seed=seed, eval_seed=eval_seed, compare_episodes=compare_episodes,
         train_epochs=train_epochs, train_seed=train_seed, allow_missing_classes=allow_missing_classes,
         workers=n_workers, backend=backend, ray_address=ray_address, threads=threads)
-    try:
-        resolve_specs([expert], reg, None)  # the expert must build before anything runs
-        avoided = avoided_rng_seeds(plan)
-    except CompareError as exc:
-        fail(escape(str(exc)))
-    except StoreError as exc:
-        fail(str(exc))
-    eval_seed, _, notice = pick_seed(eval_seed, avoided, compare_episodes, start=EVAL_SEED_START,
-                                     option="--eval-seed", what="the DAgger store holds or a round will collect")
-    if notice is not None:
-        err.print(notice, markup=False, highlight=False, soft_wrap=True)
+    state_path = run_state_path(final_ckpt)
+    plan, resume = resume_or_start(plan, reg, state_path, restart=restart)
 
     progress = Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=err)
-    results: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = list(resume.results) if resume is not None else []
     keep_work_on_interrupt()
     try:
-        with progress:
-            run_dagger(replace(plan, eval_seed=eval_seed), reg, progress_bars(progress, results))
+        with progress, ExitStack() as stack:
+            events = None if tensorboard is None else stack.enter_context(
+                EventLog(tensorboard, resume_from=resume.next_round if resume is not None else 0))
+            results = run_dagger(plan, reg, progress_bars(progress, results, events), state=state_path, resume=resume)
     except (DataError, CheckpointError, StoreError, CompareError) as exc:
         fail(escape(str(exc)))
     except BackendUnavailable as exc:
@@ -167,7 +189,8 @@ def dagger(
     except JobFailed as exc:
         fail(escape(str(exc)), code=1)
     except KeyboardInterrupt:
-        err.print(f"Interrupted after {len(results)} completed round(s); collected episodes are kept in {store_path}.")
+        err.print(f"Interrupted after {len(results)} completed round(s); collected episodes are kept in {store_path}; "
+                  f"the same command continues from round {len(results)}.")
         raise typer.Exit(130) from None
 
     try:  # checked again: the file may have changed during the rounds
@@ -177,9 +200,39 @@ def dagger(
     except (CheckpointError, OSError) as exc:
         fail(escape(f"--out: {exc}"))
     report = {"policy": policy, "expert": expert, "store": str(store_path), "checkpoint": str(final_ckpt),
-              "eval_seed": eval_seed, "compare_episodes": compare_episodes, "rounds": results}
+              "eval_seed": plan.eval_seed, "compare_episodes": compare_episodes, "resumed": resume is not None,
+              "resumed_from_round": None if resume is None else resume.next_round, "run_state": str(state_path),
+              "rounds": results}
     if as_json:
         out.print_json(json.dumps(report))
     else:
         out.print(round_table(results, policy, expert))
         out.print(f"Final checkpoint: {final_ckpt}", highlight=False)
+
+
+def resume_or_start(plan: DaggerConfig, reg: Registry, state_path: Path, *,
+                    restart: bool) -> tuple[DaggerConfig, DaggerResume | None]:
+    """The plan with its eval seed, and the saved run to continue (None: a fresh start). A saved
+    state of another configuration is refused in one line; `restart` forgets it first."""
+    if restart:
+        state_path.unlink(missing_ok=True)  # only the state: round checkpoints are overwritten, episodes reused
+    try:
+        resolve_specs([plan.expert], reg, None)  # the expert must build before anything runs
+        loaded = load_dagger_state(state_path, plan)
+        if loaded is not None:
+            plan, resume = loaded
+            err.print(f"Resuming from round {resume.next_round} ({resume.next_round} completed round(s) in "
+                      f"{state_path}; --restart starts over)", markup=False, highlight=False, soft_wrap=True)
+            return plan, resume
+        avoided = avoided_rng_seeds(plan)
+    except CompareError as exc:
+        fail(escape(str(exc)))
+    except RunStateError as exc:
+        fail(escape(str(exc)))
+    except StoreError as exc:
+        fail(str(exc))
+    seed, _, notice = pick_seed(plan.eval_seed, avoided, plan.compare_episodes, start=EVAL_SEED_START,
+                                option="--eval-seed", what="the DAgger store holds or a round will collect")
+    if notice is not None:
+        err.print(notice, markup=False, highlight=False, soft_wrap=True)
+    return replace(plan, eval_seed=seed), None

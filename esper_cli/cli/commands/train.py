@@ -1,10 +1,12 @@
 """`simic train`: behaviour-clone a learned Tamiyo (mlp, gru, or a plugin's) from an episode store,
-or, with `--objective outcome`, learn from the stored rewards (advantage-weighted regression)."""
+or, with `--objective outcome`, learn from the stored rewards (advantage-weighted regression).
+`--tensorboard DIR` logs one step per epoch."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,6 +18,7 @@ from rich.table import Table
 from ...checkpoint import CheckpointError, check_writable_checkpoint
 from ...contracts import ACTION_NAMES
 from ...data.decisions import DataError
+from ...learning.event_log import EventLog, TensorBoardUnavailable, check_tensorboard
 from ...learning.metrics import balanced_accuracy_label
 from ...learning.offline import DEFAULT_MAX_WEIGHT, DEFAULT_TEMPERATURE
 from ...learning.training import (
@@ -31,6 +34,7 @@ from ...paths import default_checkpoint_path, default_store_path
 from ...running.threads import use_threads
 from ..common import err, fail, option_error, out, registry
 from ..interrupt import keep_work_on_interrupt
+from ..options import TensorBoardDir
 
 
 def _hidden(spec: Optional[str], defaults: Mapping[str, Any]) -> Any:
@@ -62,6 +66,14 @@ def outcome_rows(table: Table, metrics: dict[str, Any]) -> None:
                   f"({w['capped_fraction']:.1%} capped)")
     table.add_row("val weighted loss (kept epoch)", f"[bold]{metrics['val_weighted_loss']:.4f}[/]")
     table.add_row("val agreement with taken actions", f"{val['accuracy']:.4f}")
+
+
+def epoch_scalars(s: EpochStats) -> dict[str, Any]:
+    """An epoch's TensorBoard curves (step = epoch): losses, validation accuracy and per-class recall."""
+    curves: dict[str, Any] = {"train/loss": s.train_loss, "val/loss": s.val_loss, "val/accuracy": s.val_accuracy,
+                              "val/balanced_accuracy": s.val_balanced_accuracy}
+    curves.update({f"val/recall/{a}": r for a, r in zip(ACTION_NAMES, s.val_recall)})
+    return curves
 
 
 def summary_table(policy: str, metrics: dict[str, Any], store: Path) -> Table:
@@ -134,6 +146,7 @@ def train(
         DEFAULT_MAX_WEIGHT, "--max-weight",
         help="outcome: cap on a decision's weight exp(advantage / T), so a few lucky episodes cannot dominate."),
     threads: int = typer.Option(1, "--threads", min=1, help="Torch CPU threads (1 is fastest for these small networks)."),
+    tensorboard: TensorBoardDir = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the summary table."),
 ) -> None:
     """Train a learned Tamiyo to imitate the decisions in an episode store (behaviour cloning).
@@ -150,6 +163,11 @@ def train(
     episodes expects from that state. The epoch with the lowest weighted validation loss is kept;
     the checkpoint never picks an action that is invalid in the state.
     """
+    if tensorboard is not None:
+        try:
+            check_tensorboard()
+        except TensorBoardUnavailable as exc:
+            fail(escape(str(exc)))
     reg = registry()
     try:
         trainable = trainable_policy(policy, reg)
@@ -168,7 +186,11 @@ def train(
         MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[stats]}"), console=err,
     )
 
+    events: EventLog | None = None
+
     def on_epoch(s: EpochStats) -> None:
+        if events is not None:
+            events.scalars(s.epoch, epoch_scalars(s))
         progress.update(job, completed=s.epoch, stats=(
             f"loss {s.train_loss:.4f}  val loss {s.val_loss:.4f}  val bal-acc {s.val_balanced_accuracy:.4f}  "
             f"best {s.best_val_loss:.4f}@{s.best_epoch} (bal-acc {s.best_balanced_accuracy:.4f})" if objective == "bc" else
@@ -186,7 +208,9 @@ def train(
             log=lambda msg: err.print(f"[yellow]Warning:[/] {msg}", highlight=False, soft_wrap=True))
         err.print(f"{prep.train.n_episodes} training / {prep.val.n_episodes} validation episodes "
                   f"({len(prep.train.labels)} / {len(prep.val.labels)} decisions) from {store_path}", highlight=False)
-        with progress:
+        with progress, ExitStack() as stack:
+            if tensorboard is not None:  # a new run: its curves replace any earlier run's in DIR
+                events = stack.enter_context(EventLog(tensorboard, resume_from=0))
             job = progress.add_task(f"train {policy}", total=epochs, stats="")
             path, metrics = fit(prep, on_epoch)
             progress.update(job, total=metrics["epochs_run"], completed=metrics["epochs_run"])
