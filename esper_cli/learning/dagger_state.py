@@ -21,8 +21,9 @@ from typing import Any
 
 from .run_state import RunStateError, config_difference, load_run_state, save_run_state
 
-#: Settings that say where and how fast episodes run, not what they are: a resumed run may change them.
-RUNTIME_SETTINGS = ("workers", "backend", "ray_address", "threads")
+#: Settings that say where episodes run, not what they are: a resumed run may change them. The thread
+#: count is not one of them: it changes the order of float sums, and so the numbers.
+RUNTIME_SETTINGS = ("workers", "backend", "ray_address")
 
 
 @dataclass(frozen=True)
