@@ -122,8 +122,9 @@ def test_a_complete_run_is_not_run_again_a_changed_one_is_refused_and_restart_st
     whole, summary = uninterrupted
     for f in whole.glob("mlp*"):  # a moved folder still resumes (its state names no path that matters)
         shutil.copy2(f, tmp_path / f.name)
-    again = run_to_end(tmp_path)
+    again = run_to_end(tmp_path, "--plot", str(tmp_path / "curve.png"))
     assert again["resumed_from"] == UPDATES and again["history"] == summary["history"]
+    assert (tmp_path / "curve.png").stat().st_size > 0  # the whole curve, from the state
     assert same_tensors(tmp_path / "mlp.safetensors", whole / "mlp.safetensors")
 
     args, env = command(tmp_path, "--seed", "1")

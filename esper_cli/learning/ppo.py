@@ -16,6 +16,8 @@ return is the accuracy the controller added by its end. The loop, one update at 
                 baseline is regressed on the returns.
 4. the running mean return over the last updates picks the best policy so far: that checkpoint is
    written to `out` (so Ctrl-C keeps it), an ordinary `mlp` checkpoint.
+5. the run state is saved beside `out` (`ppo_state`): the same run, killed at any moment,
+   continues from its last completed update to the same checkpoint.
 
 The first update is different: the start policy (behaviour cloning of a deterministic expert) is
 too sure of itself to explore, so its episodes only train the baseline and calibrate a softened
