@@ -16,6 +16,8 @@ return is the accuracy the controller added by its end. The loop, one update at 
                 baseline is regressed on the returns.
 4. the running mean return over the last updates picks the best policy so far: that checkpoint is
    written to `out` (so Ctrl-C keeps it), an ordinary `mlp` checkpoint.
+5. the run state is saved beside `out` (`ppo_state`): the same run, killed at any moment,
+   continues from its last completed update to the same checkpoint.
 
 The first update is different: the start policy (behaviour cloning of a deterministic expert) is
 too sure of itself to explore, so its episodes only train the baseline and calibrate a softened
@@ -56,6 +58,7 @@ from ..running.runner import BaseRunner, EpisodeJob, make_runner
 from ..running.threads import use_threads
 from ..running.weights import Weights
 from .offline import returns_to_go, value_network
+from .ppo_state import Saved, check_state, restore_state, save_state
 from .training import TrainConfig, build_network, train_policy
 
 
@@ -139,7 +142,9 @@ class ImproveResult:
     bootstrap_episodes: int = 0
     temperature: float = 1.0  # the start policy's logits were divided by this (`soften`)
     interrupted: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of this process (a resumed run's own part)
+    resumed_from: int | None = None  # the first update this process ran, when it resumed a saved run
+    state_bytes: int = 0  # size of the last run state written
 
 
 # ================================================================================ networks
@@ -391,6 +396,10 @@ def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | 
             runner: BaseRunner | None = None) -> ImproveResult:
     """Fine-tune a `mlp` policy with PPO on its own episodes; the best policy so far is at `cfg.out`.
 
+    After every update the run state is saved beside `cfg.out` (`ppo_state`); a run whose state
+    is there continues from its last completed update and ends with the same checkpoint (a
+    complete run's state makes it write the checkpoint again and run nothing). Raises
+    `RunStateError` before any work for a damaged state or one saved with another configuration.
     Every episode (the bootstrap's and the updates') runs on `runner`, or on one runner opened
     from `cfg` for the whole run. Raises `JobFailed` when an episode fails or is lost,
     `CheckpointError` for an unusable start checkpoint. A `KeyboardInterrupt` ends the run early:
@@ -402,14 +411,21 @@ def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | 
     # count changes the order of float sums, and so the checkpoint.
     use_threads(cfg.threads)
     result = ImproveResult(checkpoint=cfg.out)
+    loaded = check_state(cfg)
     with ExitStack() as stack:
         if runner is None:
             runner = stack.enter_context(make_runner(cfg.backend, cfg.workers, ray_address=cfg.ray_address,
                                                      registry=registry))
-        start, boot = (cfg.start, 0) if cfg.start is not None else bootstrap(cfg, registry, runner, progress)
+        if cfg.start is not None:
+            start, boot = cfg.start, 0
+        elif loaded is not None and cfg.bootstrap_checkpoint().exists():  # the state's own start
+            start, boot = cfg.bootstrap_checkpoint(), cfg.bootstrap_episodes
+        else:
+            start, boot = bootstrap(cfg, registry, runner, progress)
         result.bootstrap_episodes = result.episodes_used = boot
         learner = _Learner.start(start, registry, cfg)
-        best = _fine_tune(cfg, runner, learner, result, progress)
+        saved = restore_state(loaded, learner, result, cfg) if loaded is not None else Saved()
+        best = _fine_tune(cfg, runner, learner, result, progress, saved)
     result.seconds = time.perf_counter() - started
     if best is None and not result.interrupted:  # no update ran (--episodes 0 is refused; kept safe)
         best = dict(learner.policy.state_dict())
@@ -419,12 +435,13 @@ def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | 
 
 
 def _fine_tune(cfg: ImproveConfig, runner: BaseRunner, learner: _Learner, result: ImproveResult,
-               progress: ImproveProgress) -> dict[str, torch.Tensor] | None:
-    """The PPO updates, each on episodes of the policy as it was; the best acting policy's weights
-    (None when no update finished). Ctrl-C stops it and sets `result.interrupted`."""
-    best_score, best = -math.inf, None
+               progress: ImproveProgress, saved: Saved) -> dict[str, torch.Tensor] | None:
+    """The PPO updates from `saved.next_update` on, each on episodes of the policy as it was, the
+    run state saved after each; the best acting policy's weights (None when no update finished).
+    Ctrl-C stops it and sets `result.interrupted`."""
     try:
-        for u in range(cfg.updates):
+        for u in range(saved.next_update, cfg.updates):
+            update_started = time.perf_counter()
             acting = learner.weights()
             drawn = _collect_update(cfg, runner, u, Weights.of(acting, _meta(learner, cfg, result, policy_only=True),
                                                                 f"{cfg.out} (update {u}'s acting policy)"), progress)
@@ -434,15 +451,20 @@ def _fine_tune(cfg: ImproveConfig, runner: BaseRunner, learner: _Learner, result
             row = _curve_row(u, drawn, stats, result.episodes_used)
             result.history.append(row)
             row["running_mean_return"] = float(np.mean([r["mean_return"] for r in result.history[-cfg.window:]]))
+            row["episodes_per_second"] = len(drawn) / max(time.perf_counter() - update_started, 1e-9)
             # The policy that earned the recent returns is the one before this update (it drove
             # them), so the best is the episodes' own checkpoint; on disk at once for Ctrl-C.
-            if row["running_mean_return"] > best_score:
-                best_score, result.best_update, best = row["running_mean_return"], u, acting
-                save_checkpoint(cfg.out, best, _meta(learner, cfg, result))
+            if row["running_mean_return"] > saved.best_score:
+                saved.best_score, result.best_update, saved.best = row["running_mean_return"], u, acting
+                save_checkpoint(cfg.out, saved.best, _meta(learner, cfg, result))
+            # Reported (and logged to TensorBoard) before the state is saved: a kill in between
+            # repeats update u, whose logged step the resumed run's event log then replaces.
             progress.on_update(row)
+            saved.next_update = u + 1
+            result.state_bytes = save_state(cfg, learner, result, saved)
     except KeyboardInterrupt:
         result.interrupted = True
-    return best
+    return saved.best
 
 
 def _collect_update(cfg: ImproveConfig, runner: BaseRunner, u: int, acting: Weights,
@@ -469,7 +491,9 @@ def _curve_row(u: int, drawn: Sequence[Drawn], stats: dict[str, float], used: in
     returns = [sum(d.outcome.reward for d in ep.decisions) for ep in episodes]
     return {"update": u, "episodes_used": used, "mean_return": float(np.mean(returns)),
             "final_accuracy": float(np.mean([ep.final_accuracy for ep in episodes])),
-            "seeds_fossilized": float(np.mean([ep.seeds_fossilized for ep in episodes])), **stats}
+            "test_accuracy": float(np.mean([ep.test_accuracy for ep in episodes])),
+            "seeds_fossilized": float(np.mean([ep.seeds_fossilized for ep in episodes])),
+            "seeds_culled": float(np.mean([ep.seeds_culled for ep in episodes])), **stats}
 
 
 def _meta(learner: _Learner, cfg: ImproveConfig, result: ImproveResult, policy_only: bool = False) -> dict[str, Any]:

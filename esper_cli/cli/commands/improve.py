@@ -25,17 +25,51 @@ from ...checkpoint import CheckpointError, check_writable_checkpoint, load_check
 from ...contracts import MAX_SEED
 from ...data.decisions import DataError
 from ...data.store import StoreError
+from ...learning.event_log import EventLog, TensorBoardUnavailable, check_tensorboard
 from ...learning.ppo import ImproveConfig, ImproveProgress, ImproveResult, improve
+from ...learning.ppo_state import check_state, remove_state, state_path
+from ...learning.run_state import RunStateError
 from ...paths import default_checkpoint_path
 from ...running.runner import BackendUnavailable, JobFailed
 from ..common import check_plot, choose, episode_config, err, fail, option_error, out, registry, workers_and_backend
 from ..interrupt import keep_work_on_interrupt
-from ..options import Backend, DataDir, Device, Epochs, RayAddress, Task, Threads, Workers
+from ..options import Backend, DataDir, Device, Epochs, RayAddress, Task, TensorBoardDir, Threads, Workers
 from ..tables import RateColumn
 
+#: The curves `--tensorboard` writes, one step per update: TensorBoard tag -> the curve row's key.
+TENSORBOARD_CURVES = {
+    "return/mean": "mean_return", "return/running_mean": "running_mean_return",
+    "ppo/entropy": "entropy", "ppo/approx_kl": "approx_kl", "ppo/clip_fraction": "clip_fraction",
+    "ppo/value_loss": "value_loss", "seeds/fossilized_per_episode": "seeds_fossilized",
+    "seeds/culled_per_episode": "seeds_culled", "accuracy/final": "final_accuracy", "accuracy/test": "test_accuracy",
+    "speed/episodes_per_second": "episodes_per_second",
+}
 
-def progress_reporter(progress: Progress) -> ImproveProgress:
-    """One bar per stage (episodes/s, the running mean return), over one bar for the whole run."""
+
+class UpdateLog:
+    """`--tensorboard`: each update's row as TensorBoard scalars (step = the update). The event log
+    opens at the first update this process runs, so a resumed run replaces whatever a killed one
+    logged from there on: every step once."""
+
+    def __init__(self, log_dir: Path | None) -> None:
+        self.log_dir = log_dir
+        self._log: EventLog | None = None
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        if self.log_dir is None:
+            return
+        if self._log is None:
+            self._log = EventLog(self.log_dir, resume_from=int(row["update"]))
+        self._log.scalars(int(row["update"]), {tag: row.get(key) for tag, key in TENSORBOARD_CURVES.items()})
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+
+
+def progress_reporter(progress: Progress, also: Any = None) -> ImproveProgress:
+    """One bar per stage (episodes/s, the running mean return), over one bar for the whole run;
+    `also` is called with each update's row too."""
     bar = TaskID(-1)
     last = ""
 
@@ -50,6 +84,8 @@ def progress_reporter(progress: Progress) -> ImproveProgress:
         last = (f"return {row['mean_return']:+.2f} (running {row['running_mean_return']:+.2f})  "
                 f"final acc {row['final_accuracy']:.2f}")
         progress.update(bar, info=last)
+        if also is not None:
+            also(row)
 
     return ImproveProgress(on_stage=stage, on_episode=lambda _: progress.advance(bar), on_update=update,
                            log=lambda m: progress.console.print(f"[yellow]Warning:[/] {escape(m)}", highlight=False))
@@ -115,6 +151,9 @@ def improve_command(
     threads: Threads = 1,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary (with the learning curve) instead of the table."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the learning curve to this PNG."),
+    tensorboard: TensorBoardDir = None,
+    restart: bool = typer.Option(False, "--restart", help="Start over: remove the run state a killed or finished run "
+                                                          "left beside --out (the bootstrap episodes are still reused)."),
 ) -> None:
     """Fine-tune a learned Tamiyo on its own live episodes (PPO) toward higher final accuracy.
 
@@ -122,11 +161,18 @@ def improve_command(
     so PPO (with a learned baseline) moves it toward decisions that end training higher. Episodes
     run through the episode runner (--workers, --backend ray) and the result reproduces per seed.
     Without --from it starts from behaviour cloning of the heuristic. The best policy so far (by
-    the running mean return) is written to --out as it is found: Ctrl-C keeps it.
+    the running mean return) is written to --out as it is found: Ctrl-C keeps it. The run state
+    is saved beside --out after every update: the same command after Ctrl-C or a kill continues
+    from the last completed update and ends with the same checkpoint (--restart starts over).
     """
     if policy != "mlp":
         fail(f"--policy {policy!r}: simic improve fine-tunes mlp policies only")
     check_plot(plot)
+    if tensorboard is not None:
+        try:
+            check_tensorboard()
+        except TensorBoardUnavailable as exc:
+            fail(escape(str(exc)))
     reg = registry()
     choose("policy", policy, reg.policies, "--policy", reg)
     n_workers = workers_and_backend(workers, backend, ray_address)
@@ -151,6 +197,17 @@ def improve_command(
             check_writable_checkpoint(path)
     except CheckpointError as exc:
         fail(escape(f"--out: {exc}"))
+    try:  # refused before any work: a damaged state, or one of another configuration
+        if restart and remove_state(cfg):
+            err.print(f"--restart: removed the run state {state_path(cfg)}.", highlight=False)
+        saved = check_state(cfg)
+    except RunStateError as exc:
+        fail(escape(str(exc)))
+    if saved is not None:
+        done = int(saved[1]["next_update"])
+        err.print(f"Run already complete ({done} updates in {state_path(cfg)}): the checkpoint is written again."
+                  if done >= cfg.updates else f"Resuming from update {done} of {cfg.updates} ({state_path(cfg)}).",
+                  highlight=False)
     if start is None and cfg.bootstrap_path().exists():
         err.print(f"Bootstrap episodes already in {cfg.bootstrap_path()} are reused.", highlight=False)
 
@@ -158,22 +215,27 @@ def improve_command(
                         MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
                         TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err)
     keep_work_on_interrupt()
+    curves = UpdateLog(tensorboard)
     try:
         with progress:
-            result = improve(cfg, reg, progress_reporter(progress))
+            result = improve(cfg, reg, progress_reporter(progress, curves))
+    except RunStateError as exc:
+        fail(escape(str(exc)))
     except (DataError, CheckpointError, StoreError) as exc:
         fail(option_error(exc))
     except BackendUnavailable as exc:
         fail(escape(str(exc)))
     except JobFailed as exc:
         fail(escape(str(exc)), code=1)
+    finally:
+        curves.close()
 
     if plot is not None and result.history:
         plot_curve(plot, result)
         err.print(f"Learning curve written to {plot}", highlight=False)
     summary = {"checkpoint": str(target), "best_update": result.best_update, "episodes_used": result.episodes_used,
                "bootstrap_episodes": result.bootstrap_episodes, "updates": len(result.history),
-               "interrupted": result.interrupted, "seconds": result.seconds, "config": cfg.to_dict(),
+               "resumed_from": result.resumed_from, "interrupted": result.interrupted, "seconds": result.seconds, "config": cfg.to_dict(),
                "history": result.history, "plot": str(plot) if plot is not None and result.history else None}
     if as_json:
         out.print_json(json.dumps(summary))
