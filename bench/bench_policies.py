@@ -1,4 +1,4 @@
-"""The policy table: heuristic, wait, random (and any named checkpoint) over paired held-out seeds.
+"""The policy table: heuristic, wait, random, eager (and any named checkpoint) over paired held-out seeds.
 
 Every policy drives its own episodes from the same seeds (episode i of each starts from the same
 weights and sees the same data order), so the difference to `wait` on episode i is the effect of
@@ -8,7 +8,7 @@ read once at the end of each episode, is the honest score. Intervals are Student
     python bench/bench_policies.py [--episodes 20] [--seed 1000] [--workers 2] [--reference wait] [POLICY ...]
 
 POLICY is a registered name or NAME=PATH (a checkpoint), as for `simic compare`; the default is
-heuristic, random. The reference (`wait` unless `--reference` names another) is always run, first;
+heuristic, random, eager. The reference (`wait` unless `--reference` names another) is always run, first;
 every difference is paired against it (e.g. `--reference heuristic mlp=improved.safetensors wait
 random`: does a learned Tamiyo beat the rules?).
 """
@@ -31,7 +31,7 @@ def _ci(ci: list[float] | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("policies", nargs="*", default=["heuristic", "random"])
+    parser.add_argument("policies", nargs="*", default=["heuristic", "random", "eager"])
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1000, help="run seed (use one you did not tune on)")
     parser.add_argument("--epochs", type=int, default=25)

@@ -1,9 +1,9 @@
-"""The baseline policies `wait` and `random`: registered like the built-ins, deterministic per
-episode seed, and never an invalid action."""
+"""The baseline policies `wait`, `random` and `eager`: registered like the built-ins, deterministic
+per episode seed, and never an invalid action."""
 
 from __future__ import annotations
 
-from simic_plugins.baselines import RandomTamiyo, WaitTamiyo, valid_actions
+from simic_plugins.baselines import EagerTamiyo, RandomTamiyo, WaitTamiyo, valid_actions
 
 from esper_cli.contracts import Action, EpisodeConfig
 from esper_cli.plugins import build_registry
@@ -24,6 +24,16 @@ def test_registered_through_the_entry_point_group():
     assert isinstance(reg.policies["wait"](), WaitTamiyo)
     assert isinstance(reg.policies["random"](), RandomTamiyo)
     assert reg.plugin_of("policy", "random").name == "baselines"
+    assert isinstance(reg.policies["eager"](), EagerTamiyo) and reg.plugin_of("policy", "eager").name == "baselines"
+
+
+def test_eager_grows_into_every_free_slot_at_once_and_never_culls():
+    ep = run(EagerTamiyo(), 0)
+    actions = [d.action for d in ep.decisions]
+    assert actions[0] == Action.GERMINATE and Action.CULL not in actions
+    assert all(d.valid for d in ep.decisions)
+    # Each seed is advanced at every epoch it can be: germinated, trained, blended, fossilized.
+    assert ep.seeds_created == 2 and ep.seeds_fossilized == 2 and ep.seeds_culled == 0
 
 
 def test_wait_never_grows():

@@ -668,7 +668,7 @@ def test_a_policy_of_a_plugin_that_failed_to_import_is_reported_as_unavailable_a
     store = str(tmp_path / "s.h5")
     why = "plugin 'never' failed to import never_plugin: ModuleNotFoundError: No module named 'simic_not_installed_anywhere'"
     line = error_line(simic("collect", "--policy", "never", "--store", store, *TINY),
-                          "--policy 'never': policy unavailable: " + why, "(available: gru, heuristic, mlp, random, wait)")
+                          "--policy 'never': policy unavailable: " + why, "(available: eager, gru, heuristic, mlp, random, wait)")
     assert "unknown policy" not in line
     error_line(simic("compare", "heuristic", "never", *TINY), "policy 'never': policy unavailable: " + why)
     error_line(simic("eval", "--policy", "never", "--store", store), "policy unavailable: " + why)
@@ -681,7 +681,7 @@ def test_an_unknown_policy_names_the_plugins_that_failed_to_load_as_possible_cau
     """})
     line = error_line(simic("collect", "--policy", "never", "--store", str(tmp_path / "s.h5"), *TINY),
                           "--policy 'never': unknown policy; plugin 'simic-probe' failed to import probe_plugin: "
-                          "ImportError: needs scipy, and may have provided it (available: gru, heuristic,")
+                          "ImportError: needs scipy, and may have provided it (available: eager, gru, heuristic,")
     assert "unavailable" not in line
 
 

@@ -4,6 +4,10 @@
   difference is what its growing, culling and grafting did).
 - `random`: a uniform choice among the actions valid in the current state, drawn from the
   episode's rng seed, so a run reproduces exactly and paired runs are comparable.
+- `eager`: the simplest rule that grows: germinate whenever a slot is free, advance as soon as
+  that is valid, never cull. It fills every slot as early as the lifecycle allows; on the default
+  task it beats the heuristic on fresh seeds (README), so it is a bar a learned policy must clear
+  too, not only the heuristic.
 
 Valid actions, read from the observation as the environment defines them: WAIT always;
 GERMINATE with no active seed and a DORMANT slot; ADVANCE and CULL with an active seed.
@@ -56,7 +60,26 @@ class RandomTamiyo:
                         probabilities=probabilities)
 
 
+class EagerTamiyo:
+    """Germinate whenever a slot is free, advance as soon as valid, never cull."""
+
+    name = "eager"
+    version = "1.0"
+
+    def reset(self, context: EpisodeContext) -> None:
+        """Stateless: nothing to reset."""
+
+    def decide(self, obs: TrainingSnapshot, context: EpisodeContext | None = None) -> Decision:
+        choices = valid_actions(obs)
+        if Action.ADVANCE in choices:
+            return Decision(Action.ADVANCE, "baseline: advance as soon as valid", 1.0)
+        if Action.GERMINATE in choices:
+            return Decision(Action.GERMINATE, "baseline: germinate into a free slot", 1.0)
+        return Decision(Action.WAIT, "baseline: nothing to grow", 1.0)
+
+
 @hookimpl
 def register_policies(register: Callable[[str, Callable[..., Any]], None]) -> None:
     register("wait", WaitTamiyo)
     register("random", RandomTamiyo)
+    register("eager", EagerTamiyo)
