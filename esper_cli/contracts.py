@@ -25,6 +25,11 @@ SCHEMA_NAME = "tamiyo-snapshot"
 #: Schema versions this build still reads (`simic info`, `simic eval` of a policy without a
 #: checkpoint). Training, checkpoints and appending use SCHEMA_VERSION only: never mixed.
 READABLE_SCHEMA_VERSIONS = (1, 2)
+#: The engine that trains an episode's host, part of every episode's identity. 1: one host per
+#: process, `torch.optim.Adam` (stores before the batched engine); 2: the fused engine
+#: (`simulation.engine`), whose float sums differ from 1's in the last bits. Only the current
+#: engine can run episodes; episodes of two engines are never mixed in a store or training set.
+ENGINE_VERSION = 2
 
 HISTORY_LEN = 5
 
@@ -289,6 +294,8 @@ class EpisodeConfig:
     #: Exploration: the probability that a uniformly drawn valid action replaces the driving
     #: policy's (from the episode's seed). Part of the episode's identity only when set (> 0).
     explore: float = 0.0
+    #: The engine that trains the episode (`ENGINE_VERSION`); a config read without one is 1's.
+    engine: int = ENGINE_VERSION
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.beta <= 1.0:
@@ -306,6 +313,8 @@ class EpisodeConfig:
             d.pop("beta")
         if self.explore == 0.0:
             d.pop("explore")
+        if self.engine == 1:  # the first engine's episodes keep the keys they were stored with
+            d.pop("engine")
         return d
 
     @classmethod
@@ -313,6 +322,7 @@ class EpisodeConfig:
         d = dict(d)
         if "rotation" in d:
             d["rotation"] = tuple(d["rotation"])
+        d.setdefault("engine", 1)  # written before the engine had a version: the first engine's
         return cls(**d)
 
     def key(self, policy: str) -> str:

@@ -162,7 +162,7 @@ class MorphogeneticGymEnv(gym.Env[np.ndarray, np.int64]):
             raise ValueError(f"seed {self._run_seed} / index {index}: each must be in 0..{MAX_SEED}")
         self._index = index
         self._rng_seed = episode_rng_seed(self._run_seed, index)
-        snapshot = self._env.reset(self._rng_seed)
+        (snapshot,) = self._env.reset([self._rng_seed])  # the fused engine, one episode wide
         self._started = True
         return snapshot.to_vector(), self._info()
 
@@ -176,14 +176,14 @@ class MorphogeneticGymEnv(gym.Env[np.ndarray, np.int64]):
         except (TypeError, ValueError):
             raise ValueError(f"action {action!r} is not one of 0..{N_ACTIONS - 1} "
                              f"({', '.join(a.name for a in Action)})") from None
-        result = self._env.step(Decision(chosen))
+        (result,) = self._env.step([Decision(chosen)])
         terminated = self._env.done
         info = self._info()
         info.update(valid=bool(result.valid), message=result.message, blueprint=result.blueprint or "",
                     accuracy_change=float(result.outcome.accuracy_change),
                     loss_change=float(result.outcome.loss_change))
         if terminated:
-            final, best, test = self._env.finish()
+            ((final, best, test),) = self._env.finish()
             info.update(final_accuracy=float(final), best_accuracy=float(best), test_accuracy=float(test))
             self._started = False
         return result.observation.to_vector(), float(result.outcome.reward), terminated, False, info
@@ -192,11 +192,11 @@ class MorphogeneticGymEnv(gym.Env[np.ndarray, np.int64]):
         """Which actions are valid now (bool, `Action` order); the name sb3-contrib's maskable
         algorithms look for."""
         mask = np.zeros(N_ACTIONS, dtype=bool)
-        mask[[int(a) for a in self._env.valid_actions()]] = True
+        mask[[int(a) for a in self._env.members[0].valid_actions()]] = True
         return mask
 
     def _info(self) -> dict[str, Any]:
-        env = self._env
+        env = self._env.members[0]
         slot = env.active_slot()
         stage = slot.stage if slot is not None else SeedStage.DORMANT
         return {

@@ -9,6 +9,10 @@ A slot sits after a host stage. Its seed is grown in isolation and grafted in:
 - BLENDING: the slot outputs h + alpha * seed(h), alpha ramping 0 -> 1; host and seed train
   jointly (nothing detached).
 - FOSSILIZED: alpha is 1 for good; the seed is an ordinary submodule of the model.
+
+Training runs in the fused engine (`simulation.engine`), which keeps a `SlotState` per member and
+slot; `HostCNN` is the host's structure (the engine's template) and, with its seeds installed as
+`SeedSlot` submodules, a member's model as a plain module (`MorphogeneticEnv.model`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .contracts import ACTIVE_STAGES, SeedStage
 
@@ -36,14 +39,16 @@ class IllegalTransitionError(RuntimeError):
     """A lifecycle transition the state machine does not allow."""
 
 
-class SeedSlot(nn.Module):
-    """An injection point after a host stage, holding at most one seed."""
+class SlotState:
+    """A slot's lifecycle: stage, blueprint and alpha, with every transition checked.
+
+    The fused engine keeps one per member and slot (the seed's weights are a row of its family
+    there); `SeedSlot` is the same lifecycle holding its seed as a submodule.
+    """
 
     def __init__(self, index: int, channels: int) -> None:
-        super().__init__()
         self.index = index
         self.channels = channels
-        self.register_module("seed", None)
         self.stage = SeedStage.DORMANT
         self.blueprint: str | None = None
         self.alpha = 0.0
@@ -51,6 +56,11 @@ class SeedSlot(nn.Module):
     @property
     def is_active(self) -> bool:
         return self.stage in ACTIVE_STAGES
+
+    @property
+    def has_seed(self) -> bool:
+        """A seed occupies the slot (active or fossilized)."""
+        return self.blueprint is not None
 
     def transition(self, to: SeedStage) -> None:
         """Move to `to` or raise: refusals are visible, never silently ignored."""
@@ -64,14 +74,12 @@ class SeedSlot(nn.Module):
         elif to in (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING):
             self.alpha = 0.0
 
-    def germinate(self, blueprint: str, module: nn.Module) -> None:
+    def germinate(self, blueprint: str) -> None:
         self.transition(SeedStage.GERMINATED)
-        self.seed = module
         self.blueprint = blueprint
 
     def cull(self) -> None:
         self.transition(SeedStage.CULLED)
-        self.seed = None
         self.blueprint = None
         self.alpha = 0.0
 
@@ -79,24 +87,27 @@ class SeedSlot(nn.Module):
         """End of the embargo: the culled slot is empty and available again."""
         self.transition(SeedStage.DORMANT)
 
+
+class SeedSlot(nn.Module, SlotState):
+    """An injection point after a host stage, holding at most one seed as a submodule."""
+
+    def __init__(self, index: int, channels: int) -> None:
+        nn.Module.__init__(self)
+        SlotState.__init__(self, index, channels)
+        self.register_module("seed", None)
+
+    def germinate(self, blueprint: str, module: nn.Module) -> None:  # type: ignore[override]
+        SlotState.germinate(self, blueprint)
+        self.seed = module
+
+    def cull(self) -> None:
+        SlotState.cull(self)
+        self.seed = None
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.seed is None or self.stage not in (SeedStage.BLENDING, SeedStage.FOSSILIZED):
             return h
         return h + self.alpha * self.seed(h)
-
-    def isolated(self, h: torch.Tensor) -> torch.Tensor:
-        """The TRAINING probe: the seed at full strength on detached host features."""
-        assert self.seed is not None
-        h = h.detach()
-        return h + self.seed(h)
-
-
-def _frozen_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run `module` with its parameters detached (and buffers copied), so nothing flows back
-    into it and no running statistic is updated: the host stays untouched by the seed's probe."""
-    state = {n: p.detach() for n, p in module.named_parameters()}
-    state.update({n: b.clone() for n, b in module.named_buffers()})
-    return functional_call(module, state, (x,))
 
 
 class HostCNN(nn.Module):
@@ -121,43 +132,3 @@ class HostCNN(nn.Module):
             if slot.seed is not None:  # an empty slot is the identity: skip the module call
                 x = slot(x)
         return self.head(x)
-
-    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Host logits, plus one probe-logits tensor per TRAINING seed (see module docstring)."""
-        probes: list[torch.Tensor] = []
-        n = len(self.stages)
-        for i, (stage, slot) in enumerate(zip(self.stages, self.slots)):
-            h = stage(x)
-            if slot.stage == SeedStage.TRAINING:
-                p = slot.isolated(h)
-                for j in range(i + 1, n):
-                    p = _frozen_call(self.stages[j], p)
-                    if self.slots[j].seed is not None:
-                        p = _frozen_call(self.slots[j], p)
-                probes.append(_frozen_call(self.head, p))
-            x = slot(h) if slot.seed is not None else h
-        return self.head(x), probes
-
-    def forward_worth(self, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host logits and, for slot `index`, the counterfactual logits that measure its seed.
-
-        TRAINING: the counterfactual is the isolated probe (the seed at full strength on the host's
-        features; the host's own path is unchanged, alpha being 0). BLENDING: the counterfactual is
-        the slot at alpha 0 (the seed removed). The layers before the slot run once; only the rest
-        of the network runs twice. Call it under `torch.no_grad()` in eval mode: it changes nothing.
-        """
-        slot_k = self.slots[index]
-        assert slot_k.seed is not None and slot_k.stage in (SeedStage.TRAINING, SeedStage.BLENDING)
-        branch: torch.Tensor | None = None
-        for i, (stage, slot) in enumerate(zip(self.stages, self.slots)):
-            x = stage(x)
-            if branch is not None:  # downstream of the measured slot: the counterfactual path too
-                branch = stage(branch)
-                if slot.seed is not None:
-                    branch = slot(branch)
-            elif i == index:
-                branch = slot.isolated(x) if slot.stage == SeedStage.TRAINING else x
-            if slot.seed is not None:
-                x = slot(x)
-        assert branch is not None
-        return self.head(x), self.head(branch)

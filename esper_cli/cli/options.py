@@ -36,11 +36,15 @@ Backend = Annotated[str, typer.Option(
 RayAddress = Annotated[Optional[str], typer.Option(
     "--ray-address",
     help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one. Needs --backend ray.")]
+EnvsPerWorker = Annotated[int, typer.Option(
+    "--envs-per-worker", "-n", min=1,
+    help="Episodes each worker trains together as one fused computation (the batched engine); an episode is "
+         "the same at any width. Default: the width measured fastest for the default task on a CPU.")]
 
 #: The flags of the aliases above, for the test that every episode-running command takes each
 #: with one help text.
 EPISODE_OPTIONS = ("--task", "--epochs", "--data-dir", "--device", "--threads")
-RUNNER_OPTIONS = ("--workers", "--backend", "--ray-address")
+RUNNER_OPTIONS = ("--workers", "--backend", "--ray-address", "--envs-per-worker")
 
 # -- what a learning run shows while it runs
 TensorBoardDir = Annotated[Optional[Path], typer.Option(

@@ -38,7 +38,7 @@ from ..evaluation.comparison import (
 )
 from ..plugins import Registry
 from ..running.collection import CollectConfig, collect_episodes
-from ..running.runner import BaseRunner, make_runner
+from ..running.runner import DEFAULT_ENVS_PER_WORKER, BaseRunner, make_runner
 from ..running.weights import checkpoint_options
 from .dagger_state import DaggerResume, save_dagger_state
 from .training import EpochStats, TrainConfig, train_policy
@@ -91,6 +91,7 @@ class DaggerConfig:
     backend: str = "local"  # where episodes run: local or ray
     ray_address: str | None = None  # the Ray cluster to join (backend ray); None: start a local one
     threads: int = 1
+    envs_per_worker: int = DEFAULT_ENVS_PER_WORKER  # episodes a worker steps together
 
     def beta_of(self, r: int) -> float | None:
         """Round r's beta (None for round 0, which only trains)."""
@@ -146,7 +147,7 @@ def run_dagger(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress |
     with ExitStack() as stack:
         if runner is None:
             runner = stack.enter_context(make_runner(cfg.backend, cfg.workers, ray_address=cfg.ray_address,
-                                                     registry=registry))
+                                                     registry=registry, envs_per_worker=cfg.envs_per_worker))
         return _rounds(cfg, registry, progress, runner, state, resume)
 
 

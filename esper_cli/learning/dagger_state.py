@@ -23,7 +23,7 @@ from .run_state import RunStateError, config_difference, load_run_state, save_ru
 
 #: Settings that say where episodes run, not what they are: a resumed run may change them. The thread
 #: count is not one of them: it changes the order of float sums, and so the numbers.
-RUNTIME_SETTINGS = ("workers", "backend", "ray_address")
+RUNTIME_SETTINGS = ("workers", "backend", "ray_address", "envs_per_worker")
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from ..data.store import EpisodeWriter
 from ..plugins import Registry
 from ..policy import policy_version, valid_action_mask
 from ..running.collection import CollectConfig, collect_episodes
-from ..running.runner import BaseRunner, EpisodeJob, make_runner
+from ..running.runner import DEFAULT_ENVS_PER_WORKER, BaseRunner, EpisodeJob, make_runner
 from ..running.threads import use_threads
 from ..running.weights import Weights
 from .offline import returns_to_go, value_network
@@ -89,6 +89,7 @@ class ImproveConfig:
     backend: str = "local"
     ray_address: str | None = None
     threads: int = 1
+    envs_per_worker: int = DEFAULT_ENVS_PER_WORKER
 
     def __post_init__(self) -> None:
         # Each update runs whole groups: a count that is not a multiple of `group` would be rounded
@@ -415,7 +416,7 @@ def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | 
     with ExitStack() as stack:
         if runner is None:
             runner = stack.enter_context(make_runner(cfg.backend, cfg.workers, ray_address=cfg.ray_address,
-                                                     registry=registry))
+                                                     registry=registry, envs_per_worker=cfg.envs_per_worker))
         if cfg.start is not None:
             start, boot = cfg.start, 0
         elif loaded is not None and cfg.bootstrap_checkpoint().exists():  # the state's own start

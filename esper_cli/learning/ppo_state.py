@@ -10,8 +10,8 @@ themselves need no state: episode k of update u is a pure function of (config, s
 It is kept when the run completes, so the same command again finds the run complete, writes the
 same checkpoint and runs nothing; `--restart` removes it.
 
-What a resumed run may change: `workers`, `backend` and `ray_address` (1 worker, N workers and
-Ray give the same checkpoint) and `out` (a moved folder). Everything else, `threads` included (another thread count changes
+What a resumed run may change: `workers`, `backend`, `ray_address` and `envs_per_worker` (1 worker, N
+workers, Ray and any batch width give the same checkpoint) and `out` (a moved folder). Everything else, `threads` included (another thread count changes
 the order of float sums), must match the saved state, or the run is refused.
 """
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # ppo imports this module
 
 #: Settings a resumed run may change: they do not change a single number of the result (`out`
 #: only names where the state is, so a moved folder still resumes).
-MAY_CHANGE = ("workers", "backend", "ray_address", "out")
+MAY_CHANGE = ("workers", "backend", "ray_address", "envs_per_worker", "out")
 
 
 def state_path(cfg: ImproveConfig) -> Path:

@@ -19,6 +19,7 @@ from .runner import (
     BaseRunner,
     EpisodeJob,
     JobFn,
+    _batch,
     _execute,
     _JobQueue,
     available_cpus,
@@ -29,9 +30,9 @@ from .weights import Weights, by_reference, shipped
 RAY_INSTALL_HINT = 'pip install "simic[ray]" (or: pip install "ray>=2.9")'
 
 
-def _ray_task(fn: JobFn, job: EpisodeJob) -> tuple:
-    """The body of a Ray task (module-level, so Ray workers import it by name)."""
-    return _execute(fn, job, process_context())
+def _ray_task(fn: JobFn | None, jobs: list[EpisodeJob]) -> list[tuple]:
+    """The body of a Ray task, a batch of jobs (module-level, so Ray workers import it by name)."""
+    return _execute(fn, jobs, process_context())
 
 
 def import_ray() -> Any:
@@ -54,7 +55,7 @@ class RayRunner(BaseRunner):
         super().__init__(**kw)
         ray = self._ray = import_ray()
         self._owns = False
-        self._in_flight: dict[Any, tuple[int, EpisodeJob]] = {}
+        self._in_flight: dict[Any, list[tuple[int, EpisodeJob]]] = {}
         self._weights: dict[str, Weights] = {}  # sha256 -> the version in the object store
         if not ray.is_initialized():
             common = dict(logging_level=logging.WARNING, log_to_driver=True)
@@ -92,41 +93,46 @@ class RayRunner(BaseRunner):
                        observers=tuple((label, name, shipped(options, self._put))
                                        for label, name, options in job.observers))
 
-    def _run(self, jobs: Iterable[EpisodeJob], fn: JobFn) -> Iterator[tuple[EpisodeJob, Episode]]:
+    def _run(self, jobs: Iterable[EpisodeJob], fn: JobFn | None) -> Iterator[tuple[EpisodeJob, Episode]]:
         ray, tracker = self._ray, self._tracker
         pending = _JobQueue(jobs)
         in_flight = self._in_flight
 
         def submit() -> None:
             while pending and len(in_flight) < self.parallelism and tracker.failure is None:
-                n, job = pending.pop()
-                ref = self._remote.options(num_cpus=job.threads, max_retries=0).remote(fn, self._shipped(job))
-                in_flight[ref] = (n, job)
+                batch = _batch(pending, self._batch_size(pending, self.parallelism - len(in_flight)))
+                threads = max(job.threads for _, job in batch)
+                ref = self._remote.options(num_cpus=threads, max_retries=0).remote(
+                    fn, [self._shipped(job) for _, job in batch])
+                in_flight[ref] = batch
 
         submit()
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             finished: list[tuple[EpisodeJob, Episode]] = []
             for ref in ready:
-                n, job = in_flight.pop(ref)
+                batch = in_flight.pop(ref)
                 try:
-                    outcome = ray.get(ref)
+                    outcomes = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:  # the task itself raised (not our code)
                     cause = getattr(exc, "cause", None) or exc
-                    outcome = ("error", f"{type(cause).__name__}: {cause}", str(exc))
+                    outcomes = [("error", f"{type(cause).__name__}: {cause}", str(exc))] * len(batch)
                 except ray.exceptions.RayError as exc:  # worker or node died, object lost, ...
                     reason = f"Ray worker lost ({type(exc).__name__})"
-                    if tracker.died(n, job, reason):
-                        pending.retry((n, job))
+                    for n, job in reversed(batch):
+                        if tracker.died(n, job, reason):
+                            pending.retry((n, job))
                     continue
-                if outcome[0] == "ok":
-                    finished.append((job, outcome[1]))
-                else:
-                    tracker.failed(job, outcome)
+                for (_, job), outcome in zip(batch, outcomes):
+                    if outcome[0] == "ok":
+                        finished.append((job, outcome[1]))
+                    else:
+                        tracker.failed(job, outcome)
             submit()
             yield from finished
         if tracker.failure is not None:
-            raise tracker.failure
+            failure, tracker.failure = tracker.failure, None
+            raise failure
 
     def close(self) -> None:
         ray = self._ray

@@ -56,19 +56,23 @@ import os
 import signal
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
 from ..contracts import Episode, EpisodeConfig
 from ..plugins import Registry, build_registry
-from ..simulation.episode import PolicyError, run_episode
+from ..simulation.environment import SHARED_FIELDS
+from ..simulation.episode import EpisodeSpec, PolicyError, run_episodes
 from .threads import use_threads
 from .weights import loaded
 
 BACKENDS = ("local", "ray")
 DEFAULT_RETRIES = 2
+#: Episodes a worker steps together (`--envs-per-worker`): the width `bench/bench_engine.py`
+#: measured best for the default task on a 2-core CPU machine.
+DEFAULT_ENVS_PER_WORKER = 16
 
 
 class BackendUnavailable(Exception):
@@ -164,29 +168,68 @@ def process_context() -> WorkerContext:
     return _PROCESS_CONTEXT
 
 
+def _spec(job: EpisodeJob, context: WorkerContext) -> EpisodeSpec:
+    """The job's episode with its policies built fresh (PolicyError if one cannot be)."""
+    policy = context.policy(job.policy, job.policy_options)
+    expert = context.policy(job.expert, job.expert_options) if job.expert is not None else None
+    observers = {label: context.policy(name, options) for label, name, options in job.observers} or None
+    return EpisodeSpec(policy, job.config, job.seed, job.index, job.policy, job.policy_version,
+                       expert, job.expert if expert is not None else None, observers)
+
+
+def run_jobs(jobs: Sequence[EpisodeJob], context: WorkerContext | None = None) -> list[tuple]:
+    """Run jobs as few batches of the fused engine (jobs whose configs share the engine's
+    `SHARED_FIELDS` and thread count step together); one outcome per job, in order:
+    ("ok", episode) | ("policy", message, None) | ("error", message, traceback).
+
+    Each episode is a pure function of its job: the same whichever jobs share its batch."""
+    context = context or process_context()
+    outcomes: list[tuple | None] = [None] * len(jobs)
+    batches: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        batches.setdefault((tuple(getattr(job.config, f) for f in SHARED_FIELDS), job.threads), []).append(i)
+    for (_, threads), members in batches.items():
+        use_threads(threads)
+        task = context.registry.tasks.get(jobs[members[0]].config.task)
+        specs, where = [], []
+        for i in members:
+            try:
+                if task is None:
+                    raise PolicyError(f"task '{jobs[i].config.task}' is not registered in this worker "
+                                      "(is its plugin installed on every machine?)")
+                specs.append(_spec(jobs[i], context))
+                where.append(i)
+            except PolicyError as exc:
+                outcomes[i] = ("policy", str(exc), None)
+        if not specs:
+            continue
+        try:
+            results = run_episodes(specs, task=task, blueprints=context.registry.blueprints)  # type: ignore[arg-type]
+        except Exception as exc:
+            tb = traceback.format_exc()
+            for i in where:
+                outcomes[i] = ("error", f"{type(exc).__name__}: {exc}", tb)
+            continue
+        for i, result in zip(where, results):
+            outcomes[i] = ("policy", str(result), None) if isinstance(result, PolicyError) else ("ok", result)
+    return outcomes  # type: ignore[return-value]
+
+
 def run_job(job: EpisodeJob, context: WorkerContext | None = None) -> Episode:
     """Run one episode: a pure function of the job (same job, same episode, on any worker)."""
-    context = context or process_context()
-    use_threads(job.threads)
-    reg = context.registry
-    task = reg.tasks.get(job.config.task)
-    if task is None:
-        raise PolicyError(f"task '{job.config.task}' is not registered in this worker "
-                          "(is its plugin installed on every machine?)")
-    policy = context.policy(job.policy, job.policy_options)
-    extra: dict[str, Any] = {}
-    if job.expert is not None:
-        extra["expert"] = context.policy(job.expert, job.expert_options)
-        extra["expert_name"] = job.expert
-    observers = {label: context.policy(name, options) for label, name, options in job.observers} or None
-    return run_episode(policy, job.config, job.seed, job.index, task=task, blueprints=reg.blueprints,
-                       policy_name=job.policy, policy_version=job.policy_version, observers=observers, **extra)
+    kind, *rest = run_jobs([job], context)[0]
+    if kind == "policy":
+        raise PolicyError(rest[0])
+    if kind == "error":
+        raise RuntimeError(rest[0])
+    return rest[0]
 
 
+#: A caller's own job function, `fn(job, context) -> result`, run once per job (no batching).
 JobFn = Callable[[EpisodeJob, WorkerContext], Episode]
 
 
-def _execute(fn: JobFn, job: EpisodeJob, context: WorkerContext) -> tuple:
+def _execute_one(fn: JobFn, job: EpisodeJob, context: WorkerContext) -> tuple:
     """Run `fn` and turn the outcome into a message: ("ok", episode) | ("policy"|"error", msg, tb)."""
     try:
         return ("ok", fn(job, context))
@@ -194,6 +237,13 @@ def _execute(fn: JobFn, job: EpisodeJob, context: WorkerContext) -> tuple:
         return ("policy", str(exc), None)
     except Exception as exc:
         return ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+
+def _execute(fn: JobFn | None, jobs: Sequence[EpisodeJob], context: WorkerContext) -> list[tuple]:
+    """One outcome per job: the fused engine for the default (`fn` None), else `fn` job by job."""
+    if fn is None:
+        return run_jobs(jobs, context)
+    return [_execute_one(fn, job, context) for job in jobs]
 
 
 def _worker_main(conn: Any) -> None:
@@ -207,10 +257,10 @@ def _worker_main(conn: Any) -> None:
             return
         if message is None:
             return
-        fn, job = message
-        outcome = _execute(fn, job, context)
+        fn, jobs = message
+        outcomes = _execute(fn, jobs, context)
         try:
-            conn.send(outcome)
+            conn.send(outcomes)
         except (BrokenPipeError, OSError):
             return
         except Exception as exc:
@@ -252,13 +302,20 @@ class _Tracker:
 
 
 class BaseRunner:
-    """What every backend offers: `run(jobs)` yields episodes; `lost` lists the jobs given up on."""
+    """What every backend offers: `run(jobs)` yields episodes; `lost` lists the jobs given up on.
+
+    A worker takes up to `envs_per_worker` jobs at a time and steps them together (the fused
+    engine); with several workers, the jobs left are shared evenly among them."""
 
     backend = "serial"
     parallelism = 1
 
-    def __init__(self, *, retries: int = DEFAULT_RETRIES, on_event: Callable[[str], None] | None = None) -> None:
+    def __init__(self, *, retries: int = DEFAULT_RETRIES, on_event: Callable[[str], None] | None = None,
+                 envs_per_worker: int = DEFAULT_ENVS_PER_WORKER) -> None:
+        if envs_per_worker < 1:
+            raise ValueError(f"envs per worker must be at least 1, got {envs_per_worker}")
         self._tracker = _Tracker(retries, on_event)
+        self.envs_per_worker = envs_per_worker
 
     @property
     def lost(self) -> list[LostJob]:
@@ -268,13 +325,14 @@ class BaseRunner:
     def retried(self) -> int:
         return self._tracker.retried
 
-    def run(self, jobs: Iterable[EpisodeJob], fn: JobFn = run_job, *,
+    def run(self, jobs: Iterable[EpisodeJob], fn: JobFn | None = None, *,
             strict: bool = False) -> Iterator[tuple[EpisodeJob, Episode]]:
-        """Run `jobs` (drawn lazily), yielding `(job, episode)` as each finishes.
+        """Run `jobs` (drawn lazily), yielding `(job, episode)` as each batch finishes.
 
-        A deterministic failure raises `JobFailed` once the episodes still finishing are yielded.
-        A job whose worker died on every attempt is recorded in `lost`; with `strict`, the run
-        then ends in `JobFailed` naming every episode this run lost.
+        `fn(job, context)`, a caller's own module-level function, replaces the fused engine and
+        runs job by job. A deterministic failure raises `JobFailed` once the episodes still
+        finishing are yielded. A job whose worker died on every attempt is recorded in `lost`;
+        with `strict`, the run then ends in `JobFailed` naming every episode this run lost.
         """
         before = len(self.lost)
         yield from self._run(jobs, fn)
@@ -284,7 +342,13 @@ class BaseRunner:
             raise JobFailed(lost[0].job, f"{len(lost)} episode(s) lost, their worker died on every attempt "
                                          f"({names})", policy_error=False)
 
-    def _run(self, jobs: Iterable[EpisodeJob], fn: JobFn) -> Iterator[tuple[EpisodeJob, Episode]]:
+    def _batch_size(self, pending: _JobQueue, idle: int = 1) -> int:
+        """How many jobs the next worker takes: up to `envs_per_worker`, sharing what is left
+        evenly among the workers (`idle` of them free now)."""
+        left = pending.available(self.envs_per_worker * max(self.parallelism, 1))
+        return max(1, min(self.envs_per_worker, -(-left // max(self.parallelism, idle, 1))))
+
+    def _run(self, jobs: Iterable[EpisodeJob], fn: JobFn | None) -> Iterator[tuple[EpisodeJob, Episode]]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -297,22 +361,40 @@ class BaseRunner:
         self.close()
 
     def describe(self) -> str:
-        return "1 worker (in-process)"
+        return f"1 worker (in-process), {self.envs_per_worker} episodes at a time"
+
+
+def _batch(pending: _JobQueue, size: int) -> list[tuple[int, EpisodeJob]]:
+    return [pending.pop() for _ in range(min(size, pending.available(size)))]
 
 
 class SerialRunner(BaseRunner):
-    """Runs jobs one after another in this process (the default; today's `simic collect`)."""
+    """Runs jobs in this process, a batch at a time (the default; today's `simic collect`)."""
 
     def __init__(self, registry: Registry | None = None, **kw: Any) -> None:
         super().__init__(**kw)
         self.context = WorkerContext(registry)
 
-    def _run(self, jobs: Iterable[EpisodeJob], fn: JobFn) -> Iterator[tuple[EpisodeJob, Episode]]:
-        for job in jobs:
-            try:
-                yield job, fn(job, self.context)
-            except PolicyError as exc:
-                raise JobFailed(job, str(exc), policy_error=True) from exc
+    def _run(self, jobs: Iterable[EpisodeJob], fn: JobFn | None) -> Iterator[tuple[EpisodeJob, Episode]]:
+        if fn is not None:  # the caller's own function, job by job; its errors reach it as they are
+            for job in jobs:
+                try:
+                    yield job, fn(job, self.context)
+                except PolicyError as exc:
+                    raise JobFailed(job, str(exc), policy_error=True) from exc
+            return
+        pending = _JobQueue(jobs)
+        tracker = self._tracker
+        while pending and tracker.failure is None:
+            batch = _batch(pending, self._batch_size(pending))
+            for (_, job), outcome in zip(batch, run_jobs([job for _, job in batch], self.context)):
+                if outcome[0] == "ok":
+                    yield job, outcome[1]
+                else:
+                    tracker.failed(job, outcome)
+        if tracker.failure is not None:
+            failure, tracker.failure = tracker.failure, None
+            raise failure
 
 
 class _JobQueue:
@@ -351,11 +433,11 @@ class _JobQueue:
 class _Slot:
     proc: Any
     conn: Any
-    job: tuple[int, EpisodeJob] | None = None
+    batch: list[tuple[int, EpisodeJob]] = field(default_factory=list)
 
 
 class ProcessRunner(BaseRunner):
-    """Local worker processes, one episode at a time each; the main process stays the writer."""
+    """Local worker processes, one batch at a time each; the main process stays the writer."""
 
     backend = "local"
 
@@ -366,7 +448,7 @@ class ProcessRunner(BaseRunner):
         self._slots: list[_Slot] = []
 
     def describe(self) -> str:
-        return f"{self.parallelism} local worker processes"
+        return f"{self.parallelism} local worker processes, up to {self.envs_per_worker} episodes at a time each"
 
     def _start_worker(self) -> _Slot:
         parent, child = self._mp.Pipe(duplex=True)
@@ -389,24 +471,25 @@ class ProcessRunner(BaseRunner):
             slot.proc.join()
         slot.conn.close()
 
-    def _run(self, jobs: Iterable[EpisodeJob], fn: JobFn) -> Iterator[tuple[EpisodeJob, Episode]]:
+    def _run(self, jobs: Iterable[EpisodeJob], fn: JobFn | None) -> Iterator[tuple[EpisodeJob, Episode]]:
         tracker = self._tracker
         pending = _JobQueue(jobs)
-        while len(self._slots) < pending.available(self.parallelism):
+        while len(self._slots) < min(self.parallelism, pending.available(self.parallelism)):
             self._slots.append(self._start_worker())
 
         def dispatch() -> None:
             for slot in self._slots:
-                if slot.job is None and pending and tracker.failure is None:
-                    slot.job = pending.pop()
+                if not slot.batch and pending and tracker.failure is None:
+                    idle = sum(not s.batch for s in self._slots)
+                    slot.batch = _batch(pending, self._batch_size(pending, idle))
                     try:
-                        slot.conn.send((fn, slot.job[1]))
+                        slot.conn.send((fn, [job for _, job in slot.batch]))
                     except (BrokenPipeError, OSError):
                         pass  # the worker just died; its sentinel wakes the loop below
 
         dispatch()
-        while any(slot.job is not None for slot in self._slots):
-            busy = [slot for slot in self._slots if slot.job is not None]
+        while any(slot.batch for slot in self._slots):
+            busy = [slot for slot in self._slots if slot.batch]
             waitables: dict[Any, _Slot] = {}
             for slot in busy:
                 waitables[slot.conn] = slot
@@ -414,36 +497,36 @@ class ProcessRunner(BaseRunner):
             ready = mp_wait(list(waitables))
             finished: list[tuple[EpisodeJob, Episode]] = []
             for slot in {id(waitables[r]): waitables[r] for r in ready}.values():
-                if slot.job is None:
+                if not slot.batch:
                     continue
-                n, job = slot.job
-                outcome = None
+                outcomes = None
                 try:
                     if slot.conn.poll():
-                        outcome = slot.conn.recv()
+                        outcomes = slot.conn.recv()
                 except (EOFError, OSError):  # the pipe closed: the worker is dying
-                    outcome = None
+                    outcomes = None
                 else:
-                    if outcome is None and slot.proc.sentinel not in ready:
+                    if outcomes is None and slot.proc.sentinel not in ready:
                         continue  # nothing to read yet
-                if outcome is None:
+                batch, slot.batch = slot.batch, []
+                if outcomes is None:
                     slot.proc.join(2.0)
-                    code = slot.proc.exitcode
-                    reason = f"worker process {slot.proc.pid} died ({_describe_exit(code)})"
-                    slot.job = None
+                    reason = f"worker process {slot.proc.pid} died ({_describe_exit(slot.proc.exitcode)})"
                     self._replace(slot)
-                    if tracker.died(n, job, reason):
-                        pending.retry((n, job))
+                    for n, job in reversed(batch):
+                        if tracker.died(n, job, reason):
+                            pending.retry((n, job))
                     continue
-                slot.job = None
-                if outcome[0] == "ok":
-                    finished.append((job, outcome[1]))
-                else:
-                    tracker.failed(job, outcome)
+                for (_, job), outcome in zip(batch, outcomes):
+                    if outcome[0] == "ok":
+                        finished.append((job, outcome[1]))
+                    else:
+                        tracker.failed(job, outcome)
             dispatch()  # keep the workers busy while the caller commits
             yield from finished
         if tracker.failure is not None:
-            raise tracker.failure
+            failure, tracker.failure = tracker.failure, None
+            raise failure
 
     def close(self) -> None:
         slots, self._slots = self._slots, []
@@ -503,7 +586,8 @@ def __getattr__(name: str) -> Any:
 
 def make_runner(backend: str = "local", workers: int | None = None, *, ray_address: str | None = None,
                 registry: Registry | None = None, retries: int = DEFAULT_RETRIES,
-                on_event: Callable[[str], None] | None = None) -> BaseRunner:
+                on_event: Callable[[str], None] | None = None,
+                envs_per_worker: int = DEFAULT_ENVS_PER_WORKER) -> BaseRunner:
     """The runner for a backend: `local` with 1 worker runs in-process (using `registry`).
 
     `workers=None` is the backend's whole capacity: in this process locally, every CPU of the
@@ -511,9 +595,10 @@ def make_runner(backend: str = "local", workers: int | None = None, *, ray_addre
     if backend == "ray":
         from .ray_backend import RayRunner
 
-        return RayRunner(workers, ray_address, retries=retries, on_event=on_event)
+        return RayRunner(workers, ray_address, retries=retries, on_event=on_event, envs_per_worker=envs_per_worker)
     if backend != "local":
         raise ValueError(f"unknown backend {backend!r} (available: {', '.join(BACKENDS)})")
+    kw: dict[str, Any] = dict(retries=retries, on_event=on_event, envs_per_worker=envs_per_worker)
     if (workers or 1) == 1:
-        return SerialRunner(registry, retries=retries, on_event=on_event)
-    return ProcessRunner(workers or 1, retries=retries, on_event=on_event)
+        return SerialRunner(registry, **kw)
+    return ProcessRunner(workers or 1, **kw)

@@ -26,11 +26,11 @@ from ...paths import default_store_path
 from ...plugins import Registry
 from ...policy import policy_version
 from ...running.collection import CollectConfig, CollectResult, collect_episodes
-from ...running.runner import DEFAULT_RETRIES, BackendUnavailable, JobFailed, make_runner
+from ...running.runner import DEFAULT_ENVS_PER_WORKER, DEFAULT_RETRIES, BackendUnavailable, JobFailed, make_runner
 from ...running.weights import checkpoint_options
 from ..common import choose, episode_config, err, fail, out, registry, workers_and_backend
 from ..interrupt import keep_work_on_interrupt
-from ..options import Backend, DataDir, Device, Epochs, RayAddress, Task, Threads, Workers
+from ..options import Backend, DataDir, Device, EnvsPerWorker, Epochs, RayAddress, Task, Threads, Workers
 from ..tables import RateColumn
 
 
@@ -98,7 +98,8 @@ def warn(message: str) -> None:
 
 def run_collection(writer: EpisodeWriter, reg: Registry, config: EpisodeConfig, progress: CollectProgress, *,
                    policy: str, expert: str | None, seed: int, episodes: int, threads: int, n_workers: int | None,
-                   backend: str, ray_address: str | None, retries: int) -> tuple[CollectResult, str]:
+                   backend: str, ray_address: str | None, retries: int,
+                   envs_per_worker: int = DEFAULT_ENVS_PER_WORKER) -> tuple[CollectResult, str]:
     """Build the policies, then run and commit the missing episodes; (the result, the policy's version)."""
     if writer.recovered:
         err.print(f"[yellow]Recovered[/] {writer.path} after an interrupted write; committed episodes kept.")
@@ -113,7 +114,8 @@ def run_collection(writer: EpisodeWriter, reg: Registry, config: EpisodeConfig, 
         fail(escape(f"--policy {policy}: {exc}"))
     plan = CollectConfig(episode=config, policy=policy, seed=seed, episodes=episodes, version=version,
                          options=options, expert=expert, threads=threads)
-    runner = make_runner(backend, n_workers, ray_address=ray_address, registry=reg, retries=retries, on_event=warn)
+    runner = make_runner(backend, n_workers, ray_address=ray_address, registry=reg, retries=retries, on_event=warn,
+                         envs_per_worker=envs_per_worker)
     with runner, progress.shown:
         result = collect_episodes(writer, runner, plan, agent=agent, on_start=progress.started,
                                   on_episode=progress.committed)
@@ -150,6 +152,7 @@ def collect(
     workers: Workers = None,
     backend: Backend = "local",
     ray_address: RayAddress = None,
+    envs_per_worker: EnvsPerWorker = DEFAULT_ENVS_PER_WORKER,
     retries: int = typer.Option(DEFAULT_RETRIES, "--retries", min=0, help="Re-runs of an episode whose worker died (killed, out of memory) before it is reported as failed."),
     expert: Optional[str] = typer.Option(None, "--expert", help="DAgger: a policy asked at every state; its action is stored as the label (the acting policy's action is kept too)."),
     beta: Optional[float] = typer.Option(None, "--beta", min=0.0, max=1.0, help="DAgger: probability that the expert's action is applied instead of the policy's (default 0.5 with --expert)."),
@@ -196,7 +199,8 @@ def collect(
         with writer:
             result, version = run_collection(
                 writer, reg, config, progress, policy=policy, expert=expert, seed=seed, episodes=episodes,
-                threads=threads, n_workers=n_workers, backend=backend, ray_address=ray_address, retries=retries)
+                threads=threads, n_workers=n_workers, backend=backend, ray_address=ray_address, retries=retries,
+                envs_per_worker=envs_per_worker)
     except BackendUnavailable as exc:
         fail(escape(str(exc)))
     except JobFailed as exc:

@@ -37,10 +37,10 @@ from ...evaluation.comparison import (
     run_comparison,
     trained_rng_seeds,
 )
-from ...running.runner import BackendUnavailable, JobFailed, make_runner
+from ...running.runner import DEFAULT_ENVS_PER_WORKER, BackendUnavailable, JobFailed, make_runner
 from ..common import check_plot, episode_config, err, fail, out, registry, workers_and_backend
 from ..interrupt import keep_work_on_interrupt
-from ..options import Backend, DataDir, Device, Epochs, RayAddress, Task, Threads, Workers
+from ..options import Backend, DataDir, Device, EnvsPerWorker, Epochs, RayAddress, Task, Threads, Workers
 from ..tables import confusion_table
 
 
@@ -148,6 +148,7 @@ def compare(
     workers: Workers = None,
     backend: Backend = "local",
     ray_address: RayAddress = None,
+    envs_per_worker: EnvsPerWorker = DEFAULT_ENVS_PER_WORKER,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the tables."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw accuracy curves per policy (seed stages shaded, actions marked) to this PNG."),
 ) -> None:
@@ -214,7 +215,7 @@ def compare(
 
             plan = ComparisonConfig(specs=tuple(specs), versions=versions, episode=config, episodes=episodes,
                                     seed=seed, mode=mode, expert=expert_name, threads=threads)
-            with make_runner(backend, n_workers, ray_address=ray_address, registry=reg,
+            with make_runner(backend, n_workers, ray_address=ray_address, registry=reg, envs_per_worker=envs_per_worker,
                              on_event=lambda m: err.print(f"[yellow]Warning:[/] {escape(m)}", highlight=False,
                                                           soft_wrap=True)) as runner:
                 runs, shadow_eps = run_comparison(plan, runner, on_episode=on_episode)

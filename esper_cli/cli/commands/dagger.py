@@ -49,10 +49,21 @@ from ...learning.event_log import EventLog, TensorBoardUnavailable, check_tensor
 from ...learning.run_state import RunStateError
 from ...paths import default_checkpoint_path, default_store_path
 from ...plugins import Registry
-from ...running.runner import BackendUnavailable, JobFailed
+from ...running.runner import DEFAULT_ENVS_PER_WORKER, BackendUnavailable, JobFailed
 from ..common import choose, episode_config, err, fail, out, registry, workers_and_backend
 from ..interrupt import keep_work_on_interrupt
-from ..options import Backend, DataDir, Device, Epochs, RayAddress, Task, TensorBoardDir, Threads, Workers
+from ..options import (
+    Backend,
+    DataDir,
+    Device,
+    EnvsPerWorker,
+    Epochs,
+    RayAddress,
+    Task,
+    TensorBoardDir,
+    Threads,
+    Workers,
+)
 
 
 def round_scalars(result: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +141,7 @@ def dagger(
     workers: Workers = None,
     backend: Backend = "local",
     ray_address: RayAddress = None,
+    envs_per_worker: EnvsPerWorker = DEFAULT_ENVS_PER_WORKER,
     threads: Threads = 1,
     tensorboard: TensorBoardDir = None,
     restart: bool = typer.Option(False, "--restart", help="Start over: forget the run state saved beside --out "
@@ -169,7 +181,7 @@ def dagger(
         beta=beta, beta_decay=beta_decay, episodes_per_round=episodes_per_round,
         bootstrap_episodes=bootstrap_episodes, seed=seed, eval_seed=eval_seed, compare_episodes=compare_episodes,
         train_epochs=train_epochs, train_seed=train_seed, allow_missing_classes=allow_missing_classes,
-        workers=n_workers, backend=backend, ray_address=ray_address, threads=threads)
+        workers=n_workers, backend=backend, ray_address=ray_address, threads=threads, envs_per_worker=envs_per_worker)
     state_path = run_state_path(final_ckpt)
     plan, resume = resume_or_start(plan, reg, state_path, restart=restart)
 

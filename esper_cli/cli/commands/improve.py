@@ -30,10 +30,21 @@ from ...learning.ppo import ImproveConfig, ImproveProgress, ImproveResult, impro
 from ...learning.ppo_state import check_state, remove_state, state_path
 from ...learning.run_state import RunStateError
 from ...paths import default_checkpoint_path
-from ...running.runner import BackendUnavailable, JobFailed
+from ...running.runner import DEFAULT_ENVS_PER_WORKER, BackendUnavailable, JobFailed
 from ..common import check_plot, choose, episode_config, err, fail, option_error, out, registry, workers_and_backend
 from ..interrupt import keep_work_on_interrupt
-from ..options import Backend, DataDir, Device, Epochs, RayAddress, Task, TensorBoardDir, Threads, Workers
+from ..options import (
+    Backend,
+    DataDir,
+    Device,
+    EnvsPerWorker,
+    Epochs,
+    RayAddress,
+    Task,
+    TensorBoardDir,
+    Threads,
+    Workers,
+)
 from ..tables import RateColumn
 
 #: The curves `--tensorboard` writes, one step per update: TensorBoard tag -> the curve row's key.
@@ -148,6 +159,7 @@ def improve_command(
     workers: Workers = None,
     backend: Backend = "local",
     ray_address: RayAddress = None,
+    envs_per_worker: EnvsPerWorker = DEFAULT_ENVS_PER_WORKER,
     threads: Threads = 1,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary (with the learning curve) instead of the table."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the learning curve to this PNG."),
@@ -189,7 +201,8 @@ def improve_command(
         cfg = ImproveConfig(episode=config, out=target, start=start, episodes=episodes,
                             episodes_per_update=episodes_per_update, group=group, seed=seed,
                             bootstrap_episodes=bootstrap_episodes, lr=lr, entropy=entropy, explore=explore,
-                            workers=n_workers, backend=backend, ray_address=ray_address, threads=threads)
+                            workers=n_workers, backend=backend, ray_address=ray_address, threads=threads,
+                            envs_per_worker=envs_per_worker)
     except DataError as exc:
         fail(option_error(exc))
     try:  # every file this run writes, before any episode runs
