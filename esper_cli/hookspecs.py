@@ -49,6 +49,8 @@ def register_blueprints(register: Callable[[str, Callable[[int], Any]], None]) -
 
     `factory(channels) -> torch.nn.Module` mapping a (B, C, H, W) feature map to a residual of the
     same shape; zero-initialise its last layer so that a new seed starts as an identity change.
+    Built from Conv2d / Linear / BatchNorm2d layers and per-channel operations, it runs packed in
+    the batched engine (`simulation.engine`); anything else runs under vmap (docs/plugins.md).
     """
 
 

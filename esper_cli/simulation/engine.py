@@ -240,12 +240,13 @@ def packed_call(module: nn.Module, leaves: list[tuple[str, nn.Module]] | None, p
 def _packs_faithfully(template: nn.Module, leaves: list[tuple[str, nn.Module]], channels: int) -> bool:
     """Whether `template` packed gives what it gives alone, lane by lane (train and eval mode)."""
     gen = torch.Generator().manual_seed(0)
+    device = next(iter(template.parameters()), torch.empty(0)).device
     mods = [copy.deepcopy(template) for _ in range(2)]
     with torch.no_grad():
         for mod in mods:
             for p in mod.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    x = torch.randn(2, 4, channels, 5, 5, generator=gen)
+                p.copy_(torch.randn(p.shape, generator=gen).to(device) * 0.5)
+    x = torch.randn(2, 4, channels, 5, 5, generator=gen).to(device)
     params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in mods]) for n, _ in template.named_parameters()}
     for training in (True, False):
         buffers = {n: torch.stack([dict(m.named_buffers())[n].clone() for m in mods]) for n, _ in template.named_buffers()}
@@ -293,6 +294,15 @@ class FusedHosts:
         self.lanes = _padded(range(self.n))
         self._stage_leaves = [_leaves(stage) for stage in self.template.stages]
         self._head_leaves = _leaves(self.template.head)
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def index(self, positions: Sequence[int]) -> torch.Tensor:
+        """`positions` as an index tensor on the device, made once (no copy to the device per step)."""
+        key = tuple(positions)
+        found = self._indices.get(key)
+        if found is None:
+            found = self._indices[key] = torch.tensor(key, dtype=torch.long, device=self.device)
+        return found
 
     # ------------------------------------------------------------------------------ rows
     def germinate(self, member: int, slot: int, blueprint: str, module: nn.Module) -> None:
@@ -314,7 +324,7 @@ class FusedHosts:
     # ------------------------------------------------------------------------------ forward
     def _host_params(self, lanes: list[int] | None, detach: bool) -> dict[str, torch.Tensor]:
         flat = self.host.flat.detach() if detach else self.host.flat
-        return self.host.views(flat if lanes is None else flat[lanes])
+        return self.host.views(flat if lanes is None else flat.index_select(0, self.index(lanes)))
 
     def _stage(self, i: int, params: Params, x: torch.Tensor, n: int) -> torch.Tensor:
         sub = _sub(params, f"stages.{i}.")
@@ -332,14 +342,15 @@ class FusedHosts:
         if len(rows) == 1:
             x = torch.cat([x, x], dim=1)
         flat = fam.flat.detach() if frozen else fam.flat
-        buffers = {n: b[lanes] for n, b in fam.buffers.items()}  # copies: written back below
-        fam.template.train(training)
-        out = packed_call(fam.template, fam.leaves, fam.views(flat[lanes]), buffers, x, len(lanes))
+        at = self.index(lanes)
+        buffers = {n: b.index_select(0, at) for n, b in fam.buffers.items()}  # copies: written back below
+        _set_mode(fam.template, training)
+        out = packed_call(fam.template, fam.leaves, fam.views(flat.index_select(0, at)), buffers, x, len(lanes))
         if training and not frozen and buffers:
             with torch.no_grad():
                 for name, b in buffers.items():
-                    fam.buffers[name][rows] = b[: len(rows)]
-        return take(out, len(lanes), torch.arange(len(rows), device=self.device)) if len(rows) == 1 else out
+                    fam.buffers[name].index_copy_(0, self.index(rows), b[: len(rows)])
+        return take(out, len(lanes), self.index([0])) if len(rows) == 1 else out
 
     def _slot(self, s: int, h: torch.Tensor, members: list[int], alphas: Mapping[int, torch.Tensor],
               *, frozen: bool, training: bool) -> torch.Tensor:
@@ -353,9 +364,9 @@ class FusedHosts:
             rows = [r for r in rows if r in position]
             if not rows:
                 continue
-            at = torch.tensor([position[r] for r in rows], device=self.device)
+            at = self.index([position[r] for r in rows])
             out = self._seed((s, blueprint), rows, take(h, len(members), at), frozen=frozen, training=training)
-            h = add_at(h, len(members), at, out, alphas[s][rows])
+            h = add_at(h, len(members), at, out, alphas[s].index_select(0, self.index(rows)))
         return h
 
     def _downstream(self, s: int, p: torch.Tensor, members: list[int], alphas: Mapping[int, torch.Tensor],
@@ -382,17 +393,17 @@ class FusedHosts:
             x = torch.cat([x, x], dim=1)
         width = len(lanes)
         params = self._host_params(None if n > 1 else lanes, detach=False)
-        self.template.train()
+        _set_mode(self.template, True)
         h = x
         objective = torch.zeros((), device=self.device)
         for s in range(self.n_slots):
             h = self._stage(s, params, h, width)
             for blueprint, rows in self.groups[s].probe.items():
-                at = torch.tensor(rows, device=self.device)
+                at = self.index(rows)
                 p = take(h, width, at).detach()
                 p = p + self._seed((s, blueprint), rows, p, frozen=False, training=True)
                 logits = self._downstream(s, p, rows, alphas, frozen=True, training=True)
-                objective = objective + _member_losses(logits, y[:, rows]).sum()
+                objective = objective + _member_losses(logits, y.index_select(1, at)).sum()
             h = self._slot(s, h, lanes, alphas, frozen=False, training=True)
         logits = _lanes(self._head(params, h, width), width)[:, :n]
         losses = _member_losses(logits, y)
@@ -414,7 +425,7 @@ class FusedHosts:
         n, lanes = self.n, self.lanes
         width = len(lanes)
         params = self._host_params(None if n > 1 else lanes, detach=True)
-        self.template.eval()
+        _set_mode(self.template, False)
         loss = torch.zeros(n, dtype=torch.float64, device=self.device)
         correct = torch.zeros(n, dtype=torch.long, device=self.device)
         other = torch.zeros(n, dtype=torch.long, device=self.device)
@@ -426,12 +437,12 @@ class FusedHosts:
                 h = self._stage(s, params, h, width)
                 rows = worth.get(s)
                 if rows:
-                    at = torch.tensor(rows, device=self.device)
+                    at = self.index(rows)
                     branch = take(h, width, at)
                     for blueprint, group in self.groups[s].probe.items():
                         sel = [r for r in rows if r in group]
                         if sel:
-                            pos = torch.tensor([rows.index(r) for r in sel], device=self.device)
+                            pos = self.index([rows.index(r) for r in sel])
                             out = self._seed((s, blueprint), sel, take(branch, len(rows), pos), frozen=True, training=False)
                             branch = add_at(branch, len(rows), pos, out)
                     hits = (self._downstream(s, branch, rows, alphas, frozen=True, training=False).argmax(-1)
@@ -442,6 +453,12 @@ class FusedHosts:
             loss += _member_losses(logits, yc[:, None].expand(-1, n), reduce="sum").double()
             correct += (logits.argmax(-1) == yc[:, None]).sum(0)
         return loss, correct, other
+
+
+def _set_mode(module: nn.Module, training: bool) -> None:
+    """`module.train(training)`, skipped when already so (it walks every submodule)."""
+    if module.training != training:
+        module.train(training)
 
 
 def _sub(params: Params, prefix: str) -> dict[str, Any]:
