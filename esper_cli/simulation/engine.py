@@ -28,7 +28,10 @@ Width independence, measured: a member's numbers are bit-identical whatever rows
 computation and wherever it sits among them, at any width of 2 or more; a width-1 convolution
 takes another kernel. So every computation runs on at least two lanes: a lone row is padded with
 a copy of itself whose output is thrown away (it adds exact zeros to the row's gradient).
-Nothing in the step reads a tensor back to Python: the per-epoch sums are read once an epoch.
+Activations stay channels-last between convolutions (oneDNN's grouped convolution and pooling are
+several times faster so); seeds, batch norms and the head take NCHW (`_nchw`), where a reduction
+over space or batch does not depend on how many lanes the tensor holds. Nothing in the step reads
+a tensor back to Python: the per-epoch sums are read once an epoch.
 """
 
 from __future__ import annotations
@@ -81,14 +84,21 @@ def repeat_lanes(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.repeat(1, n, *([1] * (x.dim() - 2)))
 
 
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    """`x` in NCHW order: a reduction over space or batch (a mean, batch-norm statistics) of a
+    channels-last tensor sums in an order that depends on how many channels, and so lanes, it
+    holds; in NCHW each channel is reduced alone. Seeds, batch norms and the head get NCHW."""
+    return x.contiguous()
+
+
 def _conv(mod: nn.Conv2d, p: Params, b: Params, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
     weight = p["weight"].reshape(n * mod.out_channels, *p["weight"].shape[2:])
     bias = p["bias"].reshape(-1) if "bias" in p else None
-    # oneDNN's grouped convolution is several times faster channels-last than NCHW; everything
-    # else stays NCHW, where a reduction over space or batch (a mean, batch-norm statistics) does
-    # not depend on how many channels, and so lanes, the tensor holds.
+    # oneDNN's grouped convolution (and max pooling after it) is several times faster
+    # channels-last than NCHW, so activations stay channels-last between convolutions; see
+    # `_nchw` for where they must not.
     return lambda x: F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, mod.stride,
-                              mod.padding, mod.dilation, mod.groups * n).contiguous()
+                              mod.padding, mod.dilation, mod.groups * n)
 
 
 def _linear(mod: nn.Linear, p: Params, b: Params, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -106,6 +116,7 @@ def _linear(mod: nn.Linear, p: Params, b: Params, n: int) -> Callable[[torch.Ten
 
 def _batch_norm(mod: nn.BatchNorm2d, p: Params, b: Params, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
+        x = _nchw(x)
         use_batch = mod.training or b.get("running_mean") is None
         if mod.training and "num_batches_tracked" in b:
             b["num_batches_tracked"].add_(1)
@@ -331,7 +342,7 @@ class FusedHosts:
         return packed_call(self.template.stages[i], self._stage_leaves[i], sub, {}, x, n)
 
     def _head(self, params: Params, x: torch.Tensor, n: int) -> torch.Tensor:
-        return packed_call(self.template.head, self._head_leaves, _sub(params, "head."), {}, x, n)
+        return packed_call(self.template.head, self._head_leaves, _sub(params, "head."), {}, _nchw(x), n)
 
     def _seed(self, key: tuple[int, str], rows: list[int], x: torch.Tensor, *, frozen: bool,
               training: bool) -> torch.Tensor:
@@ -345,7 +356,7 @@ class FusedHosts:
         at = self.index(lanes)
         buffers = {n: b.index_select(0, at) for n, b in fam.buffers.items()}  # copies: written back below
         _set_mode(fam.template, training)
-        out = packed_call(fam.template, fam.leaves, fam.views(flat.index_select(0, at)), buffers, x, len(lanes))
+        out = packed_call(fam.template, fam.leaves, fam.views(flat.index_select(0, at)), buffers, _nchw(x), len(lanes))
         if training and not frozen and buffers:
             with torch.no_grad():
                 for name, b in buffers.items():
