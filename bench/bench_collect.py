@@ -1,15 +1,22 @@
 """Collection overhead: `simic collect`'s episode loop versus a bare training loop.
 
-Runs, interleaved in one process so machine noise hits both alike:
-  bare       the same host, data, optimiser and epochs in a plain PyTorch loop (train + validate)
-  framework  run_episode with a WAIT-only policy (identical compute: no seed is ever grown) plus
-             committing the episode to a real HDF5 store -- the pure cost of the framework
-  heuristic  run_episode with Heuristic Tamiyo plus the store commit (seeds add real compute)
+Runs, interleaved in one process so machine noise hits all alike, per episode (`--width` N
+episodes stepped together by the batched engine, N=1 by default):
+  bare       the same host, data, optimiser and epochs in a plain PyTorch loop (train + validate),
+             one host at a time
+  fused      the engine's fused loop alone for N bare hosts (`MorphogeneticEnv._train_epoch` +
+             `_validate`): no policy, no decisions, no store. Against bare: what the engine's
+             packed computation costs or saves (at N=1 a lone member computes beside a copy of
+             itself, see `simulation.engine`)
+  framework  run_episodes of N with a WAIT-only policy (identical compute to fused: no seed is
+             ever grown) plus committing each episode to a real HDF5 store -- against fused, the
+             pure cost of the framework
+  heuristic  run_episodes of N with Heuristic Tamiyo plus the store commits (seeds add real compute)
 
 and then what measuring a seed's worth (schema v2's `seed_improvement`) adds to an epoch with a
 TRAINING or BLENDING seed: the validation pass with the counterfactual path against the plain one.
 
-    python bench/bench_collect.py [--episodes 10] [--epochs 25]
+    python bench/bench_collect.py [--episodes 10] [--epochs 25] [--width 1]
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from esper_cli.contracts import Action, Decision, EpisodeConfig, SeedStage, epis
 from esper_cli.data.store import EpisodeWriter
 from esper_cli.simulation.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.simulation.environment import MorphogeneticEnv
-from esper_cli.simulation.episode import run_episode
+from esper_cli.simulation.episode import EpisodeSpec, run_episodes
 from esper_cli.tasks import BUILTIN_TASKS
 
 
@@ -66,17 +73,28 @@ def bare_loop(cfg: EpisodeConfig, rng_seed: int) -> float:
     return acc
 
 
+def fused_loop(cfg: EpisodeConfig, rng_seeds: list[int]) -> None:
+    """The engine's training loop for these hosts with nothing around it (no seed is ever grown)."""
+    env = MorphogeneticEnv(cfg, BUILTIN_TASKS[cfg.task], BUILTIN_BLUEPRINTS)
+    env.reset(rng_seeds)
+    for _ in range(cfg.epochs):
+        env._plan()
+        env._train_epoch()
+        env._validate()
+
+
 def measurement_cost(cfg: EpisodeConfig, repeats: int = 15) -> None:
     """Epoch cost of the worth measurement, per stage (medians of interleaved timings)."""
     task = BUILTIN_TASKS[cfg.task]
     for stage, advances in ((SeedStage.TRAINING, 1), (SeedStage.BLENDING, 2)):
         env = MorphogeneticEnv(EpisodeConfig(epochs=10 * repeats, blending_epochs=10 * repeats), task,
                                BUILTIN_BLUEPRINTS)
-        env.reset(1)
-        env.step(Decision(Action.GERMINATE, blueprint="conv_enhance"))
+        env.reset([1])
+        env.step([Decision(Action.GERMINATE, blueprint="conv_enhance")])
         for _ in range(advances):
-            env.step(Decision(Action.ADVANCE))
-        assert env.active_slot().stage == stage
+            env.step([Decision(Action.ADVANCE)])
+        slot = env.members[0].active_slot()
+        assert slot is not None and slot.stage == stage
         train, plain, worth = [], [], []
         for _ in range(repeats):
             for out, fn in ((train, env._train_epoch), (plain, partial(env._evaluate, env.data.val_x, env.data.val_y)),
@@ -92,30 +110,42 @@ def measurement_cost(cfg: EpisodeConfig, repeats: int = 15) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--episodes", type=int, default=10, help="rounds (each runs --width episodes per mode)")
     parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--width", type=int, default=1, help="episodes stepped together (--envs-per-worker)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = EpisodeConfig(epochs=args.epochs)
     task = BUILTIN_TASKS["digits"]
-    times: dict[str, list[float]] = {"bare": [], "framework": [], "heuristic": []}
+    policies = {"framework": WaitOnly, "heuristic": HeuristicTamiyo}
+    times: dict[str, list[float]] = {"bare": [], "fused": [], "framework": [], "heuristic": []}
     with tempfile.TemporaryDirectory() as tmp:
-        bare_loop(cfg, 0)  # warm caches (dataset, kernels) before timing anything
+        bare_loop(cfg, 0)  # warm caches (dataset, kernels, the engine's packing checks) before timing
+        fused_loop(EpisodeConfig(epochs=1), [0, 1])
         with EpisodeWriter(Path(tmp) / "bench.h5") as writer:
-            for i in range(args.episodes):
+            for r in range(args.episodes):
+                indices = range(r * args.width, (r + 1) * args.width)
+                rng_seeds = [episode_rng_seed(0, i) for i in indices]
                 t0 = time.perf_counter()
-                bare_loop(cfg, episode_rng_seed(0, i))
-                times["bare"].append(time.perf_counter() - t0)
-                for name, policy in (("framework", WaitOnly()), ("heuristic", HeuristicTamiyo())):
+                for rng_seed in rng_seeds:
+                    bare_loop(cfg, rng_seed)
+                times["bare"].append((time.perf_counter() - t0) / args.width)
+                t0 = time.perf_counter()
+                fused_loop(cfg, rng_seeds)
+                times["fused"].append((time.perf_counter() - t0) / args.width)
+                for name, make in policies.items():
                     t0 = time.perf_counter()
-                    ep = run_episode(policy, cfg, 0, i, task=task, blueprints=BUILTIN_BLUEPRINTS, policy_name=name)
-                    writer.append(ep)
-                    times[name].append(time.perf_counter() - t0)
-    bare = statistics.median(times["bare"])
-    print(f"episodes={args.episodes} epochs={args.epochs} (median seconds per episode, 1 torch thread)")
+                    specs = [EpisodeSpec(make(), cfg, 0, i, name) for i in indices]
+                    for ep in run_episodes(specs, task=task, blueprints=BUILTIN_BLUEPRINTS):
+                        writer.append(ep)  # type: ignore[arg-type]  # a PolicyError would fail here, loudly
+                    times[name].append((time.perf_counter() - t0) / args.width)
+    bare, fused = statistics.median(times["bare"]), statistics.median(times["fused"])
+    print(f"rounds={args.episodes} width={args.width} epochs={args.epochs} "
+          f"(median seconds per episode, 1 torch thread)")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {name:<10} {med:7.3f} s/episode   ratio to bare {med / bare:5.3f}   (+{100 * (med / bare - 1):5.1f}%)")
+        against = f"   ratio to fused {med / fused:5.3f}   (+{100 * (med / fused - 1):5.1f}%)" if name != "bare" else ""
+        print(f"  {name:<10} {med:7.3f} s/episode   ratio to bare {med / bare:5.3f}{against}")
     measurement_cost(cfg)
 
 
