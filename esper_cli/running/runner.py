@@ -15,7 +15,12 @@ safety and the store lock are the same whatever the backend.
     if runner.lost:                                 # workers that died more than `retries` times
         ...
 
-Workers: `workers=None` means the backend's whole capacity, never a guess: locally, one episode at
+Batches: a worker takes up to `envs_per_worker` jobs at a time and trains them together in the
+fused engine (`simulation.engine`; jobs whose configs differ in what fixes the tensors' shapes
+train in separate batches); with several workers the jobs left are shared evenly. An episode is
+the same whichever jobs share its batch.
+
+Workers: `workers=None` means the backend's whole capacity, never a guess: locally, one batch at
 a time in this process; on Ray, as many tasks at a time as the cluster has CPUs (a local cluster
 the runner starts gets every CPU of this machine).
 
@@ -27,18 +32,19 @@ Backends:
           down) by the runner; needs the `ray` extra: pip install "simic[ray]".
 
 Failures:
-  * A worker that dies (killed, segfault, out of memory, node lost) loses only its episode: it is
-    re-run up to `retries` times, then recorded in `runner.lost` and the run goes on; with
+  * A worker that dies (killed, segfault, out of memory, node lost) loses only its batch: each job
+    of it is re-run up to `retries` times, then recorded in `runner.lost` and the run goes on; with
     `run(jobs, strict=True)` the run then raises `JobFailed` naming the lost episodes.
-  * A `PolicyError` (the policy raised or answered nonsense) is deterministic: never retried. The
-    runner stops handing out work, yields the episodes still finishing, then raises `JobFailed`.
+  * A `PolicyError` (the policy raised or answered nonsense) is deterministic: never retried. It
+    fails its own episode only; the runner stops handing out work, yields the episodes still
+    finishing (the rest of its batch included), then raises `JobFailed`.
     Any other exception in a worker does the same (`JobFailed.traceback` holds the worker's).
   * KeyboardInterrupt: leaving the `with` block terminates the workers (or cancels the Ray
     tasks); every episode already yielded is the caller's.
 
 Determinism: a job builds its policy fresh for its episode (nothing carries over from an earlier
-episode on the same worker) and sets its own torch thread count, so 1 worker, N workers and Ray
-give identical episodes for the same (seed, index, config, policy).
+episode on the same worker) and sets its own torch thread count, so 1 worker, N workers, Ray and
+any batch width give identical episodes for the same (seed, index, config, policy).
 
 Weights: a learned policy's checkpoint travels with its job as `Weights` (see `weights`): bytes to
 local workers, on Ray one object-store entry per version; no worker opens a driver's path.
@@ -46,7 +52,7 @@ local workers, on Ray one object-store entry per version; no worker opens a driv
 Other commands reuse this: `simic compare` runs jobs for several policies through one runner
 (shadow policies ride on the driver's jobs as `EpisodeJob.observers`); DAgger collection sets
 `EpisodeJob.expert`; a caller can pass its own `fn(job, context) -> Episode` (a module-level
-function, so workers can import it) to `runner.run(jobs, fn=...)`.
+function, so workers can import it) to `runner.run(jobs, fn=...)`, run job by job.
 """
 
 from __future__ import annotations
