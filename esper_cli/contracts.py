@@ -10,7 +10,7 @@ import enum
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
@@ -261,6 +261,20 @@ class SeedLifecycle:
         return cls(**d)
 
 
+def engine_of(config: Mapping[str, Any]) -> int:
+    """The engine of an episode config as stored (`EpisodeConfig.to_dict`): a config written
+    before the engine had a version (or of engine 1, whose keys leave it out) is engine 1's."""
+    return int(config.get("engine", 1))
+
+
+def engines_text(versions: Iterable[int]) -> str:
+    """'engine 1' or 'engines 1 and 2': some engine versions in words (ascending, no repeats)."""
+    found = sorted({int(v) for v in versions})
+    if len(found) == 1:
+        return f"engine {found[0]}"
+    return f"engines {', '.join(map(str, found[:-1]))} and {found[-1]}"
+
+
 @dataclass(frozen=True)
 class EpisodeConfig:
     """The knobs that define an episode; together with (seed, index, policy) they reproduce it."""
@@ -322,7 +336,7 @@ class EpisodeConfig:
         d = dict(d)
         if "rotation" in d:
             d["rotation"] = tuple(d["rotation"])
-        d.setdefault("engine", 1)  # written before the engine had a version: the first engine's
+        d["engine"] = engine_of(d)
         return cls(**d)
 
     def key(self, policy: str) -> str:

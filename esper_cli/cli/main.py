@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
 #: A test checks each line against the command's own docstring.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "collect": ("collect", "collect", "Run morphogenetic training episodes driven by a policy and record every decision."),
-    "info": ("info", "info", "Summarise an episode store: episodes, decisions, action mix, seed fates, accuracy, schema."),
+    "info": ("info", "info", "Summarise an episode store: episodes, decisions, action mix, seed fates, accuracy, schema, engine."),
     "plugins": ("plugin_list", "plugins", "List plugins: distribution, version, the policies / blueprints / tasks each registers, errors."),
     "train": ("train", "train", "Train a learned Tamiyo to imitate the decisions in an episode store (behaviour cloning)."),
     "eval": ("eval", "evaluate", "Score a Tamiyo policy against the decisions stored in an episode store."),

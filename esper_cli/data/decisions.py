@@ -14,7 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from ..contracts import ACTION_NAMES, FEATURE_NAMES, N_ACTIONS, N_FEATURES, SCHEMA_NAME, SCHEMA_VERSION
+from ..contracts import (
+    ACTION_NAMES,
+    FEATURE_NAMES,
+    N_ACTIONS,
+    N_FEATURES,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    engine_of,
+    engines_text,
+)
 
 
 class DataError(Exception):
@@ -47,6 +56,14 @@ class DecisionData:
     @property
     def n_episodes(self) -> int:
         return len(self.episode_ids)
+
+    def engine_versions(self) -> dict[int, int]:
+        """Episodes per engine version (`EpisodeConfig.engine`), ascending; empty without metadata."""
+        found: dict[int, int] = {}
+        for meta in self.episode_meta or []:
+            engine = engine_of(meta["config"])
+            found[engine] = found.get(engine, 0) + 1
+        return dict(sorted(found.items()))
 
     def rows_of(self, positions: Sequence[int] | np.ndarray) -> np.ndarray:
         """The decision rows of the given episode positions, in position order (as `select` keeps them)."""
@@ -131,6 +148,16 @@ def require_schema(data: DecisionData, version: int, what: str) -> None:
     if data.schema_version != version:
         raise DataError(f"store {data.store} holds {SCHEMA_NAME} v{data.schema_version} observations; "
                         f"{what} uses v{version} (the features' meaning differs): collect a new store")
+
+
+def require_one_engine(data: DecisionData, what: str) -> None:
+    """Refuse to mix engines: `what` (a training set) holds the episodes of one engine only, as an
+    episode's numbers depend on the engine that trained its host (`contracts.ENGINE_VERSION`)."""
+    engines = data.engine_versions()
+    if len(engines) > 1:
+        counts = ", ".join(f"{n} of engine {v}" for v, n in engines.items())
+        raise DataError(f"store {data.store} mixes episodes of {engines_text(engines)} ({counts}); {what} "
+                        "never mixes engines in one training set: train on a store of one engine's episodes")
 
 
 def split_episodes(n_episodes: int, val_fraction: float, seed: int,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..contracts import EpisodeConfig, episode_rng_seed
-from ..data.store import EpisodeReader, EpisodeWriter
+from ..data.store import EpisodeReader, EpisodeWriter, check_store_engine
 from ..evaluation.comparison import (
     ComparisonConfig,
     PolicyRuns,
@@ -141,7 +141,8 @@ def run_dagger(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress |
     written there before any work and after every round; `resume` (`load_dagger_state` of it)
     continues a saved run at its next round, returning its completed rounds' results first.
     Raises `CompareError` (a policy cannot be built), `DataError` / `CheckpointError`
-    (training), `StoreError` and `JobFailed`.
+    (training), `StoreError` (`EngineMismatchError` before any work when rounds would append to a
+    store of another engine's episodes) and `JobFailed`.
     """
     progress = progress or DaggerProgress()
     with ExitStack() as stack:
@@ -153,6 +154,10 @@ def run_dagger(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress |
 
 def _rounds(cfg: DaggerConfig, registry: Registry, progress: DaggerProgress, runner: BaseRunner,
             state: Path | None, resume: DaggerResume | None) -> list[dict[str, Any]]:
+    if cfg.rounds >= max(len(resume.results) if resume is not None else 0, 1):
+        # Rounds to come append to the store: refused before any work (round 0 trains and compares)
+        # when it holds another engine's episodes.
+        check_store_engine(cfg.store, cfg.episode.engine)
     if resume is None:
         if cfg.eval_seed is None:
             cfg = replace(cfg, eval_seed=held_out_seed(avoided_rng_seeds(cfg), cfg.compare_episodes, EVAL_SEED_START))
@@ -195,7 +200,7 @@ def _learner(cfg: DaggerConfig, registry: Registry, ckpt: Path) -> tuple[PolicyS
 def _collect(cfg: DaggerConfig, runner: BaseRunner, progress: DaggerProgress, plan: CollectConfig,
              description: str) -> None:
     """Add the missing episodes of `plan` to the store (a lost one fails the run)."""
-    with EpisodeWriter(cfg.store) as writer:
+    with EpisodeWriter(cfg.store, engine=cfg.episode.engine) as writer:
         collect_episodes(writer, runner, plan, strict=True,
                          on_start=lambda todo, _parallel: progress.on_stage(description, todo),
                          on_episode=lambda _episode: progress.on_episode())

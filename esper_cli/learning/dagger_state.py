@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .run_state import RunStateError, config_difference, load_run_state, save_run_state
+from .run_state import RunStateError, config_difference, load_run_state, refuse_engine_change, save_run_state
 
 #: Settings that say where episodes run, not what they are: a resumed run may change them. The thread
 #: count is not one of them: it changes the order of float sums, and so the numbers.
@@ -85,6 +85,7 @@ def load_dagger_state(path: Path, cfg: Any) -> tuple[Any, DaggerResume] | None:
         raise RunStateError(f"run state {path} belongs to `simic {state.get('command')}`, not dagger; pass --restart")
     if cfg.eval_seed is None:
         cfg = replace(cfg, eval_seed=state["eval_seed"])
+    refuse_engine_change(path, state["config"], state_config(cfg))
     difference = config_difference(state["config"], state_config(cfg))
     if difference is not None:
         raise RunStateError(f"run state {path} was saved by another configuration ({difference}); "

@@ -334,7 +334,7 @@ def bootstrap(cfg: ImproveConfig, registry: Registry, runner: BaseRunner, progre
     progress.on_stage(f"bootstrap: collect {cfg.expert}", cfg.bootstrap_episodes)
     plan = CollectConfig(episode=cfg.episode, policy=cfg.expert, seed=cfg.seed, episodes=cfg.bootstrap_episodes,
                          version=policy_version(registry, cfg.expert), threads=cfg.threads)
-    with EpisodeWriter(store) as writer:
+    with EpisodeWriter(store, engine=cfg.episode.engine) as writer:
         collect_episodes(writer, runner, plan, strict=True, on_episode=progress.on_episode)
     ckpt = cfg.bootstrap_checkpoint()
     progress.on_stage("bootstrap: behaviour cloning", 1)

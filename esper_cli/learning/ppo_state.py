@@ -31,6 +31,7 @@ from .run_state import (
     generator_state,
     load_run_state,
     optimizer_state,
+    refuse_engine_change,
     restore_generator,
     restore_optimizer,
     save_run_state,
@@ -96,6 +97,7 @@ def check_state(cfg: ImproveConfig) -> tuple[dict[str, torch.Tensor], dict[str, 
     state = loaded[1]
     if state.get("run") != "simic improve":
         raise RunStateError(f"run state {state_path(cfg)} is not a simic improve run's; pass --restart to start over")
+    refuse_engine_change(state_path(cfg), state["config"], comparable(cfg))
     difference = config_difference(state["config"], comparable(cfg))
     if difference is not None:
         raise RunStateError(f"run state {state_path(cfg)} was saved with another configuration ({difference}); "

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import digest
+from ..contracts import engine_of
 
 FORMAT = "simic-run-state"
 FORMAT_VERSION = 1
@@ -85,6 +86,17 @@ def config_difference(saved: Mapping[str, Any], current: Mapping[str, Any], pref
         elif a != b:
             return f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}"
     return None
+
+
+def refuse_engine_change(path: Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Raise `RunStateError` when the saved run's episodes (its configuration's `episode`) are of
+    another engine than the current configuration's: checked before `config_difference`, whose
+    "null -> 2" would hide that a state saved before the engine had a version is engine 1's."""
+    was, now = (engine_of(config.get("episode") or {}) for config in (saved, current))
+    if was != now:
+        raise RunStateError(f"run state {path} was saved by a run of engine {was} episodes, which this Simic "
+                            f"cannot continue (engine {was} -> {now}); pass --restart to start over, with a new "
+                            "store for the new episodes")
 
 
 def optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

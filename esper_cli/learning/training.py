@@ -47,6 +47,7 @@ from ..data.decisions import (
     classes_per_episode,
     load_decisions,
     rarest_action_per_episode,
+    require_one_engine,
     require_schema,
     split_episodes,
 )
@@ -377,6 +378,7 @@ def prepare_training(
 
     data = load_decisions(store_path)
     require_schema(data, SCHEMA_VERSION, "simic train")
+    require_one_engine(data, "simic train")
     if outcome:  # learn from what was done and how it turned out, not from expert labels
         outcomes = load_outcomes(data)
         data = replace(data, labels=outcomes.actions)

@@ -61,8 +61,10 @@ def collect_episodes(
     once before any episode runs, with the number of episodes to run and, when they run in
     parallel, the runner's description (None in this process or when nothing runs);
     `on_episode(episode)` after each commit. Raises `JobFailed` (a policy failed; the episodes
-    committed before it stand), and with `strict` also when an episode is lost.
+    committed before it stand), and with `strict` also when an episode is lost; before any
+    episode runs, `EngineMismatchError` when the store holds another engine's episodes.
     """
+    writer.require_engine(plan.episode.engine)  # before any episode runs: a store holds one engine's
     todo = writer.missing(plan.episode.key(plan.policy), plan.seed, plan.episodes)
     present = plan.episodes - len(todo)
     if not todo:

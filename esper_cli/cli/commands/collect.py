@@ -84,10 +84,11 @@ class CollectProgress:
         self.bar.update(self.bar.task_ids[0], advance=1, last=f"last acc {episode.final_accuracy:.1f}%")
 
 
-def open_writer(store_path: Path) -> EpisodeWriter:
-    """The store's writer; exit 1 when recovery or creation ran out of disk, 2 for a bad path."""
+def open_writer(store_path: Path, engine: int | None = None) -> EpisodeWriter:
+    """The store's writer; exit 1 when recovery or creation ran out of disk, 2 for a bad path or
+    (with `engine`) a store holding the episodes of another engine."""
     try:
-        return EpisodeWriter(store_path)
+        return EpisodeWriter(store_path, engine=engine)
     except StoreError as exc:
         fail(escape(str(exc)), code=exc.exit_code)
 
@@ -191,7 +192,7 @@ def collect(
     store_path = store or default_store_path()
 
     keep_work_on_interrupt()
-    writer = open_writer(store_path)
+    writer = open_writer(store_path, config.engine)
     progress = CollectProgress(policy, episodes, store_path)
     # Every failure is reported after the writer has closed (quietly, with an error in flight; a
     # failed close on success is a StoreError below), so no message or exit code replaces another.

@@ -24,7 +24,7 @@ from rich.table import Table
 from ...checkpoint import CheckpointError, check_writable_checkpoint, load_checkpoint
 from ...contracts import MAX_SEED
 from ...data.decisions import DataError
-from ...data.store import StoreError
+from ...data.store import StoreError, check_store_engine
 from ...learning.event_log import EventLog, TensorBoardUnavailable, check_tensorboard
 from ...learning.ppo import ImproveConfig, ImproveProgress, ImproveResult, improve
 from ...learning.ppo_state import check_state, remove_state, state_path
@@ -222,6 +222,10 @@ def improve_command(
                   if done >= cfg.updates else f"Resuming from update {done} of {cfg.updates} ({state_path(cfg)}).",
                   highlight=False)
     if start is None and cfg.bootstrap_path().exists():
+        try:  # its episodes are reused and more may be added: of this engine only
+            check_store_engine(cfg.bootstrap_path(), cfg.episode.engine)
+        except StoreError as exc:
+            fail(escape(str(exc)), code=exc.exit_code)
         err.print(f"Bootstrap episodes already in {cfg.bootstrap_path()} are reused.", highlight=False)
 
     progress = Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ...contracts import ACTION_NAMES, N_ACTIONS
+from ...contracts import ACTION_NAMES, ENGINE_VERSION, N_ACTIONS, engine_of
 from ...data.store import EpisodeReader, StoreError
 from ...paths import default_store_path
 from ..common import fail, out
@@ -40,6 +40,7 @@ def store_report(reader: EpisodeReader) -> dict[str, Any]:
             "seed": int(index["seed"][i]),
             "index": int(index["index"][i]),
             "policy": meta.get("policy"),
+            "engine": engine_of(meta.get("config") or {}),
             "n_decisions": int(index["length"][i]),
             "final_accuracy": float(index["final_accuracy"][i]),
             "best_accuracy": float(index["best_accuracy"][i]),
@@ -81,7 +82,7 @@ def info(
     store: Optional[Path] = typer.Option(None, "--store", help="Episode store (default: $SIMIC_HOME/episodes.h5)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
-    """Summarise an episode store: episodes, decisions, action mix, seed fates, accuracy, schema."""
+    """Summarise an episode store: episodes, decisions, action mix, seed fates, accuracy, schema, engine."""
     path = store or default_store_path()
     try:
         with EpisodeReader(path) as reader:
@@ -102,9 +103,23 @@ def info(
     mean = report.get("mean_final_accuracy")
     table.add_row("mean final val accuracy", "-" if mean is None else f"{mean:.2f}%")
     table.add_row("schema", f"{report['schema_name']} v{report['schema_version']}")
+    table.add_row("engine", engine_cell(report["episodes_per_engine"]))
     out.print(table)
     if report["blueprints"]:
         out.print(blueprint_table(report["blueprints"]))
+
+
+def engine_cell(per_engine: dict[str, int]) -> str:
+    """The store's engine version(s) (`EpisodeConfig.engine`) for the summary table: one engine, or
+    each with its episodes and a warning, since a store of two cannot be trained on."""
+    if not per_engine:
+        return "-"
+    if len(per_engine) == 1:
+        version = next(iter(per_engine))
+        note = "" if int(version) == ENGINE_VERSION else f" (this Simic runs engine {ENGINE_VERSION})"
+        return f"{version}{note}"
+    counts = ", ".join(f"{v}: {n} episodes" for v, n in per_engine.items())
+    return f"{counts} (mixed: not trainable as one set)"
 
 
 def blueprint_table(blueprints: dict[str, Any]) -> Table:

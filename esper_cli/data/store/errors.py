@@ -27,6 +27,11 @@ class NotAStoreError(StoreError):
     """The path exists but is not a Simic episode store; it is never modified."""
 
 
+class EngineMismatchError(StoreError):
+    """Episodes of one engine (`EpisodeConfig.engine`) refused by a store holding another's: the
+    engines' numbers differ, so one store (and so one training set) never mixes them."""
+
+
 def hdf5_reason(exc: BaseException) -> str:
     """The useful part of an h5py error, on one line."""
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # str() would quote it

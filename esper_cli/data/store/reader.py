@@ -17,7 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ...contracts import ACTION_NAMES, N_ACTIONS, Episode, SeedStage
+from ...contracts import ACTION_NAMES, N_ACTIONS, Episode, SeedStage, engine_of
 from ...policy import valid_action_mask
 from .encoding import decode
 from .errors import StoreError, hdf5_reason
@@ -285,7 +285,9 @@ class EpisodeReader:
         if self._meta_blob is None:  # one read serves a loop over every episode
             self._meta_blob = self._read("meta_bytes").tobytes()
         start = int(self._index["meta_offset"][i])
-        raw = self._meta_blob[start: start + int(self._index["meta_length"][i])]
+        return self._parse_meta(i, self._meta_blob[start: start + int(self._index["meta_length"][i])])
+
+    def _parse_meta(self, i: int, raw: bytes) -> dict[str, Any]:
         try:
             meta = json.loads(raw.decode())
         except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
@@ -293,6 +295,29 @@ class EpisodeReader:
         if not isinstance(meta, dict) or not isinstance(meta.get("id"), str):
             raise self._damaged(f"the metadata of episode {i} is not an episode record")
         return meta
+
+    def engine_versions(self) -> dict[int, int]:
+        """Committed episodes per engine version (`EpisodeConfig.engine`, 1 for episodes stored
+        before it had one), in ascending version order; empty for an empty store.
+
+        The engine is in each episode's config, which its key digests, so episodes of one key share
+        it: one small metadata read per distinct key answers for the whole store.
+        """
+        _, first, counts = np.unique(self._index["key"], return_index=True, return_counts=True)
+        found: dict[int, int] = {}
+        for i, n in zip(first.tolist(), counts.tolist()):
+            if self._meta_blob is None:
+                start = int(self._index["meta_offset"][i])
+                raw = self._read("meta_bytes", start, start + int(self._index["meta_length"][i])).tobytes()
+                meta = self._parse_meta(i, raw)
+            else:
+                meta = self.episode_meta(i)
+            try:
+                engine = engine_of(meta["config"])
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise self._damaged(f"the metadata of episode {i} names no engine") from None
+            found[engine] = found.get(engine, 0) + n
+        return dict(sorted(found.items()))
 
     def episode(self, i: int) -> Episode:
         """Episode i, reconstructed: equal to what was appended (reasons, seeds, config too)."""
@@ -318,14 +343,15 @@ class EpisodeReader:
         return decode(meta, entry, cols, blob, self.blueprint_names)
 
     def summary(self) -> dict[str, Any]:
-        """Store-wide totals: episodes, decisions, action mix, seed fates, accuracy, schema, and how
-        many episodes keep a final observation and decisions a behaviour probability."""
+        """Store-wide totals: episodes, decisions, action mix, seed fates, accuracy, schema, engine
+        versions, and how many episodes keep a final observation and decisions a behaviour probability."""
         actions = self._read("decisions/actions").astype(np.int64)
         if len(actions) and (actions.min() < 0 or actions.max() >= N_ACTIONS):
             bad = int(actions[(actions < 0) | (actions >= N_ACTIONS)][0])
             raise self._damaged(f"decisions/actions holds {bad} (expected 0..{N_ACTIONS - 1})")
         counts = np.bincount(actions, minlength=N_ACTIONS)
         final = self._index["final_accuracy"]
+        engines = self.engine_versions()
         return {
             "path": str(self.path),
             "n_episodes": self.n_episodes,
@@ -337,6 +363,9 @@ class EpisodeReader:
             "mean_final_accuracy": float(final.mean()) if len(final) else None,
             "schema_name": self.schema_name,
             "schema_version": self.schema_version,
+            # Episodes of two engines are never trained on together (`contracts.ENGINE_VERSION`).
+            "engine_versions": list(engines),
+            "episodes_per_engine": {str(v): n for v, n in engines.items()},
             # Complete transitions and off-policy data need these; older episodes lack them.
             "episodes_with_final_observation": int(self._index["has_final_observation"].sum()),
             "decisions_with_behaviour_prob": int((self._read("decisions/behaviour_prob") >= 0).sum()),

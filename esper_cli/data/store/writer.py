@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import operator
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -21,9 +21,9 @@ import numpy as np
 from filelock import FileLock, Timeout
 from h5py import h5s
 
-from ...contracts import SCHEMA_NAME, SCHEMA_VERSION, Episode
+from ...contracts import SCHEMA_NAME, SCHEMA_VERSION, Episode, engines_text
 from .encoding import Batch, encode
-from .errors import StoreError, StoreLockedError, hdf5_reason, write_error
+from .errors import EngineMismatchError, StoreError, StoreLockedError, hdf5_reason, write_error
 from .files import attr_str, check_file, create_store, open_swmr_write, real_path, superblock_flags
 from .layout import LAYOUT, Counts
 from .reader import EpisodeReader
@@ -87,6 +87,30 @@ class MissingIndices:
         return f"MissingIndices(n={self.n}, done={len(self._done)})"
 
 
+def refuse_other_engines(path: str | os.PathLike[str], held: Mapping[int, int], adding: Iterable[int]) -> None:
+    """Raise `EngineMismatchError` when episodes of the engines `adding` would make the store at
+    `path` (holding `held`: episodes per engine) hold more than one engine's episodes."""
+    adding = set(adding)
+    if len(set(held) | adding) <= 1:
+        return
+    if not held:
+        raise EngineMismatchError(f"episode store {path}: the episodes to append are of {engines_text(adding)}; "
+                                  "one store holds one engine's episodes")
+    raise EngineMismatchError(f"episode store {path} holds {engines_text(held)} episodes and these are "
+                              f"{engines_text(adding)}'s: one store never mixes engines (their numbers "
+                              "differ); use a new store for them")
+
+
+def check_store_engine(path: str | os.PathLike[str], engine: int) -> None:
+    """Refuse (`EngineMismatchError`) a run of `engine` that would append to the store at `path`
+    when it holds another engine's episodes; nothing is opened for writing (a missing store is fine)."""
+    if not Path(path).exists():
+        return
+    with EpisodeReader(path) as reader:
+        held = reader.engine_versions()
+    refuse_other_engines(path, held, [engine])
+
+
 class _StaleLock(Exception):
     """The lock file was deleted (by the writer closing) between our opening and locking it."""
 
@@ -100,10 +124,18 @@ class EpisodeWriter:
 
     Creates the store (and its directory) if missing; recovers it if a previous writer was killed
     (`recovered` is then True). A path holding anything but a Simic store is never modified.
+    A store holds the episodes of one engine (`EpisodeConfig.engine`): appending another's is
+    refused, and with `engine` a store holding another engine's episodes is refused at open.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, lock_timeout: float = 0.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, lock_timeout: float = 0.0,
+                 engine: int | None = None) -> None:
         self.path = Path(path)
+        #: The engine of the episodes about to be appended, if known: a store holding another
+        #: engine's episodes is then refused at open, before a recovery or upgrade rewrites it.
+        self._engine = engine
+        #: Committed episodes per engine version (`EpisodeReader.engine_versions`).
+        self.engine_versions: dict[int, int] = {}
         # The file a symlink points to is the store: its lock, its recovery, its replacement. A
         # lock on the link's name would not exclude a writer of the target, and a recovery would
         # replace the link with a copy, splitting the store in two.
@@ -172,6 +204,9 @@ class EpisodeWriter:
             if reader.schema_version != SCHEMA_VERSION:  # one store, one meaning per feature
                 raise StoreError(f"episode store {self.path} holds {SCHEMA_NAME} v{reader.schema_version} "
                                  f"observations; this Simic writes v{SCHEMA_VERSION}: collect into a new store")
+            self.engine_versions = reader.engine_versions()
+            if self._engine is not None:
+                self.require_engine(self._engine)
             # HDF5's "open for write" flag is set, yet we hold the lock: the last writer crashed,
             # and a normal open would refuse the file. Keep its committed data, drop the rest.
             crashed = superblock_flags(path) != 0
@@ -212,8 +247,14 @@ class EpisodeWriter:
         """
         return MissingIndices(episodes, (i for k, s, i in self._keys if k == key and s == seed))
 
+    def require_engine(self, engine: int) -> None:
+        """Refuse (`EngineMismatchError`, one line) to add episodes of `engine` to a store that
+        holds another engine's: what a run checks before its first episode runs."""
+        refuse_other_engines(self.path, self.engine_versions, [engine])
+
     def append(self, episode: Episode) -> None:
-        """Commit one episode atomically. Raises ValueError (nothing written) on NaN/inf data."""
+        """Commit one episode atomically. Raises ValueError (nothing written) on NaN/inf data, and
+        `EngineMismatchError` (nothing written) for an episode of another engine than the store's."""
         self.append_many([episode])
 
     def append_many(self, episodes: Iterable[Episode]) -> None:
@@ -223,6 +264,8 @@ class EpisodeWriter:
         episodes = list(episodes)
         if not episodes:
             return
+        adding = [int(ep.config.engine) for ep in episodes]
+        refuse_other_engines(self.path, self.engine_versions, adding)
         batch = encode(episodes, self._counts, self._blueprints)
         try:
             self._write(batch)
@@ -234,6 +277,8 @@ class EpisodeWriter:
                               f"; its {self.n_episodes} committed episodes are kept") from None
         self._counts, self._blueprints = batch.counts, batch.blueprints
         self._keys |= batch.keys
+        for engine in adding:
+            self.engine_versions[engine] = self.engine_versions.get(engine, 0) + 1
 
     def _write(self, batch: Batch) -> None:
         for name, rows in batch.rows.items():
