@@ -130,26 +130,36 @@ def subsample(grid: list[Strategy], n: int | None) -> list[Strategy]:
 _REGISTRY: Any = None
 
 
-def _job(kind: str, label: str, params: dict[str, Any], config: EpisodeConfig, seed: int,
-         index: int) -> tuple[str, str, int, float, float]:
-    """Run one episode in this process: (kind, label, index, final val accuracy, test accuracy)."""
+Job = tuple[str, str, dict[str, Any], EpisodeConfig, int, int]  # (kind, label, params, config, seed, index)
+
+
+def _batch(jobs: list[Job]) -> list[tuple[str, str, int, float, float]]:
+    """Run episodes together in this process (the batched engine): per job (kind, label, index,
+    final val accuracy, test accuracy)."""
     global _REGISTRY
     import torch
 
     from esper_cli.plugins import build_registry
-    from esper_cli.simulation.episode import run_episode
+    from esper_cli.simulation.episode import EpisodeSpec, run_episodes
 
     torch.set_num_threads(1)
     if _REGISTRY is None:
         _REGISTRY = build_registry()
     reg = _REGISTRY
-    if kind == "strategy":
-        policy: Any = ScriptedTamiyo(**params)
-    else:
-        policy = build_policy(reg.policies[params["name"]], PolicySpec(**params))
-    ep = run_episode(policy, config, seed, index, task=reg.tasks[config.task], blueprints=reg.blueprints,
-                     policy_name=label)
-    return kind, label, index, float(ep.final_accuracy), float(ep.test_accuracy)
+    specs = []
+    for kind, label, params, config, seed, index in jobs:
+        if kind == "strategy":
+            policy: Any = ScriptedTamiyo(**params)
+        else:
+            policy = build_policy(reg.policies[params["name"]], PolicySpec(**params))
+        specs.append(EpisodeSpec(policy, config, seed, index, label))
+    episodes = run_episodes(specs, task=reg.tasks[jobs[0][3].task], blueprints=reg.blueprints)
+    out = []
+    for (kind, label, _, _, _, index), ep in zip(jobs, episodes):
+        if isinstance(ep, Exception):
+            raise ep
+        out.append((kind, label, index, float(ep.final_accuracy), float(ep.test_accuracy)))
+    return out
 
 
 def _ci(ci: list[float] | None) -> str:
@@ -168,6 +178,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--task", default="digits")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--envs-per-worker", type=int, default=32, help="episodes a worker trains together")
     parser.add_argument("--strategies", type=int, default=None, help="subsample the grid evenly to N strategies")
     parser.add_argument("--policies", nargs="*", default=["heuristic", "eager"],
                         help="registered policies or NAME=PATH checkpoints (heuristic is always run)")
@@ -190,11 +201,13 @@ def main() -> None:
     jobs += [("policy", sp.label, {"name": sp.name, "checkpoint": sp.checkpoint, "label": sp.label},
               config, args.seed, i) for i in range(args.episodes) for sp in specs]
     t0 = time.perf_counter()
+    width = max(1, min(args.envs_per_worker, -(-len(jobs) // max(args.workers, 1))))
+    batches = [jobs[i:i + width] for i in range(0, len(jobs), width)]
     if args.workers > 1:
         with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
-            results = list(pool.map(_job, *zip(*jobs), chunksize=max(1, len(jobs) // (8 * args.workers))))
+            results = [r for chunk in pool.map(_batch, batches) for r in chunk]
     else:
-        results = [_job(*j) for j in jobs]
+        results = [r for chunk in map(_batch, batches) for r in chunk]
     elapsed = time.perf_counter() - t0
 
     strat: dict[int, dict[str, tuple[float, float]]] = {i: {} for i in range(args.episodes)}
