@@ -37,7 +37,7 @@ RayAddress = Annotated[Optional[str], typer.Option(
     "--ray-address",
     help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one. Needs --backend ray.")]
 EnvsPerWorker = Annotated[int, typer.Option(
-    "--envs-per-worker", "-n", min=1,
+    "--envs-per-worker", min=1,
     help="Episodes each worker trains together as one fused computation (the batched engine); an episode is "
          "the same at any width. Default: the width measured fastest for the default task on a CPU.")]
 
