@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from typer.testing import CliRunner
 
 from esper_cli.cli import app
+from esper_cli.data.store import EpisodeReader
 
 runner = CliRunner()
 
@@ -38,3 +43,28 @@ def one_line_error(result, *fragments: str, code: int = 2) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def simic_process(*args: str, **kw) -> subprocess.Popen:
+    """`python -m esper_cli ARGS...` as a real child process (text pipes), for signals and crashes."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "esper_cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def committed_episodes(store: Path) -> int:
+    """Episodes a reader sees committed in `store` (0 while it does not exist or cannot be read yet)."""
+    try:
+        with EpisodeReader(store) as r:
+            return r.n_episodes
+    except Exception:
+        return 0
+
+
+def wait_for_episodes(store: Path, n: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Wait until `store` holds `n` committed episodes, while `proc` (the writer) is alive."""
+    deadline = time.monotonic() + timeout
+    while committed_episodes(store) < n:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "collect made no progress"
+        time.sleep(0.02)

@@ -63,4 +63,8 @@ def assert_same_episode(got: Episode, want: Episode) -> None:
         assert g.observation.dtype == np.float32
         assert (g.action, g.valid, g.confidence, g.reason, g.blueprint, g.outcome, g.expert_action) == \
                (w.action, w.valid, w.confidence, w.reason, w.blueprint, w.outcome, w.expert_action)
-    assert replace(got, decisions=[]) == replace(want, decisions=[])
+    if got.final_observation is None or want.final_observation is None:
+        assert got.final_observation is want.final_observation
+    else:
+        np.testing.assert_array_equal(got.final_observation, want.final_observation)
+    assert replace(got, decisions=[], final_observation=None) == replace(want, decisions=[], final_observation=None)

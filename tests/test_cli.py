@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from cli_helpers import info_json
+from cli_helpers import committed_episodes, info_json, simic_process, wait_for_episodes
 from cli_helpers import invoke as simic
 from cli_helpers import one_line_error as assert_one_line_error
 
@@ -112,37 +108,15 @@ def test_truncated_store_is_reported_not_overwritten(tmp_path):
     assert store.read_bytes() == before
 
 
-def _simic_process(*args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "esper_cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **kw)
-
-
-def _committed(store: Path) -> int:
-    try:
-        with EpisodeReader(store) as r:
-            return r.n_episodes
-    except Exception:
-        return 0
-
-
-def _wait_for(store: Path, n: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while _committed(store) < n:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "collect made no progress"
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_second_writer_gets_a_clear_lock_error(tmp_path):
     store = tmp_path / "s.h5"
-    proc = _simic_process("collect", "--episodes", "40", "--store", str(store), "--epochs", "4")
+    proc = simic_process("collect", "--episodes", "40", "--store", str(store), "--epochs", "4")
     try:
-        _wait_for(store, 1, proc)
+        wait_for_episodes(store, 1, proc)
         result = simic("collect", "--episodes", "1", "--store", str(store), *TINY)
         assert_one_line_error(result, str(store), "another process")
-        assert _committed(store) >= 1  # readers are never locked out
+        assert committed_episodes(store) >= 1  # readers are never locked out
     finally:
         proc.kill()
         proc.wait()
@@ -155,9 +129,9 @@ def test_sigkill_at_any_moment_keeps_every_committed_episode(tmp_path):
     args = ["collect", "--episodes", str(total), "--store", str(store), "--epochs", str(epochs)]
     # kill right at start-up, mid-episode, and just as episodes are being committed
     for wait_for, extra_delay in ((0, 0.05), (1, 0.0), (2, 0.15), (4, 0.0), (5, 0.07)):
-        proc = _simic_process(*args)
+        proc = simic_process(*args)
         if wait_for:
-            _wait_for(store, min(_committed(store) + 1, total), proc)
+            wait_for_episodes(store, min(committed_episodes(store) + 1, total), proc)
         time.sleep(extra_delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -182,13 +156,13 @@ def test_sigkill_at_any_moment_keeps_every_committed_episode(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_keeps_completed_episodes_and_exits_130(tmp_path):
     store = tmp_path / "s.h5"
-    proc = _simic_process("collect", "--episodes", "30", "--store", str(store), "--epochs", "4")
-    _wait_for(store, 2, proc)
+    proc = simic_process("collect", "--episodes", "30", "--store", str(store), "--epochs", "4")
+    wait_for_episodes(store, 2, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Interrupted" in stderr and "Traceback" not in stderr
-    kept = _committed(store)
+    kept = committed_episodes(store)
     assert kept >= 2
     with EpisodeReader(store) as reader:
         assert reader.n_decisions == kept * 4

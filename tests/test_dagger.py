@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from esper_cli import hookimpl
 from esper_cli.cli import app
-from esper_cli.contracts import Action, Decision, EpisodeConfig, TrainingSnapshot
+from esper_cli.contracts import ENGINE_VERSION, Action, Decision, EpisodeConfig, TrainingSnapshot
 from esper_cli.data.decisions import load_decisions
 from esper_cli.data.store import EpisodeReader, EpisodeWriter
 from esper_cli.plugins import build_registry, registered_plugin
@@ -54,10 +54,14 @@ def episode(reg, learner, config, index=1, expert=None):
 
 
 def test_plain_episode_keys_do_not_change_and_dagger_keys_do():
-    # The v2 defaults, with no DAgger fields: engine 1's key is the one stores before the engine had a
-    # version hold; the engine is part of the identity, so engine 2's differs.
+    # the v2 defaults under the first engine, with no DAgger fields: the key old stores were written with
     assert EpisodeConfig(engine=1).key("heuristic") == "e6fb07077d0600c7"
-    assert EpisodeConfig().key("heuristic") == "49663661250208d3"
+    assert "engine" not in EpisodeConfig(engine=1).to_dict()
+    assert EpisodeConfig.from_dict(EpisodeConfig(engine=1).to_dict()).engine == 1
+    # the engine is part of the identity: today's episodes never share a key with engine 1's
+    assert EpisodeConfig().engine == ENGINE_VERSION != 1
+    assert EpisodeConfig().key("heuristic") != "e6fb07077d0600c7"
+    assert EpisodeConfig.from_dict(EpisodeConfig().to_dict()) == EpisodeConfig()
     assert "expert" not in EpisodeConfig().to_dict() and "beta" not in EpisodeConfig().to_dict()
     dagger = EpisodeConfig(expert="heuristic", beta=0.5)
     keys = {EpisodeConfig().key("mlp"), dagger.key("mlp"), EpisodeConfig(expert="heuristic", beta=0.25).key("mlp"),

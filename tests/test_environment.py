@@ -92,28 +92,37 @@ def test_the_rotation_starts_where_the_episode_seed_says():
     starts = set()
     for rng_seed in range(12):
         env = make_env(epochs=1)
-        env.reset(rng_seed)
-        env.step(Decision(G))
+        env.reset([rng_seed])
+        env.step([Decision(G)])
         again = make_env(epochs=1)
-        again.reset(rng_seed)
-        again.step(Decision(G))
-        assert env.seeds[0].blueprint == again.seeds[0].blueprint  # paired runs grow the same first seed
-        starts.add(env.seeds[0].blueprint)
+        again.reset([rng_seed])
+        again.step([Decision(G)])
+        first = env.members[0].seeds[0].blueprint
+        assert first == again.members[0].seeds[0].blueprint  # paired runs grow the same first seed
+        starts.add(first)
     assert len(starts) > 2
 
 
 def test_alpha_ramps_per_step_without_jumps():
     env = make_env(epochs=9, blending_epochs=3)
-    env.reset(123)
+    env.reset([123])
     alphas: list[float] = []
     for a in (G, A):
-        env.step(Decision(a))
-    env.model.slots[0].register_forward_pre_hook(lambda m, _: alphas.append(m.alpha) if m.training else None)
+        env.step([Decision(a)])
+    # The alpha the engine is handed at slot 0 on every optimiser step, as it computes with it.
+    train_step = env.engine.train_step
+
+    def recording(x, y, step_alphas, trained):
+        alphas.append(float(step_alphas[0][0]))
+        return train_step(x, y, step_alphas, trained)
+
+    env.engine.train_step = recording
     for a in (A, W, W, W, W):
-        env.step(Decision(a))
+        env.step([Decision(a)])
     steps = 3 * env.steps_per_epoch
     diffs = np.diff([0.0] + alphas)
-    assert alphas[0] > 0 and max(diffs) <= 1.0 / steps + 1e-9 and min(diffs) >= 0
+    # float32 on the way into the engine: a step of 1/steps, give or take its rounding
+    assert alphas[0] > 0 and max(diffs) <= 1.0 / steps + 1e-6 and min(diffs) >= 0
     assert alphas[-1] == 1.0 and alphas.count(1.0) == len(alphas) - steps + 1
 
 
@@ -155,10 +164,10 @@ def test_the_observation_says_which_actions_the_environment_carries_out(policy, 
         for d in ep.decisions:
             assert d.valid == valid_action_mask(d.observation)[int(d.action)], (index, d.observation, d.action)
     env = make_env(epochs=16, **kw)
-    obs = env.reset(3)
+    [obs] = env.reset([3])
     for action in [G, A, W, A, C, G, W, W, G, A, A, A, G, C]:
-        assert env.valid_actions() == [a for a, ok in zip(Action, valid_action_mask(obs.to_vector())) if ok]
-        obs = env.step(Decision(action)).observation
+        assert env.members[0].valid_actions() == [a for a, ok in zip(Action, valid_action_mask(obs.to_vector())) if ok]
+        obs = env.step([Decision(action)])[0].observation
 
 
 def test_rng_streams_keep_their_numbers():
@@ -176,11 +185,11 @@ def test_an_episode_ref_is_the_json_list_checkpoints_hold():
 
 def test_unknown_blueprint_is_an_invalid_no_op_and_named_blueprint_is_used():
     env = make_env(epochs=3)
-    env.reset(1)
-    bad = env.step(Decision(G, blueprint="no-such"))
+    env.reset([1])
+    [bad] = env.step([Decision(G, blueprint="no-such")])
     assert not bad.valid and "unknown blueprint" in bad.message
-    good = env.step(Decision(G, blueprint="depthwise"))
-    assert good.valid and good.blueprint == "depthwise" and env.seeds[0].blueprint == "depthwise"
+    [good] = env.step([Decision(G, blueprint="depthwise")])
+    assert good.valid and good.blueprint == "depthwise" and env.members[0].seeds[0].blueprint == "depthwise"
 
 
 def test_outcome_is_measured_after_the_action_not_reused_from_the_observation():
@@ -244,7 +253,7 @@ def test_non_finite_values_never_reach_an_observation():
     assert sanitize_loss(float("nan")) == LOSS_CAP and sanitize_loss(math.inf) == LOSS_CAP
     assert sanitize_loss(-1.0) == 0.0
     env = make_env(epochs=2)
-    obs = env.reset(0)
+    [obs] = env.reset([0])
     broken = TrainingSnapshot(**{**obs.__dict__, "val_loss": float("nan")})
     with pytest.raises(ValueError, match="val_loss"):
         broken.to_vector()

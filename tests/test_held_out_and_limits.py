@@ -280,8 +280,8 @@ def test_collect_a_billion_episodes_starts_within_a_small_memory_limit(tmp_path)
 def test_reset_clamps_the_untrained_hosts_losses():
     env = MorphogeneticEnv(EpisodeConfig(epochs=2), BUILTIN_TASKS["digits"], BUILTIN_BLUEPRINTS)
     losses = iter([math.nan, 1e30])  # train, then validation: a diverged untrained host
-    env._evaluate = lambda x, y, chunk=2048: (next(losses), 10.0)
-    obs = env.reset(episode_rng_seed(0, 0))
+    env._evaluate = lambda x, y, override=None, worth=None: [(next(losses), 10.0)]
+    [obs] = env.reset([episode_rng_seed(0, 0)])
     assert obs.train_loss == LOSS_CAP and obs.val_loss == LOSS_CAP and obs.best_val_loss == LOSS_CAP
     assert obs.loss_history_5 == (LOSS_CAP,) * 5 and obs.loss_delta == 0.0
     assert np.isfinite(obs.to_vector()).all()

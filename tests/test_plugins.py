@@ -21,6 +21,7 @@ import pytest
 import torch
 from cli_helpers import info_json, one_line_error
 from cli_helpers import invoke as simic
+from episode_helpers import assert_same_episode
 
 import esper_cli
 from esper_cli import hookimpl, hookspecs
@@ -572,17 +573,32 @@ def test_a_policy_raising_in_decide_fails_that_episode_and_keeps_the_store(use_p
     assert len(errors) == 1 and "Traceback" not in result.output, result.stderr
     assert errors[0].startswith("Error: policy 'flaky' raised in decide() at epoch 3 of episode 1"), errors[0]
     assert "ZeroDivisionError: division by zero in my feature code" in errors[0]
-    assert "1 episodes committed before it" in errors[0]
-    report = info_json(store)  # the store opens and holds exactly the episode finished before
-    assert report["n_episodes"] == 1 and report["episodes"][0]["index"] == 0
-    assert report["n_decisions"] == 6
-    with EpisodeReader(store) as reader:  # no partial episode 1: every decision belongs to episode 0
-        assert reader.n_episodes == 1 and len(reader.decisions()["actions"]) == 6
+    # The episodes batched with the failing one finish and are committed; the failing one is not.
+    committed = int(re.search(r"\((\d+) episodes committed before it; the store is intact\)", errors[0]).group(1))
+    report = info_json(store)  # the store opens and holds exactly the episodes the message counts
+    indices = sorted(e["index"] for e in report["episodes"])
+    assert report["n_episodes"] == committed >= 1 and 1 not in indices and set(indices) <= {0, 2}
+    assert report["n_decisions"] == 6 * committed
+    with EpisodeReader(store) as reader:  # no partial episode 1: every decision belongs to a whole episode
+        assert reader.n_episodes == committed and len(reader.decisions()["actions"]) == 6 * committed
+        kept = {reader.episode(i).index: reader.episode(i) for i in range(reader.n_episodes)}
 
-    # The run resumes where it stopped once the policy behaves (the 4th instance is not flaky).
+    # Every committed episode is what a run without the failure gives (instances past the 2nd are
+    # not flaky): the failing batch-mate changed nothing in them.
+    clean = tmp_path / "clean.h5"
+    assert simic("collect", "--policy", "flaky", "--episodes", "3", "--store", str(clean), *TINY).exit_code == 0
+    with EpisodeReader(clean) as reader:
+        reference = {reader.episode(i).index: reader.episode(i) for i in range(reader.n_episodes)}
+    for index, episode in kept.items():
+        assert_same_episode(episode, reference[index])
+
+    # The run resumes where it stopped once the policy behaves.
     again = simic("collect", "--policy", "flaky", "--episodes", "3", "--store", str(store), *TINY)
     assert again.exit_code == 0, again.output
     assert sorted(e["index"] for e in info_json(store)["episodes"]) == [0, 1, 2]
+    with EpisodeReader(store) as reader:
+        for i in range(reader.n_episodes):
+            assert_same_episode(reader.episode(i), reference[reader.episode(i).index])
 
 
 # ---------------------------------------------------------------------------- SIMIC_LOAD_PLUGINS

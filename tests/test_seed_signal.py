@@ -35,10 +35,24 @@ def make_env(**kw) -> MorphogeneticEnv:
 
 
 def play(env: MorphogeneticEnv, *decisions: Decision):
+    """A lone member's decisions in turn; its last observation."""
     obs = None
     for d in decisions:
-        obs = env.step(d).observation
+        obs = env.step([d])[0].observation
     return obs
+
+
+def freeze_hosts(env: MorphogeneticEnv) -> None:
+    """Skip the hosts' optimiser step (their gradient dropped) while seeds keep theirs.
+
+    The engine has one lr per member for host and seeds alike; a host that must stay at its
+    weights while its seed learns is the host family's Adam step left out."""
+    host = env.engine.host
+
+    def no_step(trained, lr):
+        host.flat.grad = None
+
+    host.adam = no_step
 
 
 def test_every_feature_has_one_documented_v2_meaning():
@@ -49,21 +63,23 @@ def test_every_feature_has_one_documented_v2_meaning():
 def test_a_better_training_seed_shows_a_positive_worth():
     # The host is frozen at its (poor) initial weights while the seed learns: better than the host.
     env = make_env()
-    env.reset(3)
-    env.optimizer.param_groups[0]["lr"] = 0.0  # the host's group; a seed's group keeps lr 0.02
-    base = env.val_acc
+    env.reset([3])
+    freeze_hosts(env)
+    host = env.engine.host.flat.detach().clone()
+    base = env.members[0].val_acc
     obs = play(env, Decision(G, blueprint="conv_enhance"), Decision(A), Decision(W), Decision(W))
     assert obs.seed_stage == SeedStage.TRAINING and obs.seed_alpha == 0.0
+    assert torch.equal(env.engine.host.flat, host)
     assert obs.val_accuracy == base  # alpha 0: the host's output is its own
     assert obs.seed_improvement > 5.0
 
 
 def test_a_harmful_training_seed_shows_a_negative_worth_and_the_host_is_unaffected():
     env = make_env()
-    env.reset(3)
+    env.reset([3])
     play(env, *[Decision(W)] * 4)  # a trained host...
-    env.optimizer.param_groups[0]["lr"] = env.optimizer.defaults["lr"] = 0.0  # ...then nothing learns
-    base = env.val_acc
+    env.engine.lr.zero_()  # ...then nothing learns (the member's lr, host and seeds alike)
+    base = env.members[0].val_acc
     assert base > 50
     obs = play(env, Decision(G, blueprint="negate"), Decision(A))
     assert obs.seed_stage == SeedStage.TRAINING
@@ -73,47 +89,56 @@ def test_a_harmful_training_seed_shows_a_negative_worth_and_the_host_is_unaffect
 
 def test_blending_worth_is_accuracy_at_alpha_minus_at_alpha_zero():
     env = make_env(blending_epochs=3)
-    env.reset(5)
+    env.reset([5])
     obs = play(env, Decision(W), Decision(G, blueprint="conv_enhance"), Decision(A), Decision(W), Decision(A))
     assert obs.seed_stage == SeedStage.BLENDING and 0 < obs.seed_alpha < 1
-    slot = env.active_slot()
-    assert obs.seed_improvement == env.seed_contribution(slot)
+    slot = env.members[0].active_slot()
+    x, y = env.data.val_x, env.data.val_y
+    [(_, at_alpha)] = env._evaluate(x, y)
+    [(_, at_zero)] = env._evaluate(x, y, override={slot.index: 0.0})
+    assert at_alpha == obs.val_accuracy and at_alpha != at_zero
+    assert obs.seed_improvement == at_alpha - at_zero
 
 
 def test_germinated_or_no_seed_reads_zero_and_a_cull_records_the_last_worth():
     env = make_env(lr=0.0)
-    obs = env.reset(3)
+    [obs] = env.reset([3])
     assert obs.seed_improvement == 0.0
     obs = play(env, Decision(G, blueprint="negate"))
     assert obs.seed_stage == SeedStage.GERMINATED and obs.seed_improvement == 0.0
     worth = play(env, Decision(A)).seed_improvement
     obs = play(env, Decision(C))
     assert not obs.has_active_seed and obs.seed_improvement == 0.0
-    assert env.seeds[0].fate == "culled" and env.seeds[0].contribution == worth
+    record = env.members[0].seeds[0]
+    assert record.fate == "culled" and record.contribution == worth
 
 
 def test_the_measurement_changes_nothing_in_the_host():
     # A fossilized norm seed (BatchNorm running statistics) upstream of a TRAINING seed.
     env = make_env()
-    env.reset(7)
+    env.reset([7])
     play(env, Decision(G, blueprint="norm"), Decision(A), Decision(A), Decision(W), Decision(W), Decision(W),
          Decision(A), Decision(G, blueprint="conv_enhance"), Decision(A), Decision(W))
-    assert env.slots[0].stage == SeedStage.FOSSILIZED and env.slots[1].stage == SeedStage.TRAINING
-    x = env.data.val_x
-    before = {k: v.clone() for k, v in env.model.state_dict().items()}
-    env.model.eval()
+    slots = env.members[0].slots
+    assert slots[0].stage == SeedStage.FOSSILIZED and slots[1].stage == SeedStage.TRAINING
+    x, y = env.data.val_x, env.data.val_y
+    model = env.model(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any("running_mean" in k for k in before)
+    model.eval()
     with torch.no_grad():
-        plain = env.model(x)
-    loss, acc, worth = env._validate()
+        plain = model(x)
+    val, [worth] = env._validate()
     assert worth is not None
-    after = env.model.state_dict()
+    after = env.model(0).state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and running statistics
     with torch.no_grad():
-        again = env.model(x)
-        logits, _ = env.model.forward_worth(x, 1)
-    assert torch.equal(plain, again) and torch.allclose(plain, logits)  # the host's output is its own
-    assert acc == env._evaluate(x, env.data.val_y)[1]
+        again = model(x)
+    assert torch.equal(plain, again)
+    # the host's output is its own: the pass with the probe beside it gives what the host alone gives
+    assert val == env._evaluate(x, y)
+    assert val[0][1] == 100.0 * (plain.argmax(1) == y).sum().item() / len(y)
 
 
 def test_the_observation_vector_is_the_design_contract():
