@@ -272,10 +272,9 @@ class MorphogeneticEnv:
     # ----------------------------------------------------------------------------- episode start
     def reset(self, rng_seeds: Sequence[int]) -> list[TrainingSnapshot]:
         """Build each member's host from its rng seed, evaluate it untrained; the epoch-0 observations."""
-        if len(self.configs) == 1 and len(rng_seeds) > 1:
-            self.configs = self.configs * len(rng_seeds)
-        if len(rng_seeds) != len(self.configs):
-            raise ValueError(f"{len(rng_seeds)} rng seeds for {len(self.configs)} episode configs")
+        configs = self.configs * len(rng_seeds) if len(self.configs) == 1 else self.configs
+        if len(rng_seeds) != len(configs) or not rng_seeds:
+            raise ValueError(f"{len(rng_seeds)} rng seeds for {len(configs)} episode configs")
         cfg, dev = self.config, self.device
         data: TaskData = self.task.load(cfg.data_dir, 0)
         self.data = TaskData(*(t.to(dev) for t in (data.train_x, data.train_y, data.val_x,
@@ -284,9 +283,9 @@ class MorphogeneticEnv:
         for seed in rng_seeds:
             torch.manual_seed(_torch_seed(seed, RngStream.HOST_WEIGHTS))
             hosts.append(self.task.build_host().to(dev))
-        self.engine = FusedHosts(hosts, [c.lr for c in self.configs], dev)
+        self.engine = FusedHosts(hosts, [c.lr for c in configs], dev)
         channels = self.engine.channels
-        self.members = [Member(k, c, s, channels) for k, (c, s) in enumerate(zip(self.configs, rng_seeds))]
+        self.members = [Member(k, c, s, channels) for k, (c, s) in enumerate(zip(configs, rng_seeds))]
         self.steps_per_epoch = -(-len(self.data.train_y) // cfg.batch_size)
         train = self._evaluate(self.data.train_x, self.data.train_y)
         val = self._evaluate(self.data.val_x, self.data.val_y)
