@@ -8,7 +8,7 @@ from simic_plugins.baselines import EagerTamiyo, RandomTamiyo, WaitTamiyo, valid
 from esper_cli.contracts import Action, EpisodeConfig
 from esper_cli.plugins import build_registry
 from esper_cli.simulation.blueprints import BUILTIN_BLUEPRINTS
-from esper_cli.simulation.episode import run_episode
+from esper_cli.simulation.episode import EpisodeSpec, run_episode, run_episodes
 from esper_cli.tasks import BUILTIN_TASKS
 
 CFG = EpisodeConfig(epochs=10, embargo_epochs=1)
@@ -17,6 +17,12 @@ CFG = EpisodeConfig(epochs=10, embargo_epochs=1)
 def run(policy, index: int, seed: int = 0):
     return run_episode(policy, CFG, seed, index, task=BUILTIN_TASKS["digits"], blueprints=BUILTIN_BLUEPRINTS,
                        policy_name=policy.name)
+
+
+def run_many(policy_type, indices: range, seed: int = 0):
+    """Episodes `indices` of `policy_type`, one fresh policy each, trained together."""
+    specs = [EpisodeSpec(policy_type(), CFG, seed, i, policy_type.name) for i in indices]
+    return run_episodes(specs, task=BUILTIN_TASKS["digits"], blueprints=BUILTIN_BLUEPRINTS)
 
 
 def test_registered_through_the_entry_point_group():
@@ -43,8 +49,8 @@ def test_wait_never_grows():
 
 
 def test_random_is_deterministic_per_episode_seed_and_always_valid():
-    first = [run(RandomTamiyo(), i) for i in range(3)]
-    again = [run(RandomTamiyo(), i) for i in range(3)]
+    first = run_many(RandomTamiyo, range(3))
+    again = [run(RandomTamiyo(), i) for i in range(3)]  # one at a time: the same episodes
     actions = [[int(d.action) for d in e.decisions] for e in first]
     assert actions == [[int(d.action) for d in e.decisions] for e in again]
     assert len({tuple(a) for a in actions}) > 1  # another episode seed, another draw

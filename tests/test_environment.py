@@ -26,7 +26,7 @@ from esper_cli.contracts import (
 from esper_cli.policy import valid_action_mask
 from esper_cli.simulation.blueprints import BUILTIN_BLUEPRINTS
 from esper_cli.simulation.environment import MorphogeneticEnv
-from esper_cli.simulation.episode import run_episode
+from esper_cli.simulation.episode import EpisodeSpec, run_episode, run_episodes
 from esper_cli.tasks import BUILTIN_TASKS
 
 W, G, A, C = Action.WAIT, Action.GERMINATE, Action.ADVANCE, Action.CULL
@@ -158,9 +158,8 @@ def test_the_observation_says_which_actions_the_environment_carries_out(policy, 
     # the observation; the environment decides it from its state: on every state these episodes
     # reach (both slots, embargoes, a fossilized slot) the two must agree.
     cfg = EpisodeConfig(epochs=16, **kw)
-    for index in range(3):
-        ep = run_episode(policy, cfg, 0, index, task=BUILTIN_TASKS["digits"], blueprints=BUILTIN_BLUEPRINTS,
-                         policy_name=policy.name)
+    specs = [EpisodeSpec(type(policy)(), cfg, 0, index, policy.name) for index in range(3)]
+    for index, ep in enumerate(run_episodes(specs, task=BUILTIN_TASKS["digits"], blueprints=BUILTIN_BLUEPRINTS)):
         for d in ep.decisions:
             assert d.valid == valid_action_mask(d.observation)[int(d.action)], (index, d.observation, d.action)
     env = make_env(epochs=16, **kw)
