@@ -22,7 +22,7 @@ import time
 from esper_cli.cli.common import registry
 from esper_cli.contracts import EpisodeConfig
 from esper_cli.evaluation.comparison import ComparisonConfig, build_report, resolve_specs, run_comparison
-from esper_cli.running.runner import make_runner
+from esper_cli.running.runner import DEFAULT_ENVS_PER_WORKER, make_runner
 
 
 def _ci(ci: list[float] | None) -> str:
@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1000, help="run seed (use one you did not tune on)")
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--envs-per-worker", type=int, default=DEFAULT_ENVS_PER_WORKER,
+                        help="episodes a worker trains together")
     parser.add_argument("--reference", default="wait", help="the policy every difference is paired against")
     parser.add_argument("--json", action="store_true", help="print the compare report as JSON")
     args = parser.parse_args()
@@ -46,7 +48,7 @@ def main() -> None:
     t0 = time.perf_counter()
     plan = ComparisonConfig(specs=tuple(specs), versions=versions, episode=config, episodes=args.episodes,
                             seed=args.seed, mode="closed-loop")
-    with make_runner(workers=args.workers, registry=reg) as runner:
+    with make_runner(workers=args.workers, registry=reg, envs_per_worker=args.envs_per_worker) as runner:
         runs, _ = run_comparison(plan, runner)
     report = build_report(specs, runs, [], mode="closed-loop", expert=None, config=config,
                           episodes=args.episodes, seed=args.seed)
