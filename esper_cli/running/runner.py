@@ -350,9 +350,9 @@ class BaseRunner:
 
     def _batch_size(self, pending: _JobQueue, idle: int = 1) -> int:
         """How many jobs the next worker takes: up to `envs_per_worker`, sharing what is left
-        evenly among the workers (`idle` of them free now)."""
+        evenly among the `idle` workers about to take work."""
         left = pending.available(self.envs_per_worker * max(self.parallelism, 1))
-        return max(1, min(self.envs_per_worker, -(-left // max(self.parallelism, idle, 1))))
+        return max(1, min(self.envs_per_worker, -(-left // max(idle, 1))))
 
     def _run(self, jobs: Iterable[EpisodeJob], fn: JobFn | None) -> Iterator[tuple[EpisodeJob, Episode]]:
         raise NotImplementedError
