@@ -49,7 +49,7 @@ def freeze_hosts(env: MorphogeneticEnv) -> None:
     weights while its seed learns is the host family's Adam step left out."""
     host = env.engine.host
 
-    def no_step(trained, lr):
+    def no_step(*_):
         host.flat.grad = None
 
     host.adam = no_step

@@ -37,6 +37,7 @@ a tensor back to Python: the per-epoch sums are read once an epoch.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,27 @@ def _nchw(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands on its gradient in contiguous (NCHW) order.
+
+    A gradient arriving from a channels-last convolution keeps that layout through elementwise
+    ops, and a later sum over space or batch (the gradient of a gate, of batch-norm weights) then
+    runs strided, in an order that depends on how many lanes the tensor holds."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+    """`x`, with its gradient made contiguous on the way back (see `_ContiguousGrad`)."""
+    return _ContiguousGrad.apply(x) if x.requires_grad else x
+
+
 def _conv(mod: nn.Conv2d, p: Params, b: Params, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
     weight = p["weight"].reshape(n * mod.out_channels, *p["weight"].shape[2:])
     bias = p["bias"].reshape(-1) if "bias" in p else None
@@ -115,17 +137,34 @@ def _linear(mod: nn.Linear, p: Params, b: Params, n: int) -> Callable[[torch.Ten
 
 
 def _batch_norm(mod: nn.BatchNorm2d, p: Params, b: Params, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Batch norm written out over one row per channel, (L*C, B*H*W): PyTorch's CPU kernel
+    changes how it sums once a tensor has 32 channels or more, so a lane's statistics and
+    gradients would depend on how many lanes share the tensor; a sum along a contiguous row
+    does not."""
     def forward(x: torch.Tensor) -> torch.Tensor:
-        x = _nchw(x)
-        use_batch = mod.training or b.get("running_mean") is None
-        if mod.training and "num_batches_tracked" in b:
-            b["num_batches_tracked"].add_(1)
-        momentum = 0.0 if mod.momentum is None else mod.momentum
-        return F.batch_norm(
-            x, b["running_mean"].view(-1) if "running_mean" in b else None,
-            b["running_var"].view(-1) if "running_var" in b else None,
-            p["weight"].reshape(-1) if "weight" in p else None, p["bias"].reshape(-1) if "bias" in p else None,
-            use_batch, momentum, mod.eps)
+        batch, channels = x.shape[:2]
+        rows = x.transpose(0, 1).reshape(channels, -1)
+        running_mean, running_var = b.get("running_mean"), b.get("running_var")
+        if mod.training or running_mean is None:
+            mean = rows.mean(1, keepdim=True)
+            centred = rows - mean
+            var = (centred * centred).mean(1, keepdim=True)
+            if mod.training and running_mean is not None and running_var is not None:
+                with torch.no_grad():
+                    count = rows.shape[1]
+                    running_mean.view(-1, 1).mul_(1.0 - mod.momentum).add_(mod.momentum * mean)
+                    running_var.view(-1, 1).mul_(1.0 - mod.momentum).add_(mod.momentum * var * (count / max(count - 1, 1)))
+                    if "num_batches_tracked" in b:
+                        b["num_batches_tracked"].add_(1)
+        else:
+            centred = rows - running_mean.reshape(-1, 1)
+            var = running_var.reshape(-1, 1)  # type: ignore[union-attr]
+        out = centred / torch.sqrt(var + mod.eps)
+        if "weight" in p:
+            out = out * p["weight"].reshape(-1, 1)
+        if "bias" in p:
+            out = out + p["bias"].reshape(-1, 1)
+        return contiguous_grad(out).reshape(channels, batch, *x.shape[2:]).transpose(0, 1).contiguous()
     return forward
 
 
@@ -170,7 +209,7 @@ class Family:
                         for n, b in template.named_buffers()}
         self.m = torch.zeros(width, total, device=device)
         self.v = torch.zeros(width, total, device=device)
-        self.steps = torch.zeros(width, 1, device=device)
+        self.steps = torch.zeros(width, 1, dtype=torch.long, device=device)
         self.leaves = _leaves(template)
 
     @torch.no_grad()
@@ -181,7 +220,7 @@ class Family:
             self.buffers[name][row] = b
         self.m[row] = 0.0
         self.v[row] = 0.0
-        self.steps[row] = 0.0
+        self.steps[row] = 0
 
     def views(self, flat: torch.Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
         """Parameter tensors (lanes, *shape) named relative to `prefix`, as views of `flat`."""
@@ -203,20 +242,23 @@ class Family:
         return mod
 
     @torch.no_grad()
-    def adam(self, trained: torch.Tensor | None, lr: torch.Tensor) -> None:
+    def adam(self, trained: torch.Tensor | None, lr: torch.Tensor, corrections: torch.Tensor) -> None:
         """One Adam step on the rows in `trained` (a (W, 1) bool mask; None: every row), as
-        `torch.optim.Adam` computes it, with each row's own step count."""
+        `torch.optim.Adam` computes it, with each row's own step count.
+
+        Written with single-rounding operations only (no lerp, no fused multiply-add, the bias
+        corrections looked up in `corrections`, see `bias_corrections`): a vectorised kernel and its
+        scalar remainder loop then give the same bits, so a row's update does not depend on
+        where in the tensor (how many rows before it) it sits."""
         grad = self.flat.grad
         if grad is None:
             return
         b1, b2 = BETAS
-        steps = self.steps + (1.0 if trained is None else trained.float())
-        t = steps.clamp(min=1.0)
-        m = self.m.lerp(grad, 1.0 - b1)
-        v = self.v * b2 + (1.0 - b2) * grad * grad
-        step_size = lr / (1.0 - b1 ** t)
-        denom = (v.sqrt() / (1.0 - b2 ** t).sqrt()) + EPS
-        new = self.flat - step_size * (m / denom)
+        steps = self.steps + (1 if trained is None else trained.long())
+        c1, c2 = corrections[steps.clamp(max=len(corrections) - 1)].unbind(-1)
+        m = self.m * b1 + grad * (1.0 - b1)
+        v = self.v * b2 + (grad * grad) * (1.0 - b2)
+        new = self.flat - (lr / c1) * (m / (v.sqrt() / c2 + EPS))
         if trained is None:
             self.m, self.v = m, v
             self.flat.copy_(new)
@@ -226,6 +268,14 @@ class Family:
             self.flat.copy_(torch.where(trained, new, self.flat))
         self.steps = steps
         self.flat.grad = None
+
+
+def bias_corrections(max_steps: int, device: torch.device) -> torch.Tensor:
+    """Adam's bias corrections for steps 0..max_steps, (max_steps + 1, 2): 1 - beta1^t and
+    sqrt(1 - beta2^t), computed in float64 once (step 0, never used, reads 1)."""
+    b1, b2 = BETAS
+    rows = [(1.0 - b1 ** t, math.sqrt(1.0 - b2 ** t)) if t else (1.0, 1.0) for t in range(max_steps + 1)]
+    return torch.tensor(rows, dtype=torch.float32, device=device)
 
 
 def packed_call(module: nn.Module, leaves: list[tuple[str, nn.Module]] | None, params: Params,
@@ -290,7 +340,8 @@ class FusedHosts:
     each member's alpha per step. This class only computes.
     """
 
-    def __init__(self, hosts: Sequence[HostCNN], lrs: Sequence[float], device: torch.device) -> None:
+    def __init__(self, hosts: Sequence[HostCNN], lrs: Sequence[float], device: torch.device,
+                 max_steps: int = 100_000) -> None:
         self.n = len(hosts)
         self.device = device
         self.template = hosts[0]
@@ -300,6 +351,7 @@ class FusedHosts:
         for k, host in enumerate(hosts):
             self.host.load(k, host)
         self.lr = torch.tensor(list(lrs), dtype=torch.float32, device=device)[:, None]
+        self.corrections = bias_corrections(max_steps, device)  # `max_steps`: the most a row takes
         self.families: dict[tuple[int, str], Family] = {}
         self.groups = [SlotGroups() for _ in range(self.n_slots)]
         self.lanes = _padded(range(self.n))
@@ -357,6 +409,7 @@ class FusedHosts:
         buffers = {n: b.index_select(0, at) for n, b in fam.buffers.items()}  # copies: written back below
         _set_mode(fam.template, training)
         out = packed_call(fam.template, fam.leaves, fam.views(flat.index_select(0, at)), buffers, _nchw(x), len(lanes))
+        out = contiguous_grad(out)
         if training and not frozen and buffers:
             with torch.no_grad():
                 for name, b in buffers.items():
@@ -419,9 +472,9 @@ class FusedHosts:
         logits = _lanes(self._head(params, h, width), width)[:, :n]
         losses = _member_losses(logits, y)
         (objective + losses.sum()).backward()
-        self.host.adam(None, self.lr)
+        self.host.adam(None, self.lr, self.corrections)
         for key, mask in trained.items():
-            self.families[key].adam(mask, self.lr)
+            self.families[key].adam(mask, self.lr, self.corrections)
         correct = (logits.detach().argmax(-1) == y).sum(0)
         return losses.detach(), correct
 

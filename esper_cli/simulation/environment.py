@@ -283,10 +283,10 @@ class MorphogeneticEnv:
         for seed in rng_seeds:
             torch.manual_seed(_torch_seed(seed, RngStream.HOST_WEIGHTS))
             hosts.append(self.task.build_host().to(dev))
-        self.engine = FusedHosts(hosts, [c.lr for c in configs], dev)
+        self.steps_per_epoch = -(-len(self.data.train_y) // cfg.batch_size)
+        self.engine = FusedHosts(hosts, [c.lr for c in configs], dev, max_steps=cfg.epochs * self.steps_per_epoch)
         channels = self.engine.channels
         self.members = [Member(k, c, s, channels) for k, (c, s) in enumerate(zip(configs, rng_seeds))]
-        self.steps_per_epoch = -(-len(self.data.train_y) // cfg.batch_size)
         train = self._evaluate(self.data.train_x, self.data.train_y)
         val = self._evaluate(self.data.val_x, self.data.val_y)
         for member, t, v in zip(self.members, train, val):
