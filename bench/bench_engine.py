@@ -83,6 +83,26 @@ class CollectRun:
     wall_s: float
     cpu_s: float
     peak_rss_bytes: int
+    digest: str  # of every stored decision, in episode order: equal at every width, or a bug
+
+
+def store_digest(path: Path) -> str:
+    """A digest of a store's episodes sorted by id: observations, actions, outcomes, accuracies."""
+    import hashlib
+
+    import numpy as np
+
+    from esper_cli.data.store import EpisodeReader
+
+    with EpisodeReader(path) as reader:
+        cols = reader.columns()
+    order = np.lexsort((np.asarray(cols["step"]), np.asarray(cols["episode_id"])))
+    h = hashlib.sha256()
+    for name in ("episode_id", "observation", "action", "reward", "val_accuracy_after", "stage_after", "blueprint"):
+        column = np.asarray(cols[name])[order]
+        h.update("\0".join(map(str, column)).encode() if column.dtype.kind in "OUS" else
+                 np.ascontiguousarray(column).tobytes())
+    return h.hexdigest()[:16]
 
 
 def collect_process(policy: str, width: int, args: argparse.Namespace, tmp: Path) -> CollectRun:
@@ -101,9 +121,10 @@ def collect_process(policy: str, width: int, args: argparse.Namespace, tmp: Path
     if proc.returncode != 0:
         raise SystemExit(f"simic collect --policy {policy} --envs-per-worker {width} exited {proc.returncode}:\n"
                          f"{proc.stderr[-3000:]}")
+    digest = store_digest(store)
     store.unlink()
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return CollectRun(wall, cpu, int(rss.read_text()))
+    return CollectRun(wall, cpu, int(rss.read_text()), digest)
 
 
 # --------------------------------------------------------------------------- in-process timing
@@ -183,7 +204,7 @@ def curve_rows(runs: dict[str, dict[int, list[CollectRun]]], episodes: int) -> d
                 ratio=rate / base_rate, ratio_to_width=base_width, peak_rss_mib=rss / 2**20,
                 mib_per_episode=rss / 2**20 / width,
                 marginal_mib_per_episode=(rss - base_rss) / 2**20 / (width - base_width) if width > base_width else None,
-                repeats=[asdict(r) for r in rs]))
+                digests=sorted({r.digest for r in rs}), repeats=[asdict(r) for r in rs]))
     return rows
 
 
@@ -228,6 +249,9 @@ def print_report(report: dict) -> None:
                   f"{_cell(r, 'marginal_mib_per_episode', '16.2f'):>16}")
         if rows and rows[0]["width"] != 1:
             print(f"  (ratios to N={rows[0]['width']}: N=1 was not run)")
+        digests = {d for r in rows for d in r["digests"]}
+        print(f"  stored episodes identical at every width: {'yes' if len(digests) == 1 else 'NO'}"
+              f" ({len(digests)} distinct store digest{'s' if len(digests) != 1 else ''})")
     if report["framework"]:
         pols = [p for p in s["policies"]]
         print("\nframework share of an epoch (in this process, 1 thread; CPU ms per epoch of one batch of N)")
