@@ -24,14 +24,20 @@ family run where:
 Adam is written out per family with a step count and moments per row: a row whose member did not
 use it this step (not yet trained, or in another stage) is left exactly as it was.
 
-Width independence, measured: a member's numbers are bit-identical whatever rows share its
-computation and wherever it sits among them, at any width of 2 or more; a width-1 convolution
-takes another kernel. So every computation runs on at least two lanes: a lone row is padded with
-a copy of itself whose output is thrown away (it adds exact zeros to the row's gradient).
-Activations stay channels-last between convolutions (oneDNN's grouped convolution and pooling are
-several times faster so); seeds, batch norms and the head take NCHW (`_nchw`), where a reduction
-over space or batch does not depend on how many lanes the tensor holds. Nothing in the step reads
-a tensor back to Python: the per-epoch sums are read once an epoch.
+Width independence: a member's numbers are bit-identical whatever rows share its computation and
+wherever it sits among them (tests/test_engine.py; bench/bench_engine.py compares whole stores at
+widths 1 to 128). What that takes, on CPU:
+- a width-1 convolution takes another kernel than a grouped one, so every computation runs on at
+  least two lanes: a lone row is padded with a copy of itself whose output is thrown away (it
+  adds exact zeros to the row's gradient);
+- activations stay channels-last between convolutions (oneDNN's grouped convolution and pooling
+  are several times faster so), but seeds, batch norms and the head take NCHW (`_nchw`) and the
+  gradients handed back into them are made contiguous (`contiguous_grad`): a sum over space or
+  batch of a strided tensor runs in an order that depends on how many lanes it holds;
+- batch norm is written out over one row per channel (`_batch_norm`), Adam with single-rounding
+  operations and tabled bias corrections (`Family.adam`), a linear layer as a grouped 1x1
+  convolution (`_linear`): each avoids a kernel whose sums or roundings depend on the tensor's size.
+Nothing in the step reads a tensor back to Python: the per-epoch sums are read once an epoch.
 """
 
 from __future__ import annotations
@@ -243,8 +249,8 @@ class Family:
 
     @torch.no_grad()
     def adam(self, trained: torch.Tensor | None, lr: torch.Tensor, corrections: torch.Tensor) -> None:
-        """One Adam step on the rows in `trained` (a (W, 1) bool mask; None: every row), as
-        `torch.optim.Adam` computes it, with each row's own step count.
+        """One Adam step on the rows in `trained` (a (W, 1) bool mask; None: every row): Adam's
+        arithmetic (Kingma and Ba; `torch.optim.Adam`'s defaults), each row with its own step count.
 
         Written with single-rounding operations only (no lerp, no fused multiply-add, the bias
         corrections looked up in `corrections`, see `bias_corrections`): a vectorised kernel and its
