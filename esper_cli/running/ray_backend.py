@@ -100,7 +100,7 @@ class RayRunner(BaseRunner):
 
         def submit() -> None:
             while pending and len(in_flight) < self.parallelism and tracker.failure is None:
-                batch = _batch(pending, self._batch_size(pending, self.parallelism - len(in_flight)))
+                batch = _batch(pending, self._batch_size(pending, self.parallelism - len(in_flight), fused=fn is None))
                 threads = max(job.threads for _, job in batch)
                 ref = self._remote.options(num_cpus=threads, max_retries=0).remote(
                     fn, [self._shipped(job) for _, job in batch])

@@ -349,11 +349,13 @@ class BaseRunner:
             raise JobFailed(lost[0].job, f"{len(lost)} episode(s) lost, their worker died on every attempt "
                                          f"({names})", policy_error=False)
 
-    def _batch_size(self, pending: _JobQueue, idle: int = 1) -> int:
-        """How many jobs the next worker takes: up to `envs_per_worker`, sharing what is left
-        evenly among the `idle` workers about to take work."""
-        left = pending.available(self.envs_per_worker * max(self.parallelism, 1))
-        return max(1, min(self.envs_per_worker, -(-left // max(idle, 1))))
+    def _batch_size(self, pending: _JobQueue, idle: int = 1, fused: bool = True) -> int:
+        """How many jobs the next worker takes: up to `envs_per_worker` (1 for a caller's own job
+        function, which runs job by job), sharing what is left evenly among the `idle` workers
+        about to take work."""
+        width = self.envs_per_worker if fused else 1
+        left = pending.available(width * max(self.parallelism, 1))
+        return max(1, min(width, -(-left // max(idle, 1))))
 
     def _run(self, jobs: Iterable[EpisodeJob], fn: JobFn | None) -> Iterator[tuple[EpisodeJob, Episode]]:
         raise NotImplementedError
@@ -488,7 +490,7 @@ class ProcessRunner(BaseRunner):
             for slot in self._slots:
                 if not slot.batch and pending and tracker.failure is None:
                     idle = sum(not s.batch for s in self._slots)
-                    slot.batch = _batch(pending, self._batch_size(pending, idle))
+                    slot.batch = _batch(pending, self._batch_size(pending, idle, fused=fn is None))
                     try:
                         slot.conn.send((fn, [job for _, job in slot.batch]))
                     except (BrokenPipeError, OSError):
