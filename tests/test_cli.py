@@ -111,7 +111,7 @@ def test_truncated_store_is_reported_not_overwritten(tmp_path):
 @pytest.mark.slow
 def test_second_writer_gets_a_clear_lock_error(tmp_path):
     store = tmp_path / "s.h5"
-    proc = simic_process("collect", "--episodes", "40", "--store", str(store), "--epochs", "4")
+    proc = simic_process("collect", "--episodes", "40", "--store", str(store), "--epochs", "4", "--envs-per-worker", "2")
     try:
         wait_for_episodes(store, 1, proc)
         result = simic("collect", "--episodes", "1", "--store", str(store), *TINY)
@@ -126,7 +126,7 @@ def test_second_writer_gets_a_clear_lock_error(tmp_path):
 def test_sigkill_at_any_moment_keeps_every_committed_episode(tmp_path):
     store = tmp_path / "s.h5"
     epochs, total = 4, 12
-    args = ["collect", "--episodes", str(total), "--store", str(store), "--epochs", str(epochs)]
+    args = ["collect", "--episodes", str(total), "--store", str(store), "--epochs", str(epochs), "--envs-per-worker", "3"]
     # kill right at start-up, mid-episode, and just as episodes are being committed
     for wait_for, extra_delay in ((0, 0.05), (1, 0.0), (2, 0.15), (4, 0.0), (5, 0.07)):
         proc = simic_process(*args)
@@ -156,7 +156,8 @@ def test_sigkill_at_any_moment_keeps_every_committed_episode(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_keeps_completed_episodes_and_exits_130(tmp_path):
     store = tmp_path / "s.h5"
-    proc = simic_process("collect", "--episodes", "30", "--store", str(store), "--epochs", "4")
+    # batches of 2: episodes commit a batch at a time, so the interrupt lands mid-collection
+    proc = simic_process("collect", "--episodes", "30", "--store", str(store), "--epochs", "4", "--envs-per-worker", "2")
     wait_for_episodes(store, 2, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)

@@ -290,7 +290,7 @@ def test_ctrl_c_stops_the_workers_and_keeps_committed_episodes(tmp_path):
     store = tmp_path / "s.h5"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "esper_cli", "collect", "-n", "40", "--store", str(store),
-                             "--workers", "2", *TINY], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                             "--workers", "2", "--envs-per-worker", "2", *TINY], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, env=env)
     deadline = time.monotonic() + 120
     while True:
