@@ -250,7 +250,7 @@ def test_collect_a_billion_episodes_starts_within_a_small_memory_limit(tmp_path)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OPENBLAS_NUM_THREADS": "1", "SIMIC_HOME": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-m", "esper_cli", "collect", "--episodes", "1000000000",
-                             "--epochs", "1", "--store", str(store)], stdout=subprocess.PIPE,
+                             "--epochs", "1", "--envs-per-worker", "2", "--store", str(store)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, preexec_fn=limit_memory)
     try:
         deadline = time.monotonic() + 90

@@ -178,7 +178,7 @@ def test_ctrl_c_keeps_the_best_checkpoint_so_far(serial_run, tmp_path):
     env = {**os.environ, "SIMIC_HOME": str(tmp_path)}
     child = subprocess.Popen(
         [sys.executable, "-m", "esper_cli", "improve", "--from", str(serial_run[0].with_name("mlp.bc.safetensors")),
-         "--out", str(out), "--episodes", "50", "--episodes-per-update", "1", "--group", "1", "--epochs", "5"],
+         "--out", str(out), "--episodes", "400", "--episodes-per-update", "1", "--group", "1", "--epochs", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
@@ -192,4 +192,4 @@ def test_ctrl_c_keeps_the_best_checkpoint_so_far(serial_run, tmp_path):
     assert child.returncode == 130, stderr
     assert "the best policy so far is in" in stderr and "Traceback" not in stderr
     ckpt = load_checkpoint(out, expect_policy="mlp")
-    assert ckpt.meta["objective"] == "ppo" and 0 <= ckpt.meta["improve"]["best_update"] < 50
+    assert ckpt.meta["objective"] == "ppo" and 0 <= ckpt.meta["improve"]["best_update"] < 400

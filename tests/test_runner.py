@@ -208,8 +208,9 @@ def test_dead_workers_are_replaced_their_episode_rerun_or_reported(crashy, tmp_p
     monkeypatch.setenv("CRASHY_MARKER_DIR", str(tmp_path))
     monkeypatch.setenv("CRASHY_ALWAYS", str(always))  # dies every time
     store = tmp_path / "s.h5"
+    # one episode a batch: a worker that dies loses its batch, here exactly the episode it ran
     result = simic("collect", "--policy", "crashy", "-n", "5", "--store", str(store), "--workers", "2",
-                   "--retries", "1", *TINY)
+                   "--envs-per-worker", "1", "--retries", "1", *TINY)
     assert result.exit_code == 1, result.output
     assert "died (exit code 3) while running episode 1 (seed 0); re-running it (retry 1 of 1)" in result.stderr
     assert "while running episode 3 (seed 0); giving up on it after 2 attempt(s)" in result.stderr
