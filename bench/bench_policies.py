@@ -5,12 +5,14 @@ weights and sees the same data order), so the difference to `wait` on episode i 
 the policy's decisions alone. Validation accuracy is what the controller sees; test accuracy,
 read once at the end of each episode, is the honest score. Intervals are Student-t 95%.
 
-    python bench/bench_policies.py [--episodes 20] [--seed 1000] [--workers 2] [--reference wait] [POLICY ...]
+    python bench/bench_policies.py [--episodes 20] [--seed 1000] [--task digits] [--workers 2]
+        [--reference wait] [POLICY ...]
 
 POLICY is a registered name or NAME=PATH (a checkpoint), as for `simic compare`; the default is
 heuristic, random, eager. The reference (`wait` unless `--reference` names another) is always run, first;
 every difference is paired against it (e.g. `--reference heuristic mlp=improved.safetensors wait
-random`: does a learned Tamiyo beat the rules?).
+random`: does a learned Tamiyo beat the rules?). On a task that prices growth (`growth_cost`, e.g.
+`digits-rent`) the scores and differences are net of each episode's growth charge.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import json
 import time
 
 from esper_cli.cli.common import registry
-from esper_cli.contracts import EpisodeConfig
 from esper_cli.evaluation.comparison import ComparisonConfig, build_report, resolve_specs, run_comparison
 from esper_cli.running.runner import DEFAULT_ENVS_PER_WORKER, make_runner
+from esper_cli.tasks import task_config
 
 
 def _ci(ci: list[float] | None) -> str:
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1000, help="run seed (use one you did not tune on)")
     parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--task", default="digits")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--envs-per-worker", type=int, default=DEFAULT_ENVS_PER_WORKER,
                         help="episodes a worker trains together")
@@ -44,7 +47,8 @@ def main() -> None:
     reg = registry()
     names = [args.reference] + [p for p in args.policies if p != args.reference]
     specs, versions = resolve_specs(names, reg, None)
-    config = EpisodeConfig(epochs=args.epochs)
+    config = task_config(args.task, reg.tasks[args.task], epochs=args.epochs)
+    net = config.growth_cost > 0  # score = accuracy minus the growth charge
     t0 = time.perf_counter()
     plan = ComparisonConfig(specs=tuple(specs), versions=versions, episode=config, episodes=args.episodes,
                             seed=args.seed, mode="closed-loop")
@@ -55,18 +59,21 @@ def main() -> None:
     if args.json:
         print(json.dumps(report))
         return
-    print(f"{args.episodes} paired episodes, run seed {args.seed}, {args.epochs} epochs "
-          f"({time.perf_counter() - t0:.0f} s); accuracy %, mean and 95% interval; Δ paired against {args.reference}")
+    what = f"net of a growth cost of {config.growth_cost:g} points per 1,000 seed parameters" if net else "accuracy %"
+    print(f"{args.episodes} paired episodes, task {args.task}, run seed {args.seed}, {args.epochs} epochs "
+          f"({time.perf_counter() - t0:.0f} s); {what}, mean and 95% interval; Δ paired against {args.reference}")
     print(f"{'policy':<14} {'final val':>8} {'95% CI':>18} {'Δ val':>7} {'Δ 95% CI':>18} "
-          f"{'test':>7} {'95% CI':>18} {'Δ test':>7} {'Δ 95% CI':>18}  seeds c/f/x")
+          f"{'test':>7} {'95% CI':>18} {'Δ test':>7} {'Δ 95% CI':>18}  seeds c/f/x  charge")
+    score, final = ("test_score", "final_score") if net else ("test_accuracy", "final_accuracy")
     for label, r in report["closed_loop"].items():
         ref = label == args.reference
-        dv = "" if ref else f"{r['final_accuracy_diff_mean']:+7.2f}"
-        dt = "" if ref else f"{r['test_accuracy_diff_mean']:+7.2f}"
-        print(f"{label:<14} {r['final_accuracy_mean']:8.2f} {_ci(r['final_accuracy_ci95']):>18} {dv:>7} "
-              f"{'' if ref else _ci(r['final_accuracy_diff_ci95']):>18} {r['test_accuracy_mean']:7.2f} "
-              f"{_ci(r['test_accuracy_ci95']):>18} {dt:>7} {'' if ref else _ci(r['test_accuracy_diff_ci95']):>18}  "
-              f"{r['seeds_created']}/{r['seeds_fossilized']}/{r['seeds_culled']}")
+        dv = "" if ref else f"{r[f'{final}_diff_mean']:+7.2f}"
+        dt = "" if ref else f"{r[f'{score}_diff_mean']:+7.2f}"
+        val = r["final_accuracy_mean"] - (r["growth_charge_mean"] if net else 0.0)
+        print(f"{label:<14} {val:8.2f} {'' if net else _ci(r['final_accuracy_ci95']):>18} {dv:>7} "
+              f"{'' if ref else _ci(r[f'{final}_diff_ci95']):>18} {r[f'{score}_mean']:7.2f} "
+              f"{_ci(r[f'{score}_ci95']):>18} {dt:>7} {'' if ref else _ci(r[f'{score}_diff_ci95']):>18}  "
+              f"{r['seeds_created']}/{r['seeds_fossilized']}/{r['seeds_culled']}  {r['growth_charge_mean']:6.2f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import enum
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
@@ -159,6 +159,13 @@ FEATURE_MEANINGS: dict[str, str] = _feature_meanings()
 FEATURE_NAMES: tuple[str, ...] = tuple(FEATURE_MEANINGS)
 N_FEATURES = len(FEATURE_NAMES)
 
+#: Features whose scale is set by the task rather than by the state of training: `global_step`
+#: is epochs times the steps per epoch (the training set's size over the batch size), so 300 means
+#: epoch 9 on digits and epoch 50 on a quarter of it. Learned policies are trained with these
+#: pinned to 0 (`TrainConfig.ignore_features`), so one learned on one task reads another's states
+#: on the same scale; `epoch` says the same thing task-independently.
+TASK_DEPENDENT_FEATURES: tuple[str, ...] = ("global_step",)
+
 
 def feature_table() -> str:
     """The features as a Markdown table (index, name, meaning), in vector order: what
@@ -250,15 +257,28 @@ class SeedLifecycle:
     #: alpha minus at alpha 0 after the last epoch; culled, the `seed_improvement` last measured
     #: before the cull (the probe's edge over the host in TRAINING); None if never measured.
     contribution: float | None = None
+    #: Its module's parameter count (what a task's growth cost charges); None in older stores.
+    params: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.params is None:  # seeds stored before the count was kept read back unchanged
+            d.pop("params")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SeedLifecycle:
         d = dict(d)
         d["stages"] = [tuple(s) for s in d.get("stages", [])]
         return cls(**d)
+
+
+def growth_charge(cost: float, seeds: Sequence[SeedLifecycle]) -> float:
+    """The price, in accuracy points, of the seeds a network holds (every seed not culled) at
+    `cost` points per 1,000 parameters (`EpisodeConfig.growth_cost`)."""
+    if cost == 0.0:
+        return 0.0
+    return cost * sum(s.params or 0 for s in seeds if s.fate != "culled") / 1000.0
 
 
 def engine_of(config: Mapping[str, Any]) -> int:
@@ -310,6 +330,11 @@ class EpisodeConfig:
     explore: float = 0.0
     #: The engine that trains the episode (`ENGINE_VERSION`); a config read without one is 1's.
     engine: int = ENGINE_VERSION
+    #: A price on growth: accuracy points per 1,000 seed parameters the network holds, charged in
+    #: the reward when a seed is germinated and refunded when it is culled, so an episode's return
+    #: is the accuracy it gained minus the price of what it kept (`Episode.growth_charge`). Set by
+    #: a task (`Task.episode_defaults`) or by hand; part of the identity only when set (> 0).
+    growth_cost: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.beta <= 1.0:
@@ -318,6 +343,8 @@ class EpisodeConfig:
             raise ValueError("beta mixes in an expert's actions: set expert too")
         if not 0.0 <= self.explore <= 1.0:
             raise ValueError(f"explore must be between 0 and 1, got {self.explore}")
+        if not (math.isfinite(self.growth_cost) and self.growth_cost >= 0.0):
+            raise ValueError(f"growth_cost must be a finite number >= 0, got {self.growth_cost}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -329,6 +356,8 @@ class EpisodeConfig:
             d.pop("explore")
         if self.engine == 1:  # the first engine's episodes keep the keys they were stored with
             d.pop("engine")
+        if self.growth_cost == 0.0:
+            d.pop("growth_cost")
         return d
 
     @classmethod
@@ -445,6 +474,22 @@ class Episode:
     @property
     def seeds_culled(self) -> int:
         return sum(s.fate == "culled" for s in self.seeds)
+
+    @property
+    def growth_charge(self) -> float:
+        """What the episode's growth cost charged, in accuracy points: the price of the seeds its
+        network holds at the end (0 on a task without a growth cost)."""
+        return growth_charge(self.config.growth_cost, self.seeds)
+
+    @property
+    def final_score(self) -> float:
+        """Final validation accuracy net of the growth charge (the accuracy without a cost)."""
+        return self.final_accuracy - self.growth_charge
+
+    @property
+    def test_score(self) -> float:
+        """Test accuracy net of the growth charge: the honest score on a task that prices growth."""
+        return self.test_accuracy - self.growth_charge
 
     def action_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(ACTION_NAMES, 0)

@@ -59,13 +59,13 @@ from .contracts import (
     N_FEATURES,
     Action,
     Decision,
-    EpisodeConfig,
     SeedStage,
     episode_rng_seed,
 )
 from .plugins import Registry, build_registry
 from .simulation.environment import MorphogeneticEnv
 from .simulation.gym_plugin import ENV_ID, register_envs
+from .tasks import task_config
 
 __all__ = ["ENV_ID", "MorphogeneticGymEnv", "observation_bounds", "register_envs"]
 
@@ -132,10 +132,10 @@ class MorphogeneticGymEnv(gym.Env[np.ndarray, np.int64]):
         for unused in ("expert", "beta", "explore"):  # the agent acting here is the caller
             if config.get(unused):
                 raise ValueError(f"{unused} is a collection setting; the Gymnasium env applies the actions it is given")
-        self.config = EpisodeConfig(task=task, epochs=int(epochs), **config)
         reg = registry if registry is not None else build_registry()
         if task not in reg.tasks:
             raise ValueError(f"unknown task {task!r} (available: {', '.join(sorted(reg.tasks)) or 'none'})")
+        self.config = task_config(task, reg.tasks[task], epochs=int(epochs), **config)
         self._env = MorphogeneticEnv(self.config, reg.tasks[task], reg.blueprints)
         low, high = observation_bounds(self.config.epochs)
         self.observation_space = spaces.Box(low, high, dtype=np.float32)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pickle
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch takes seconds to import: only loading data or building a host needs it
     import torch
 
+    from .contracts import EpisodeConfig
     from .kasmina import HostCNN
 
 
@@ -50,12 +51,26 @@ class TaskData:
 
 @dataclass(frozen=True)
 class Task:
-    """A dataset loader plus a host factory (built under the episode's torch seed)."""
+    """A dataset loader plus a host factory (built under the episode's torch seed).
+
+    `episode_defaults` are `EpisodeConfig` fields the task sets unless the caller does (a price
+    on growth, `growth_cost`): they are written into every episode's config, so they are part of
+    its identity and a store records them.
+    """
 
     name: str
     description: str
     load: Callable[[str | None, int], TaskData]  # (data_dir, split_seed) -> TaskData
     build_host: Callable[[], HostCNN]
+    episode_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+def task_config(name: str, task: Any, **fields: Any) -> EpisodeConfig:
+    """The episode config of the task registered as `name`: its `episode_defaults` (if it has
+    any) under the caller's `fields`."""
+    from .contracts import EpisodeConfig
+
+    return EpisodeConfig(task=name, **{**getattr(task, "episode_defaults", {}), **fields})
 
 
 def _split(x: np.ndarray, y: np.ndarray, n_val: int, n_test: int, seed: int) -> TaskData:

@@ -35,7 +35,8 @@ from esper_cli.plugins import build_registry
 from esper_cli.trainable import TrainablePolicy
 
 WORTH = FEATURE_NAMES.index("seed_improvement")
-TRAIN = {"epochs": 150, "patience": 150, "allow_missing_classes": True}
+# Every feature is an input here (global_step too, as noise): the lasso alone must silence the noise.
+TRAIN = {"epochs": 150, "patience": 150, "allow_missing_classes": True, "ignore_features": ()}
 
 
 def observations(rng: np.random.Generator, n: int, noise_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from simic_plugins.networks import GRUNet, MLPNet
 from sklearn.utils.class_weight import compute_class_weight
 
 from esper_cli.checkpoint import CheckpointError, digest, load_checkpoint, save_checkpoint
-from esper_cli.contracts import ACTION_NAMES, N_FEATURES, TrainingSnapshot
+from esper_cli.contracts import ACTION_NAMES, FEATURE_NAMES, N_FEATURES, TASK_DEPENDENT_FEATURES, TrainingSnapshot
 from esper_cli.data.decisions import DataError, load_decisions, split_episodes
 from esper_cli.data.preprocess import class_weights, fit_normaliser, parse_class_weights
 from esper_cli.data.replay import replay, select_split
@@ -171,10 +171,23 @@ def test_a_train_config_is_typed_and_training_never_changes_it(store, tmp_path):
     assert replace(prep.cfg, lr=None, class_weights=None, feature_penalty=None) == config
 
 
+def test_an_unknown_feature_to_ignore_is_a_one_line_error(store, tmp_path):
+    with pytest.raises(DataError, match="unknown feature.*no_such_feature"):
+        train_policy(store, TrainConfig("mlp", ignore_features=("no_such_feature",), **TINY),
+                     out=tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_simic_improves_bootstrap_recipe_keeps_plain_behaviour_cloning(store, tmp_path):
     path, metrics = train_policy(store, replace(BOOTSTRAP_TRAINING, epochs=30), out=tmp_path / "boot.safetensors")
     ckpt = load_checkpoint(path)
-    assert ckpt.input_range is None and ckpt.meta["train_config"]["feature_penalty"] == 0.0
+    assert ckpt.meta["train_config"]["feature_penalty"] == 0.0
+    # No clipping to the training range: only the task-dependent features are pinned (to 0).
+    low, high = ckpt.input_range
+    pinned = [FEATURE_NAMES.index(n) for n in TASK_DEPENDENT_FEATURES]
+    free = [i for i in range(N_FEATURES) if i not in pinned]
+    assert (low[pinned] == 0).all() and (high[pinned] == 0).all()
+    assert (low[free] == np.finfo(np.float32).min).all() and (high[free] == np.finfo(np.float32).max).all()
     history = ckpt.meta["history"]
     best = max(history, key=lambda h: (round(h["val_balanced_accuracy"], 9), -h["val_loss"]))
     assert metrics["best_epoch"] == best["epoch"]
@@ -337,8 +350,11 @@ def test_policies_clip_observations_to_the_training_range(store, mlp_checkpoint,
     ckpt = load_checkpoint(mlp_checkpoint)
     train = data.select([data.episode_ids.index(i) for i in ckpt.meta["split"]["train_ids"]])
     low, high = ckpt.input_range
-    np.testing.assert_array_equal(low, train.observations.min(axis=0))
-    np.testing.assert_array_equal(high, train.observations.max(axis=0))
+    pinned = [FEATURE_NAMES.index(n) for n in TASK_DEPENDENT_FEATURES]  # 0 always (global_step)
+    seen = train.observations.copy()
+    seen[:, pinned] = 0.0
+    np.testing.assert_array_equal(low, seen.min(axis=0))
+    np.testing.assert_array_equal(high, seen.max(axis=0))
 
     # A state far outside the training range decides as its nearest state in range does.
     far = data.observations.copy()
@@ -346,6 +362,12 @@ def test_policies_clip_observations_to_the_training_range(store, mlp_checkpoint,
     for policy in (MLPTamiyo(checkpoint=mlp_checkpoint), GRUTamiyo(checkpoint=gru_checkpoint)):
         decide = policy.decide_batch if isinstance(policy, MLPTamiyo) else policy.decide_episode
         np.testing.assert_array_equal(decide(far[:25]), decide(np.clip(far[:25], low, high)))
+
+    # A task-dependent feature (global_step: steps per epoch times epochs) never sways a decision.
+    scaled = data.observations[:40].copy()
+    scaled[:, FEATURE_NAMES.index("global_step")] *= 7.0
+    mlp = MLPTamiyo(checkpoint=mlp_checkpoint)
+    np.testing.assert_array_equal(mlp.logits(scaled), mlp.logits(data.observations[:40]))
 
     # A checkpoint saved without a range (before it was recorded) loads and decides unclipped.
     old = tmp_path / "old.safetensors"

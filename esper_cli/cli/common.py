@@ -118,14 +118,14 @@ def episode_config(reg: Registry, *, task: str, epochs: int, device: str, data_d
                    threads: int, **extra: Any) -> EpisodeConfig:
     """The episode config of a command's options, with the task's data checked before any work."""
     from ..running.threads import use_threads  # only the commands that run episodes pay for torch
-    from ..tasks import TaskError
+    from ..tasks import TaskError, task_config
 
     choose("task", task, reg.tasks, "--task", reg)
     resolve_device(device)
     use_threads(threads)
     try:
-        config = EpisodeConfig(task=task, epochs=epochs, device=device,
-                               data_dir=str(data_dir) if data_dir is not None else None, **extra)
+        config = task_config(task, reg.tasks[task], epochs=epochs, device=device,
+                             data_dir=str(data_dir) if data_dir is not None else None, **extra)
     except ValueError as exc:
         fail(str(exc))
     try:

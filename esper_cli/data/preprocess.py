@@ -8,7 +8,7 @@ import math
 import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
-from ..contracts import ACTION_NAMES, N_ACTIONS
+from ..contracts import ACTION_NAMES, FEATURE_NAMES, N_ACTIONS, N_FEATURES
 from .decisions import DataError
 
 
@@ -34,6 +34,30 @@ def fit_range(observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     x = observations.astype(np.float32)
     return x.min(axis=0), x.max(axis=0)
+
+
+def ignore_features(mean: np.ndarray, std: np.ndarray, bounds: tuple[np.ndarray, np.ndarray] | None,
+                    names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """Pin the named features to 0 in the policy's input: their range is [0, 0] (so every
+    observation is clipped to 0) and their mean 0, std 1, so they reach the network as 0 always.
+
+    For features whose scale is the task's, not the state's (`TASK_DEPENDENT_FEATURES`): a policy
+    that read them would carry one task's scale to another. Without clipping bounds the others
+    get the widest float32 range, so only the named ones are changed.
+    """
+    if not names:
+        return mean, std, bounds
+    unknown = [n for n in names if n not in FEATURE_NAMES]
+    if unknown:
+        raise DataError(f"unknown feature(s) to ignore: {', '.join(unknown)}", option="ignore_features")
+    idx = [FEATURE_NAMES.index(n) for n in names]
+    big = np.finfo(np.float32).max
+    low, high = (b.copy() for b in bounds) if bounds is not None else (
+        np.full(N_FEATURES, -big, dtype=np.float32), np.full(N_FEATURES, big, dtype=np.float32))
+    mean, std = mean.copy(), std.copy()
+    low[idx] = high[idx] = mean[idx] = 0.0
+    std[idx] = 1.0
+    return mean, std, (low, high)
 
 
 def parse_class_weights(spec: str) -> str | list[float]:

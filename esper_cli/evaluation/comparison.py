@@ -265,6 +265,13 @@ def closed_loop_summary(runs: Mapping[str, PolicyRuns], reference: str) -> dict[
         tests = [e.test_accuracy for e in eps]
         tm, tci = mean_ci95(tests)
         dtm, dtci = mean_ci95(d_test)
+        # Net of the growth charge: the same as the accuracies on a task that does not price growth.
+        scores = [e.test_score for e in eps]
+        sm, sci = mean_ci95(scores)
+        d_final_score = [r.episodes[i].final_score - ref[i].final_score for i in paired]
+        dfsm, dfsci = mean_ci95(d_final_score)
+        d_test_score = [r.episodes[i].test_score - ref[i].test_score for i in paired]
+        dtsm, dtsci = mean_ci95(d_test_score)
         counts = dict.fromkeys(ACTION_NAMES, 0)
         invalid = dict.fromkeys(ACTION_NAMES, 0)
         acted, labels, visited = [], [], []
@@ -302,6 +309,15 @@ def closed_loop_summary(runs: Mapping[str, PolicyRuns], reference: str) -> dict[
             "test_accuracy_diff_mean": dtm,
             "test_accuracy_diff_ci95": dtci,
             "test_accuracy_diffs": d_test,
+            "growth_charge_mean": mean_ci95([e.growth_charge for e in eps])[0],
+            "test_score_mean": sm,
+            "test_score_ci95": sci,
+            "final_score_diff_mean": dfsm,
+            "final_score_diff_ci95": dfsci,
+            "final_score_diffs": d_final_score,
+            "test_score_diff_mean": dtsm,
+            "test_score_diff_ci95": dtsci,
+            "test_score_diffs": d_test_score,
             "seeds_created": sum(e.seeds_created for e in eps),
             "seeds_fossilized": sum(e.seeds_fossilized for e in eps),
             "seeds_culled": sum(e.seeds_culled for e in eps),

@@ -40,7 +40,15 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
 from ..checkpoint import check_writable_checkpoint, save_checkpoint
-from ..contracts import ACTION_NAMES, FEATURE_NAMES, N_ACTIONS, N_FEATURES, SCHEMA_VERSION, EpisodeRef
+from ..contracts import (
+    ACTION_NAMES,
+    FEATURE_NAMES,
+    N_ACTIONS,
+    N_FEATURES,
+    SCHEMA_VERSION,
+    TASK_DEPENDENT_FEATURES,
+    EpisodeRef,
+)
 from ..data.decisions import (
     DataError,
     DecisionData,
@@ -51,7 +59,7 @@ from ..data.decisions import (
     require_schema,
     split_episodes,
 )
-from ..data.preprocess import class_weights, fit_normaliser, fit_range, parse_class_weights
+from ..data.preprocess import class_weights, fit_normaliser, fit_range, ignore_features, parse_class_weights
 from ..paths import default_checkpoint_path
 from ..plugins import Registry, build_registry
 from ..trainable import TrainablePolicy, network_hparams
@@ -99,6 +107,7 @@ class TrainConfig:
     feature_penalty: float | None = None  # group lasso on the input weights; None = the trainable's default
     select: str = "loss"  # the kept epoch: lowest weighted val "loss", or highest "balanced_accuracy"
     clip_inputs: bool = True  # clip validation and deployment inputs to the training range
+    ignore_features: tuple[str, ...] = TASK_DEPENDENT_FEATURES  # pinned to 0 in the input (`ignore_features`)
 
 
 @dataclass
@@ -311,10 +320,11 @@ def input_weight(model: nn.Module, name: str | None, policy: str) -> torch.Tenso
     return param
 
 
-def input_feature_norms(weight: torch.Tensor) -> dict[str, float]:
+def input_feature_norms(weight: torch.Tensor, ignored: tuple[str, ...] = ()) -> dict[str, float]:
     """Each feature's input-weight norm (its column's L2 norm), largest first: which features the
-    trained policy reads."""
+    trained policy reads. An ignored feature (always 0 at the input) reads nothing: 0."""
     norms = weight.detach().norm(dim=0).tolist()
+    norms = [0.0 if name in ignored else n for name, n in zip(FEATURE_NAMES, norms)]
     return dict(sorted(zip(FEATURE_NAMES, norms), key=lambda kv: -kv[1]))
 
 
@@ -402,6 +412,7 @@ def prepare_training(
             f"validation balanced accuracy covers {len(np.unique(val.labels))} of {N_ACTIONS} classes")
     mean, std = fit_normaliser(train.observations)  # training episodes only: no peeking at val
     bounds = fit_range(train.observations) if cfg.clip_inputs else None
+    mean, std, bounds = ignore_features(mean, std, bounds, tuple(cfg.ignore_features))
     weights = class_weights(train.labels, weight_spec)
     present = np.unique(train.labels)
     if not (weights[present] > 0).any():
@@ -504,6 +515,7 @@ def checkpoint_meta(prep: Prepared, metrics: dict[str, Any], history: list[dict[
         "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("hidden", "layers", "batch_size")},
         "normalisation": {"kind": "standardise" if bounds is None else "clip to [low, high], then standardise",
                           "fitted_on": "train episodes", "mean": prep.mean.tolist(), "std": prep.std.tolist(),
+                          "ignored": list(cfg.ignore_features),
                           **({} if bounds is None else {"low": bounds[0].tolist(), "high": bounds[1].tolist()})},
         "split": {"by": "episode", "stratified_by": "rarest action", "seed": cfg.seed,
                   "val_fraction": cfg.val_fraction, "store": str(prep.data.store),
@@ -532,7 +544,7 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
     sequence = prep.trainable.sequence
     weight_t = torch.from_numpy(prep.weights)
     # Validation sees what deployment sees: observations clipped to the training range.
-    tr = to_tensors(train, prep.mean, prep.std, sequence, None if awr is None else awr.train_weights)
+    tr = to_tensors(train, prep.mean, prep.std, sequence, None if awr is None else awr.train_weights, prep.bounds)
     va = to_tensors(val, prep.mean, prep.std, sequence, None if awr is None else awr.val_weights, prep.bounds)
 
     # Seeded: same store + seed + config = same checkpoint (on CPU).
@@ -557,7 +569,7 @@ def fit(prep: Prepared, on_epoch: Callable[[EpochStats], None] | None = None) ->
         "feature_penalty": cfg.feature_penalty,
     }
     if inputs is not None:
-        metrics["input_feature_norms"] = input_feature_norms(inputs)
+        metrics["input_feature_norms"] = input_feature_norms(inputs, tuple(cfg.ignore_features))
     if awr is not None:  # the kept epoch's score, and how the advantages were made
         metrics["val_weighted_loss"] = trained.val_loss
         metrics["outcome"] = awr.summary

@@ -35,6 +35,7 @@ from ..contracts import (
     SeedLifecycle,
     SeedStage,
     TrainingSnapshot,
+    growth_charge,
     sanitize_loss,
 )
 from ..kasmina import HostCNN, SlotState
@@ -314,6 +315,7 @@ class MorphogeneticEnv:
                 assert slot is not None and blueprint is not None
                 torch.manual_seed(member.seed_torch_seed(len(member.seeds) - 1))
                 module: nn.Module = self.blueprints[blueprint](slot.channels).to(self.device)
+                member.seeds[-1].params = sum(p.numel() for p in module.parameters())
                 self.engine.germinate(member.index, slot.index, blueprint, module)
             return ok, blueprint, why
         ok, why = member.advance() if action == Action.ADVANCE else member.cull()
@@ -411,19 +413,21 @@ class MorphogeneticEnv:
             raise RuntimeError("episode is over: call reset()")
         if len(decisions) != self.n:
             raise ValueError(f"{len(decisions)} decisions for {self.n} episodes")
-        before, applied = [], []
+        before, applied, charged = [], [], []  # charged: the growth cost this action charged or refunded
         for m, decision in zip(self.members, decisions):
             slot = m.active_slot()
+            charge = growth_charge(m.config.growth_cost, m.seeds)
             before.append((m.val_acc, m.val_loss, slot))
             valid, blueprint, why = self._apply(m, decision)
+            charged.append(growth_charge(m.config.growth_cost, m.seeds) - charge)
             target = m.active_slot() or slot  # the slot the action concerned, even once it left
             applied.append((valid, blueprint, why, target.index if target else None))
         self._plan()
         train = self._train_epoch()
         val, worths = self._validate()
         results = []
-        for m, t, v, w, (acc_before, loss_before, _), (valid, blueprint, why, target) in zip(
-                self.members, train, val, worths, before, applied):
+        for m, t, v, w, (acc_before, loss_before, _), (valid, blueprint, why, target), price in zip(
+                self.members, train, val, worths, before, applied, charged):
             m.end_epoch(t, v, w)
             stage_after = m.slots[target].stage if target is not None else SeedStage.DORMANT
             outcome = Outcome(
@@ -432,7 +436,7 @@ class MorphogeneticEnv:
                 val_accuracy=m.val_acc,
                 seed_alive=any(s.has_seed for s in m.slots),
                 stage_after=stage_after,
-                reward=(m.val_acc - acc_before) - (0.0 if valid else m.config.invalid_action_penalty),
+                reward=(m.val_acc - acc_before) - (0.0 if valid else m.config.invalid_action_penalty) - price,
             )
             results.append(StepResult(m.observe(), outcome, valid, blueprint, why))
         return results
