@@ -75,15 +75,15 @@ def test_a_ppo_update_raises_the_probability_of_an_action_with_positive_advantag
     mask = torch.tensor([[True, True, False, False]]).repeat(64, 1)  # WAIT or GERMINATE only
     actions = torch.tensor([0, 1] * 32)
     with torch.no_grad():
-        logp_old = masked_log_probs(policy, obs, mask).gather(1, actions[:, None]).squeeze(1)
+        logp_old = masked_log_probs(policy(obs), mask).gather(1, actions[:, None]).squeeze(1)
     returns = torch.where(actions == 1, 2.0, 0.0)  # GERMINATE paid off, WAIT did not
     batch = Batch(obs, mask, actions, logp_old, returns)
     value = ValueNet(1.0, 1.0)
     cfg = tiny_config(Path("unused"), lr=1e-2, minibatch=32)
-    before = masked_log_probs(policy, obs, mask).exp()[:, 1].mean()
+    before = masked_log_probs(policy(obs), mask).exp()[:, 1].mean()
     opt, vopt = torch.optim.Adam(policy.parameters(), lr=1e-2), torch.optim.Adam(value.parameters(), lr=1e-2)
     stats = ppo_update(policy, value, opt, vopt, batch, cfg, torch.Generator().manual_seed(0))
-    after = masked_log_probs(policy, obs, mask).exp()
+    after = masked_log_probs(policy(obs), mask).exp()
     assert after[:, 1].mean() > before + 0.02  # within the clip range of one update
     assert torch.all(after[:, 2:] < 1e-6)  # invalid actions keep probability 0
     assert stats["clip_fraction"] >= 0 and np.isfinite(stats["value_loss"])
@@ -138,7 +138,7 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
     assert "--from" in one_line_error(invoke("improve", "--from", text, "--out", tmp_path / "o.safetensors"))
-    assert "mlp" in one_line_error(invoke("improve", "--policy", "gru"))
+    assert "mlp and gru" in one_line_error(invoke("improve", "--policy", "heuristic"))
     assert "--out" in one_line_error(invoke("improve", "--out", text))  # never overwrite a file we did not write
     assert text.read_text() == "not a checkpoint"
     # Whole groups only: 2 episodes per update in groups of 4 would run 4.

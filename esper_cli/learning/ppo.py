@@ -4,7 +4,7 @@ Behaviour cloning copies the heuristic; this fine-tunes the copy toward what the
 each decision's reward is the validation accuracy it gained over the next epoch, so an episode's
 return is the accuracy the controller added by its end. The loop, one update at a time:
 
-1. `collect`  - the current policy, sampling its actions (`mlp` with `sample=True`), drives
+1. `collect`  - the current policy, sampling its actions (`mlp` or `gru` with `sample=True`), drives
                 `episodes_per_update` new episodes through the episode runner (this process,
                 worker processes or Ray), `group` draws on each new seed; each decision records
                 the probability of its action.
@@ -15,9 +15,13 @@ return is the accuracy the controller added by its end. The loop, one update at 
                 (Schulman et al., 2017) with an entropy bonus, a few epochs of minibatches; then the
                 baseline is regressed on the returns.
 4. the running mean return over the last updates picks the best policy so far: that checkpoint is
-   written to `out` (so Ctrl-C keeps it), an ordinary `mlp` checkpoint.
+   written to `out` (so Ctrl-C keeps it), an ordinary `mlp` (or `gru`) checkpoint.
 5. the run state is saved beside `out` (`ppo_state`): the same run, killed at any moment,
    continues from its last completed update to the same checkpoint.
+
+A recurrent policy (`gru`) is trained on whole episodes: each minibatch is a few episodes, run
+through the network from their first epoch with the hidden state carried, and the backward pass
+goes through the whole episode (truncated nowhere); the clipped surrogate is the same per decision.
 
 The first update is different: the start policy (behaviour cloning of a deterministic expert) is
 too sure of itself to explore, so its episodes only train the baseline and calibrate a softened
@@ -25,7 +29,7 @@ start (`soften`: its logits scaled to a target entropy, every greedy decision un
 
 Written here rather than taken from a library: the environment is the episode runner (parallel,
 reproducible, already crash-safe) and one update is a few dozen lines; Stable-Baselines3 would
-need its own vectorised env and owns the network, so the result would not be an `mlp` checkpoint.
+need its own vectorised env and owns the network, so the result would not be a Simic checkpoint.
 
 Reproducible per seed: episode k of a run is episode `bootstrap + k` of run seed `seed` (so it is
 the same episode on any worker), its action draws come from its own seed, and the updates are
@@ -68,7 +72,7 @@ class ImproveConfig:
 
     episode: EpisodeConfig
     out: Path
-    start: Path | None = None  # a `mlp` checkpoint to fine-tune; None: behaviour-clone the heuristic first
+    start: Path | None = None  # a checkpoint of `policy` to fine-tune; None: behaviour-clone the heuristic first
     episodes: int = 1000  # live episodes for PPO (the bootstrap's come on top)
     episodes_per_update: int = 32
     group: int = 4  # draws per seed within an update (1: every episode its own seed, a learned baseline)
@@ -90,6 +94,7 @@ class ImproveConfig:
     ray_address: str | None = None
     threads: int = 1
     envs_per_worker: int = DEFAULT_ENVS_PER_WORKER
+    policy: str = "mlp"  # the trainable policy fine-tuned: "mlp", or "gru" (sequence PPO)
 
     def __post_init__(self) -> None:
         # Each update runs whole groups: a count that is not a multiple of `group` would be rounded
@@ -175,6 +180,46 @@ class Batch:
     logp_old: torch.Tensor  # (N,) log of the behaviour probability of the action taken
     returns: torch.Tensor  # (N,) return-to-go
     advantages: torch.Tensor | None = None  # (N,) group-relative, when episodes share their seeds
+    lengths: torch.Tensor | None = None  # (E,) decisions per episode, in the batch's order
+
+    def episode_rows(self, episodes: torch.Tensor) -> torch.Tensor:
+        """The decision rows of `episodes` (indices into `lengths`), one row per episode padded
+        with -1 to the longest: (k, T), what a sequence network runs on."""
+        assert self.lengths is not None
+        starts = torch.cumsum(self.lengths, 0) - self.lengths
+        t = torch.arange(int(self.lengths[episodes].max()) if len(episodes) else 0)
+        rows = starts[episodes, None] + t[None, :]
+        return torch.where(t[None, :] < self.lengths[episodes, None], rows, torch.full_like(rows, -1))
+
+
+def policy_logits(policy: nn.Module, obs: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (M, 4), their decision rows (M,)) for the decisions `rows` names: flat rows (M,)
+    for a feed-forward policy; padded episodes (k, T) (`Batch.episode_rows`) for a sequence one,
+    each run from its first epoch so the hidden state at every decision is the one it acted with."""
+    if rows.dim() == 1:
+        return policy(obs[rows]), rows
+    keep = rows >= 0
+    return policy(obs[rows.clamp_min(0)])[keep], rows[keep]
+
+
+def minibatches(batch: Batch, size: int, gen: torch.Generator, sequence: bool) -> list[torch.Tensor]:
+    """One epoch's minibatches, shuffled: `size` decisions each, or for a sequence policy whole
+    episodes, as many as make about `size` decisions (at least one)."""
+    if not sequence:
+        perm = torch.randperm(len(batch.actions), generator=gen)
+        return [perm[i : i + size] for i in range(0, len(perm), size)]
+    assert batch.lengths is not None
+    per = max(1, size // max(int(batch.lengths.max()), 1))
+    order = torch.randperm(len(batch.lengths), generator=gen)
+    return [batch.episode_rows(order[i : i + per]) for i in range(0, len(order), per)]
+
+
+def every_decision(batch: Batch, sequence: bool) -> torch.Tensor:
+    """All of the batch's decisions, as `policy_logits` takes them."""
+    if not sequence:
+        return torch.arange(len(batch.actions))
+    assert batch.lengths is not None
+    return batch.episode_rows(torch.arange(len(batch.lengths)))
 
 
 #: An episode with its draw: which of the policy's draws on its seed (episode index) it is.
@@ -219,18 +264,20 @@ def make_batch(drawn: Sequence[Drawn], mean: np.ndarray, std: np.ndarray,
                  actions=torch.tensor(actions, dtype=torch.int64),
                  logp_old=torch.log(torch.tensor(probs, dtype=torch.float32).clamp_min(1e-8)),
                  returns=torch.from_numpy(returns.astype(np.float32)),
-                 advantages=advantages)
+                 advantages=advantages, lengths=torch.from_numpy(lengths))
 
 
 # ================================================================================ the start policy
-def mean_entropy(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> float:
-    """Mean entropy (nats) of the masked policy with its logits divided by `temperature`."""
+def mean_entropy(policy: nn.Module, batch: Batch, temperature: float = 1.0, sequence: bool = False) -> float:
+    """Mean entropy (nats) over the batch's decisions of the masked policy with its logits divided
+    by `temperature`."""
     with torch.no_grad():
-        logp = masked_log_probs(policy, obs, mask, temperature)
+        logits, rows = policy_logits(policy, batch.obs, every_decision(batch, sequence))
+        logp = masked_log_probs(logits, batch.mask[rows], temperature)
         return float(-(logp.exp() * logp).sum(-1).mean())
 
 
-def soften(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, target: float) -> float:
+def soften(policy: nn.Module, batch: Batch, target: float, sequence: bool = False) -> float:
     """Divide the policy's logits by the temperature that gives it `target` mean entropy on `obs`
     (by bisection; 1 if it is already that uncertain); returns the temperature.
 
@@ -238,14 +285,17 @@ def soften(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, target: flo
     policy never tries anything else and PPO has no signal. Scaling the last layer keeps every
     greedy decision as it was while the sampled ones explore.
     """
-    if target <= 0 or mean_entropy(policy, obs, mask) >= target:
+    def entropy(temperature: float) -> float:
+        return mean_entropy(policy, batch, temperature, sequence)
+
+    if target <= 0 or entropy(1.0) >= target:
         return 1.0
     lo, hi = 1.0, 2.0
-    while mean_entropy(policy, obs, mask, hi) < target and hi < 1e4:
+    while entropy(hi) < target and hi < 1e4:
         lo, hi = hi, hi * 2
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mean_entropy(policy, obs, mask, mid) < target else (lo, mid)
+        lo, hi = (mid, hi) if entropy(mid) < target else (lo, mid)
     last = [m for m in policy.modules() if isinstance(m, nn.Linear)][-1]
     with torch.no_grad():
         last.weight.div_(hi)
@@ -254,10 +304,10 @@ def soften(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, target: flo
 
 
 # ================================================================================ 3. the update
-def masked_log_probs(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def masked_log_probs(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(. | s) over the valid actions only (an invalid action has probability 0), with the
     logits divided by `temperature`."""
-    return F.log_softmax((policy(obs) / temperature).masked_fill(~mask, -1e9), dim=-1)
+    return F.log_softmax((logits / temperature).masked_fill(~mask, -1e9), dim=-1)
 
 
 def value_step(value: ValueNet, value_opt: torch.optim.Optimizer, obs: torch.Tensor, returns: torch.Tensor) -> float:
@@ -270,20 +320,19 @@ def value_step(value: ValueNet, value_opt: torch.optim.Optimizer, obs: torch.Ten
 
 
 def ppo_update(policy: nn.Module, value: nn.Module, opt: torch.optim.Optimizer, value_opt: torch.optim.Optimizer,
-               batch: Batch, cfg: ImproveConfig, gen: torch.Generator) -> dict[str, float]:
-    """PPO's clipped surrogate on one batch, then the baseline's regression; returns diagnostics."""
+               batch: Batch, cfg: ImproveConfig, gen: torch.Generator, sequence: bool = False) -> dict[str, float]:
+    """PPO's clipped surrogate on one batch, then the baseline's regression; returns diagnostics.
+    A `sequence` policy's minibatches are whole episodes (see `minibatches`)."""
     with torch.no_grad():
         adv = batch.advantages if batch.advantages is not None else batch.returns - value(batch.obs)
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-    n = len(batch.actions)
     stats = {"policy_loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "value_loss": 0.0}
     steps = 0
-    policy.train()
+    # In eval mode throughout: the ratio compares the policy that acted (no dropout) with itself.
     for _ in range(cfg.update_epochs):
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, cfg.minibatch):
-            mb = perm[i : i + cfg.minibatch]
-            logp_all = masked_log_probs(policy, batch.obs[mb], batch.mask[mb])
+        for rows in minibatches(batch, cfg.minibatch, gen, sequence):
+            logits, mb = policy_logits(policy, batch.obs, rows)
+            logp_all = masked_log_probs(logits, batch.mask[mb])
             logp = logp_all.gather(1, batch.actions[mb, None]).squeeze(1)
             ratio = torch.exp(logp - batch.logp_old[mb])
             surrogate = torch.min(ratio * adv[mb], ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv[mb])
@@ -303,7 +352,6 @@ def ppo_update(policy: nn.Module, value: nn.Module, opt: torch.optim.Optimizer, 
                 stats["approx_kl"] += float((batch.logp_old[mb] - logp).mean())
                 stats["value_loss"] += value_loss
             steps += 1
-    policy.eval()
     return {k: v / max(steps, 1) for k, v in stats.items()}
 
 
@@ -340,7 +388,7 @@ def bootstrap(cfg: ImproveConfig, registry: Registry, runner: BaseRunner, progre
     progress.on_stage("bootstrap: behaviour cloning", 1)
     # The start PPO fine-tunes is part of this recipe (the README's measured runs): plain behaviour
     # cloning, not `simic train`'s defaults, which are chosen to imitate on other seeds' states.
-    path, metrics = train_policy(store, replace(BOOTSTRAP_TRAINING, seed=cfg.seed), out=ckpt, registry=registry,
+    path, metrics = train_policy(store, replace(BOOTSTRAP_TRAINING, policy=cfg.policy, seed=cfg.seed), out=ckpt, registry=registry,
                                  log=progress.log)
     if metrics["interrupted"]:  # Ctrl-C in behaviour cloning stops the run (its episodes are kept)
         raise KeyboardInterrupt
@@ -357,16 +405,18 @@ class _Learner:
     opt: torch.optim.Optimizer
     gen: torch.Generator
     seen: list[list[Any]]  # [task, seed, index, rng seed] of every episode learned from (the split)
+    sequence: bool = False  # a recurrent policy: trained on whole episodes
     value: ValueNet | None = None
     value_opt: torch.optim.Optimizer | None = None
 
     @classmethod
     def start(cls, path: Path, registry: Registry, cfg: ImproveConfig) -> _Learner:
-        base = load_checkpoint(path, expect_policy="mlp")
-        policy = build_network("mlp", base.meta["hparams"], registry)
+        base = load_checkpoint(path, expect_policy=cfg.policy)
+        policy = build_network(cfg.policy, base.meta["hparams"], registry)
         policy.load_state_dict(base.tensors)
         return cls(base, policy, torch.optim.Adam(policy.parameters(), lr=cfg.lr),
-                   torch.Generator().manual_seed(cfg.seed), list(base.meta.get("split", {}).get("episodes", [])))
+                   torch.Generator().manual_seed(cfg.seed), list(base.meta.get("split", {}).get("episodes", [])),
+                   sequence=registry.trainables[cfg.policy].sequence)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """A copy of the policy's weights as they are now (an update changes the policy in place)."""
@@ -388,14 +438,15 @@ class _Learner:
             # The start policy drove these episodes too sure of itself to explore: they train
             # the baseline and calibrate the softened policy the updates start from.
             stats = value_only_update(self.value, self.value_opt, batch, cfg, self.gen)
-            result.temperature = soften(self.policy, batch.obs, batch.mask, cfg.init_entropy)
+            result.temperature = soften(self.policy, batch, cfg.init_entropy, self.sequence)
             return stats
-        return ppo_update(self.policy, self.value, self.opt, self.value_opt, batch, cfg, self.gen)
+        return ppo_update(self.policy, self.value, self.opt, self.value_opt, batch, cfg, self.gen, self.sequence)
 
 
 def improve(cfg: ImproveConfig, registry: Registry, progress: ImproveProgress | None = None,
             runner: BaseRunner | None = None) -> ImproveResult:
-    """Fine-tune a `mlp` policy with PPO on its own episodes; the best policy so far is at `cfg.out`.
+    """Fine-tune a `cfg.policy` (mlp or gru) policy with PPO on its own episodes; the best policy so
+    far is at `cfg.out`.
 
     After every update the run state is saved beside `cfg.out` (`ppo_state`); a run whose state
     is there continues from its last completed update and ends with the same checkpoint (a
@@ -476,7 +527,7 @@ def _collect_update(cfg: ImproveConfig, runner: BaseRunner, u: int, acting: Weig
     seeds = n // cfg.group  # whole groups (the config's counts are multiples of the group)
     first = (cfg.bootstrap_episodes if cfg.start is None else 0) + u * cfg.seeds_per_update
     config = replace(cfg.episode, explore=cfg.explore)
-    jobs = (EpisodeJob(policy="mlp", config=config, seed=cfg.seed, index=first + i // cfg.group,
+    jobs = (EpisodeJob(policy=cfg.policy, config=config, seed=cfg.seed, index=first + i // cfg.group,
                        policy_options={"checkpoint": acting, "sample": True, "draw": i % cfg.group},
                        policy_version=f"improve-u{u}", threads=cfg.threads) for i in range(seeds * cfg.group))
     progress.on_stage(f"update {u + 1}/{cfg.updates}: collect", seeds * cfg.group)

@@ -17,10 +17,10 @@ import numpy as np
 from esper_cli import hookimpl
 from esper_cli.checkpoint import CheckpointError, load_policy_checkpoint, to_numpy
 from esper_cli.contracts import N_FEATURES, Action, Decision, TrainingSnapshot, check_finite
-from esper_cli.policy import EpisodeContext
+from esper_cli.policy import EpisodeContext, valid_action_mask
 from esper_cli.trainable import TrainablePolicy
 
-from .mlp import best_action, folded_input_layer
+from .mlp import decision_from_logits, folded_input_layer, sampling_rng
 
 VERSION = "1.0"
 
@@ -30,14 +30,24 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 class GRUTamiyo:
-    """Tamiyo as a GRU over the episode so far. Stateful: call `reset` before each episode."""
+    """Tamiyo as a GRU over the episode so far. Stateful: call `reset` before each episode.
+
+    Greedy by default; with `sample=True` it draws its action from the softmax, from the episode's
+    seed (`draw` picks another sequence of draws), and reports the distribution: the stochastic
+    policy `simic improve --policy gru` fine-tunes. A checkpoint whose metadata says
+    `mask_invalid` never picks an action that is a no-op in the state.
+    """
 
     name = "gru"
 
-    def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
+    def __init__(self, checkpoint: str | Path | None = None, sample: bool = False, draw: int = 0,
+                 **options: Any) -> None:
         if options:
-            raise ValueError(f"unknown gru option(s): {', '.join(sorted(options))} (known: checkpoint)")
+            raise ValueError(f"unknown gru option(s): {', '.join(sorted(options))} (known: checkpoint, sample, draw)")
+        self.sample, self.draw = bool(sample), int(draw)
+        self._rng: np.random.Generator | None = None
         self.checkpoint = load_policy_checkpoint("gru", checkpoint)
+        self.mask_invalid = bool(self.checkpoint.meta.get("mask_invalid", False))
         self.version = f"{VERSION}+{self.checkpoint.sha256[:8]}"
         self.input_range = self.checkpoint.input_range  # clip to the training range (None: older checkpoints)
         a = to_numpy(self.checkpoint.tensors)
@@ -69,11 +79,15 @@ class GRUTamiyo:
         return [np.zeros(self.hidden, dtype=np.float32) for _ in self._layers]
 
     def reset(self, context: EpisodeContext | None = None) -> None:
-        """Start of an episode: forget the previous one."""
+        """Start of an episode: forget the previous one (a sampling GRU restarts its draws from
+        the episode's seed)."""
         self._h = self._zeros()
+        if self.sample and context is not None:
+            self._rng = sampling_rng(context, self.draw)
 
     def _step(self, x: np.ndarray, h: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One epoch through every layer: raw observation (27,) -> (logits (4,), new hidden state)."""
+        raw = x
         if self.input_range is not None:
             x = np.clip(x, *self.input_range)
         new_h, k, obs = [], 2 * self.hidden, x
@@ -85,13 +99,16 @@ class GRUTamiyo:
             x = n + z * (h_l - n)  # = (1 - z) * n + z * h
             new_h.append(x)
         z = np.maximum(x @ self._head_h + obs @ self._head_x + self._head_b1, 0.0)
-        return z @ self._head_w2 + self._head_b2, new_h
+        logits = z @ self._head_w2 + self._head_b2
+        if self.mask_invalid:
+            logits = np.where(valid_action_mask(raw), logits, -np.inf)
+        return logits, new_h
 
     def decide(self, obs: TrainingSnapshot, context: EpisodeContext | None = None) -> Decision:
-        """Advance the hidden state by this epoch's observation and pick the most probable action."""
+        """Advance the hidden state by this epoch's observation and pick the most probable action
+        (or draw one, when sampling)."""
         logits, self._h = self._step(obs.to_vector(), self._h)
-        a, p = best_action(logits)
-        return Decision(Action(a), f"gru p={p:.2f}", p)
+        return decision_from_logits(self.name, logits, self.sample, self._rng)
 
     def decide_episode(self, observations: np.ndarray) -> np.ndarray:
         """Actions (T,) for one whole episode's raw observations (T, 27), in order, from a fresh state.

@@ -34,6 +34,26 @@ def best_action(logits: np.ndarray) -> tuple[int, float]:
     return a, 1.0 / sum(math.exp(v - top) for v in values)
 
 
+def sampling_rng(context: EpisodeContext, draw: int) -> np.random.Generator:
+    """The generator a sampling policy draws its actions from: the episode's own stream, `draw`
+    picking another sequence of draws on the same episode."""
+    return np.random.default_rng(np.random.SeedSequence([context.rng_seed, RngStream.POLICY_SAMPLING, draw]))
+
+
+def decision_from_logits(name: str, logits: np.ndarray, sample: bool, rng: np.random.Generator | None) -> Decision:
+    """The most probable action, or (`sample`) a draw from the softmax with the distribution
+    reported (`Decision.probabilities`, what PPO's ratio needs); confidence = its probability."""
+    if not sample:
+        a, p = best_action(logits)
+        return Decision(Action(a), f"{name} p={p:.2f}", p)
+    if rng is None:
+        raise RuntimeError(f"a sampling {name} draws from the episode's seed: call reset(context) first")
+    z = np.exp(logits.astype(np.float64) - logits.max())
+    probs = z / z.sum()
+    a = int(rng.choice(len(probs), p=probs))
+    return Decision(Action(a), f"{name} sampled p={probs[a]:.2f}", float(probs[a]), probabilities=tuple(probs.tolist()))
+
+
 def folded_input_layer(weight: np.ndarray, bias: np.ndarray, ckpt: Checkpoint) -> tuple[np.ndarray, np.ndarray]:
     """Fold the (x - mean) / std normalisation into the first layer: W' = W / std, b' = b - W' @ mean.
 
@@ -88,7 +108,7 @@ class MLPTamiyo:
     def reset(self, context: EpisodeContext) -> None:
         """A sampling MLP restarts its draws from the episode's seed; a greedy one keeps no state."""
         if self.sample:
-            self._rng = np.random.default_rng(np.random.SeedSequence([context.rng_seed, RngStream.POLICY_SAMPLING, self.draw]))
+            self._rng = sampling_rng(context, self.draw)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Raw (unnormalised) observations (N, 27) or (27,) -> logits (N, 4) or (4,)."""
@@ -109,15 +129,7 @@ class MLPTamiyo:
     def decide(self, obs: TrainingSnapshot, context: EpisodeContext | None = None) -> Decision:
         """The most probable action (or a draw, when sampling); confidence = its softmax probability."""
         logits = self._action_logits(obs.to_vector())  # to_vector also rejects NaN/inf
-        if not self.sample:
-            a, p = best_action(logits)
-            return Decision(Action(a), f"mlp p={p:.2f}", p)
-        if self._rng is None:
-            raise RuntimeError("a sampling mlp draws from the episode's seed: call reset(context) first")
-        z = np.exp(logits.astype(np.float64) - logits.max())
-        probs = z / z.sum()
-        a = int(self._rng.choice(len(probs), p=probs))
-        return Decision(Action(a), f"mlp sampled p={probs[a]:.2f}", float(probs[a]), probabilities=tuple(probs.tolist()))
+        return decision_from_logits(self.name, logits, self.sample, self._rng)
 
     def decide_batch(self, observations: np.ndarray) -> np.ndarray:
         """Actions (N,) for N independent raw observations (N, 27)."""

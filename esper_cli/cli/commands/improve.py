@@ -1,5 +1,5 @@
 """`simic improve`: fine-tune a learned Tamiyo on its own live episodes with PPO (see
-`esper_cli.learning.ppo`); the best policy so far is an ordinary `mlp` checkpoint."""
+`esper_cli.learning.ppo`); the best policy so far is an ordinary `mlp` (or `gru`) checkpoint."""
 
 from __future__ import annotations
 
@@ -137,16 +137,21 @@ def plot_curve(path: Path, result: ImproveResult) -> None:
     plt.close(fig)
 
 
+#: The trainable policies PPO fine-tunes (a feed-forward one and a recurrent one).
+IMPROVABLE = ("mlp", "gru")
+
+
 def improve_command(
-    policy: str = typer.Option("mlp", "--policy", help="The policy to fine-tune (mlp)."),
-    start: Optional[Path] = typer.Option(None, "--from", help="A `simic train --policy mlp` checkpoint to start from. "
+    policy: str = typer.Option("mlp", "--policy", help="The policy to fine-tune: mlp, or gru (sequence PPO: whole "
+                                                       "episodes, the hidden state carried)."),
+    start: Optional[Path] = typer.Option(None, "--from", help="A `simic train` checkpoint of --policy to start from. "
                                                               "Default: behaviour-clone the heuristic first (collecting its episodes)."),
     episodes: int = typer.Option(1000, "--episodes", "-n", min=1, help="Live episodes for PPO (the bootstrap's come on top)."),
     episodes_per_update: int = typer.Option(32, "--episodes-per-update", min=1, help="Episodes collected per PPO update (whole groups)."),
     group: int = typer.Option(4, "--group", min=1, help="Draws of the policy on each seed: each episode's advantage is its return "
                                                          "minus its group's mean (1: one draw per seed, a learned baseline)."),
     bootstrap_episodes: int = typer.Option(50, "--bootstrap-episodes", min=2, help="Heuristic episodes behaviour cloning starts from (without --from)."),
-    out_path: Optional[Path] = typer.Option(None, "--out", help="The improved checkpoint (default: $SIMIC_HOME/checkpoints/mlp-improved.safetensors); "
+    out_path: Optional[Path] = typer.Option(None, "--out", help="The improved checkpoint (default: $SIMIC_HOME/checkpoints/POLICY-improved.safetensors); "
                                                                "the best policy so far is kept there during the run."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Run seed of every episode, and seed of the updates."),
     lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Adam learning rate of the policy."),
@@ -177,8 +182,8 @@ def improve_command(
     is saved beside --out after every update: the same command after Ctrl-C or a kill continues
     from the last completed update and ends with the same checkpoint (--restart starts over).
     """
-    if policy != "mlp":
-        fail(f"--policy {policy!r}: simic improve fine-tunes mlp policies only")
+    if policy not in IMPROVABLE:
+        fail(f"--policy {policy!r}: simic improve fine-tunes {' and '.join(IMPROVABLE)} policies only")
     check_plot(plot)
     if tensorboard is not None:
         try:
@@ -189,10 +194,10 @@ def improve_command(
     choose("policy", policy, reg.policies, "--policy", reg)
     n_workers = workers_and_backend(workers, backend, ray_address)
     config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads)
-    target = out_path or default_checkpoint_path("mlp-improved")
+    target = out_path or default_checkpoint_path(f"{policy}-improved")
     if start is not None:
         try:
-            base = load_checkpoint(start, expect_policy="mlp")
+            base = load_checkpoint(start, expect_policy=policy)
         except CheckpointError as exc:
             fail(escape(f"--from: {exc}"))
         if base.meta.get("feature_schema", {}).get("version") is None:
@@ -202,7 +207,7 @@ def improve_command(
                             episodes_per_update=episodes_per_update, group=group, seed=seed,
                             bootstrap_episodes=bootstrap_episodes, lr=lr, entropy=entropy, explore=explore,
                             workers=n_workers, backend=backend, ray_address=ray_address, threads=threads,
-                            envs_per_worker=envs_per_worker)
+                            envs_per_worker=envs_per_worker, policy=policy)
     except DataError as exc:
         fail(option_error(exc))
     try:  # every file this run writes, before any episode runs
