@@ -282,7 +282,8 @@ def test_an_improve_run_saved_by_engine_one_is_not_resumed(old_store, tmp_path):
     start = tmp_path / "start.safetensors"
     train_policy(old_store, TrainConfig("mlp", epochs=3, allow_missing_classes=True), out=start)
     out = tmp_path / "improved.safetensors"
-    args = ("improve", "--from", start, "--out", out, "--episodes", 4, "--episodes-per-update", 4, "--epochs", EPOCHS)
+    args = ("improve", "--from", start, "--out", out, "--episodes", 4, "--episodes-per-update", 4, "--epochs", EPOCHS,
+            "--select-episodes", 1)
     succeed(*args)
     state = out.with_name("improved.run.safetensors")
     drop_engine_from_state(state)

@@ -23,7 +23,17 @@ from simic_plugins.mlp import MLPTamiyo
 
 from esper_cli.checkpoint import load_checkpoint
 from esper_cli.contracts import EpisodeConfig, TrainingSnapshot
-from esper_cli.learning.ppo import Batch, ImproveConfig, ValueNet, improve, make_batch, masked_log_probs, ppo_update
+from esper_cli.data.decisions import DataError
+from esper_cli.learning.ppo import (
+    VALIDATION_INDEX,
+    Batch,
+    ImproveConfig,
+    ValueNet,
+    improve,
+    make_batch,
+    masked_log_probs,
+    ppo_update,
+)
 from esper_cli.plugins import build_registry
 from esper_cli.policy import valid_action_mask
 
@@ -33,7 +43,7 @@ HAVE_RAY = importlib.util.find_spec("ray") is not None
 
 def tiny_config(out: Path, **overrides) -> ImproveConfig:
     options = {"episode": TINY, "out": out, "episodes": 4, "episodes_per_update": 2, "group": 2,
-               "bootstrap_episodes": 4, "lr": 3e-3} | overrides
+               "bootstrap_episodes": 4, "lr": 3e-3, "select_episodes": 2} | overrides
     return ImproveConfig(**options)
 
 
@@ -92,17 +102,42 @@ def test_a_ppo_update_raises_the_probability_of_an_action_with_positive_advantag
 # --------------------------------------------------------------------------------- the loop
 def test_improve_writes_an_mlp_checkpoint_with_its_episodes_and_curve(serial_run):
     out, result = serial_run
-    assert result.episodes_used == 8 and result.bootstrap_episodes == 4 and len(result.history) == 2
+    # 4 bootstrap + 2 updates of 2 + 2 validation episodes for each of the 2 candidates
+    assert result.episodes_used == 12 == tiny_config(out).episodes_total
+    assert result.bootstrap_episodes == 4 and len(result.history) == 2
     ckpt = load_checkpoint(out, expect_policy="mlp")
     assert ckpt.meta["objective"] == "ppo" and ckpt.meta["mask_invalid"] is True
     # Every episode of the run is listed, so `simic compare` keeps off their seeds: the bootstrap's
-    # (0-3) and the updates' (the two draws of an update share one seed: update u ran on 4 + u).
-    assert sorted(e[2] for e in ckpt.meta["split"]["episodes"]) == list(range(6))
-    assert ckpt.meta["improve"]["episodes_used"] == 8
+    # (0-3), the updates' (the two draws of an update share one seed: update u ran on 4 + u) and
+    # the validation seeds the kept policy was chosen on.
+    assert sorted(e[2] for e in ckpt.meta["split"]["episodes"]) == [*range(6), VALIDATION_INDEX, VALIDATION_INDEX + 1]
+    assert ckpt.meta["improve"]["episodes_used"] == 12
     policy = MLPTamiyo(checkpoint=out)
     obs = np.zeros(27, dtype=np.float32)  # no seed, no free slot: only WAIT is valid
     assert int(policy.decide(TrainingSnapshot.from_vector(obs)).action) == 0
     assert valid_action_mask(obs).tolist() == [True, False, False, False]
+
+
+def test_the_kept_policy_is_the_best_candidate_on_the_runs_validation_seeds(serial_run):
+    out, result = serial_run
+    scored = [r for r in result.history if "select_score" in r]
+    assert [r["update"] for r in scored] == [0, 1]  # after the first update and the last
+    best = max(scored, key=lambda r: r["select_score"])  # ties: the earlier
+    assert result.best_update == best["update"]
+    # The kept checkpoint, greedy, scores what its candidate row says on those seeds.
+    reg = build_registry()
+    from esper_cli.simulation.episode import EpisodeSpec, run_episodes
+
+    specs = [EpisodeSpec(MLPTamiyo(checkpoint=out), TINY, 0, VALIDATION_INDEX + i, "mlp") for i in range(2)]
+    episodes = run_episodes(specs, task=reg.tasks["digits"], blueprints=reg.blueprints)
+    assert np.mean([e.final_score for e in episodes]) == pytest.approx(best["select_score"])
+
+
+def test_select_options_are_checked():
+    with pytest.raises(DataError, match="select_every"):
+        tiny_config(Path("unused"), select_every=0)
+    assert tiny_config(Path("unused"), select_episodes=0).selections == []
+    assert tiny_config(Path("unused"), episodes=24, select_every=4).selections == [0, 3, 7, 11]
 
 
 @pytest.mark.slow
@@ -126,7 +161,7 @@ def test_cli_from_a_checkpoint_json_and_plot(serial_run, tmp_path):
     start = serial_run[0].with_name("mlp.bc.safetensors")
     out, png = tmp_path / "better.safetensors", tmp_path / "curve.png"
     result = invoke("improve", "--from", start, "--out", out, "--episodes", 2, "--episodes-per-update", 1,
-                    "--group", 1, "--epochs", 5, "--explore", 0.2, "--json", "--plot", png)
+                    "--group", 1, "--epochs", 5, "--explore", 0.2, "--select-episodes", 0, "--json", "--plot", png)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["episodes_used"] == 2 and summary["bootstrap_episodes"] == 0 and summary["updates"] == 2

@@ -24,7 +24,7 @@ TINY = EpisodeConfig(epochs=5)
 
 def gru_config(out, **overrides) -> ImproveConfig:
     options = {"episode": TINY, "out": out, "episodes": 4, "episodes_per_update": 2, "group": 2,
-               "bootstrap_episodes": 4, "lr": 3e-3, "policy": "gru"} | overrides
+               "bootstrap_episodes": 4, "lr": 3e-3, "policy": "gru", "select_episodes": 2} | overrides
     return ImproveConfig(**options)
 
 
@@ -36,7 +36,7 @@ def gru_run(tmp_path_factory):
 
 def test_improve_gru_writes_a_gru_checkpoint_that_decides(gru_run):
     out, result = gru_run
-    assert result.episodes_used == 8 and len(result.history) == 2
+    assert result.episodes_used == 12 and len(result.history) == 2  # 4 + 2 x 2 + 2 candidates x 2
     ckpt = load_checkpoint(out, expect_policy="gru")
     assert ckpt.meta["objective"] == "ppo" and ckpt.meta["mask_invalid"] is True
     assert ckpt.meta["improve"]["config"]["policy"] == "gru"
@@ -95,7 +95,7 @@ def test_cli_improve_gru_from_a_checkpoint_and_refusals(gru_run, tmp_path):
     start = gru_run[0].with_name("gru.bc.safetensors")
     out = tmp_path / "better.safetensors"
     result = invoke("improve", "--policy", "gru", "--from", start, "--out", out, "--episodes", 2,
-                    "--episodes-per-update", 2, "--group", 2, "--epochs", 5, "--json")
+                    "--episodes-per-update", 2, "--group", 2, "--epochs", 5, "--select-episodes", 1, "--json")
     assert result.exit_code == 0, result.output
     assert load_checkpoint(out, expect_policy="gru").meta["improve"]["start"] == str(start)
     # A checkpoint of another policy is not a gru start (the gru run's own bootstrap store is not

@@ -26,7 +26,8 @@ from esper_cli.learning.ppo_state import state_path
 from esper_cli.learning.run_state import RunStateError, load_run_state
 from esper_cli.plugins import build_registry
 
-ARGS = ["--epochs", "3", "--bootstrap-episodes", "4", "--episodes", "8", "--episodes-per-update", "2", "--group", "2"]
+ARGS = ["--epochs", "3", "--bootstrap-episodes", "4", "--episodes", "8", "--episodes-per-update", "2", "--group", "2",
+        "--select-episodes", "2"]
 UPDATES = 4
 
 

@@ -142,7 +142,7 @@ def test_compare_and_improve_run_on_a_node_that_cannot_see_the_checkpoints(two_n
     assert json.loads(remote.stdout) == json.loads(local.stdout)
 
     improve = ["improve", "--from", ckpt, "-n", "4", "--episodes-per-update", "2", "--group", "2",
-               "--epochs", EPOCHS, "--json"]
+               "--epochs", EPOCHS, "--select-episodes", "2", "--json"]
     local = simic(*improve, "--out", hidden / "local.safetensors", env=env)
     assert local.returncode == 0, local.stderr
     remote = simic(*improve, "--out", hidden / "remote.safetensors", "--backend", "ray", "--ray-address", address,

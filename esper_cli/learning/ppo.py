@@ -14,8 +14,15 @@ return is the accuracy the controller added by its end. The loop, one update at 
                 learned state-value baseline when `group` is 1); PPO's clipped surrogate
                 (Schulman et al., 2017) with an entropy bonus, a few epochs of minibatches; then the
                 baseline is regressed on the returns.
-4. the running mean return over the last updates picks the best policy so far: that checkpoint is
-   written to `out` (so Ctrl-C keeps it), an ordinary `mlp` (or `gru`) checkpoint.
+4. the kept policy is chosen on the run's own validation seeds (`select_episodes` of them: episode
+   indices from `VALIDATION_INDEX` on, never trained on and no evaluation's): after the first
+   update and every `select_every`-th, the greedy policy drives them, and the one with the best
+   mean final score (validation accuracy, net of any growth charge) so far is kept. Every
+   candidate runs the same seeds, so the comparison is paired, and the start is a candidate, so a
+   run never keeps a policy its own seeds say is worse. With `select_episodes` 0, the running mean
+   return over the last `window` updates picks it instead (noisier: each update runs new seeds).
+   The kept checkpoint is written to `out` (so Ctrl-C keeps it), an ordinary `mlp` (or `gru`)
+   checkpoint.
 5. the run state is saved beside `out` (`ppo_state`): the same run, killed at any moment,
    continues from its last completed update to the same checkpoint.
 
@@ -88,7 +95,9 @@ class ImproveConfig:
     entropy: float = 0.01
     explore: float = 0.0  # epsilon of uniform valid actions mixed into the sampling policy
     init_entropy: float = 0.3  # nats: the start policy's logits are scaled to this mean entropy (0: as is)
-    window: int = 3  # updates in the running mean return that picks the best policy
+    window: int = 3  # updates in the running mean return that picks the best policy (select_episodes 0)
+    select_episodes: int = 16  # greedy episodes on the run's validation seeds per candidate (0: running mean)
+    select_every: int = 4  # a candidate after the first update and every this many
     workers: int | None = None
     backend: str = "local"
     ray_address: str | None = None
@@ -103,6 +112,9 @@ class ImproveConfig:
             if value < 1 or value % self.group:
                 raise DataError(f"{value} is not a positive multiple of the group ({self.group} draws per seed)",
                                 option=option)
+        if self.select_episodes < 0 or self.select_every < 1:
+            raise DataError(f"select_episodes {self.select_episodes} / select_every {self.select_every}: expected "
+                            ">= 0 and >= 1", option="select_episodes" if self.select_episodes < 0 else "select_every")
 
     @property
     def updates(self) -> int:
@@ -111,6 +123,19 @@ class ImproveConfig:
     @property
     def seeds_per_update(self) -> int:
         return self.episodes_per_update // self.group
+
+    @property
+    def selections(self) -> list[int]:
+        """The updates after which the policy is a candidate (evaluated on the validation seeds)."""
+        if not self.select_episodes:
+            return []
+        return sorted({0, self.updates - 1, *range(self.select_every - 1, self.updates, self.select_every)})
+
+    @property
+    def episodes_total(self) -> int:
+        """Every environment episode the run uses: bootstrap, updates and validation."""
+        boot = 0 if self.start is not None else self.bootstrap_episodes
+        return boot + self.episodes + self.select_episodes * len(self.selections)
 
     def bootstrap_path(self) -> Path:
         return self.bootstrap_store or self.out.with_name(f"{self.out.stem}.bootstrap.h5")
@@ -123,6 +148,11 @@ class ImproveConfig:
         d = asdict(self)
         d["episode"] = self.episode.to_dict()
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+#: The first episode index of a run's validation seeds (the kept policy is chosen on them): far
+#: above any index the bootstrap or the updates reach.
+VALIDATION_INDEX = 1 << 40
 
 
 def _nothing(*_: Any) -> None:
@@ -503,10 +533,16 @@ def _fine_tune(cfg: ImproveConfig, runner: BaseRunner, learner: _Learner, result
             row = _curve_row(u, drawn, stats, result.episodes_used)
             result.history.append(row)
             row["running_mean_return"] = float(np.mean([r["mean_return"] for r in result.history[-cfg.window:]]))
+            if u in cfg.selections:  # the policy after this update, greedy, on the validation seeds
+                candidate = learner.weights()
+                row["select_score"] = _select_score(cfg, runner, learner, result, candidate, u, progress)
+                if row["select_score"] > saved.best_score:
+                    saved.best_score, result.best_update, saved.best = row["select_score"], u, candidate
+                    save_checkpoint(cfg.out, saved.best, _meta(learner, cfg, result))
             row["episodes_per_second"] = len(drawn) / max(time.perf_counter() - update_started, 1e-9)
             # The policy that earned the recent returns is the one before this update (it drove
             # them), so the best is the episodes' own checkpoint; on disk at once for Ctrl-C.
-            if row["running_mean_return"] > saved.best_score:
+            if not cfg.select_episodes and row["running_mean_return"] > saved.best_score:
                 saved.best_score, result.best_update, saved.best = row["running_mean_return"], u, acting
                 save_checkpoint(cfg.out, saved.best, _meta(learner, cfg, result))
             # Reported (and logged to TensorBoard) before the state is saved: a kill in between
@@ -517,6 +553,26 @@ def _fine_tune(cfg: ImproveConfig, runner: BaseRunner, learner: _Learner, result
     except KeyboardInterrupt:
         result.interrupted = True
     return saved.best
+
+
+def _select_score(cfg: ImproveConfig, runner: BaseRunner, learner: _Learner, result: ImproveResult,
+                  weights: dict[str, torch.Tensor], u: int, progress: ImproveProgress) -> float:
+    """Mean final score (validation accuracy net of the growth charge) of the greedy policy
+    `weights` over the run's validation seeds; they join the checkpoint's split record."""
+    acting = Weights.of(weights, _meta(learner, cfg, result, policy_only=True), f"{cfg.out} (candidate after update {u})")
+    jobs = (EpisodeJob(policy=cfg.policy, config=cfg.episode, seed=cfg.seed, index=VALIDATION_INDEX + i,
+                       policy_options={"checkpoint": acting}, policy_version=f"improve-select-u{u}",
+                       threads=cfg.threads) for i in range(cfg.select_episodes))
+    progress.on_stage(f"update {u + 1}/{cfg.updates}: select on {cfg.select_episodes} validation seeds",
+                      cfg.select_episodes)
+    episodes = []
+    for _, ep in runner.run(jobs, strict=True):
+        episodes.append(ep)
+        progress.on_episode(ep)
+    result.episodes_used += len(episodes)
+    refs = [list(ep.ref) for ep in sorted(episodes, key=lambda e: e.index)]
+    learner.seen += [r for r in refs if r not in learner.seen]
+    return float(np.mean([ep.final_score for ep in episodes]))
 
 
 def _collect_update(cfg: ImproveConfig, runner: BaseRunner, u: int, acting: Weights,

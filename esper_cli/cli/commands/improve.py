@@ -53,7 +53,7 @@ TENSORBOARD_CURVES = {
     "ppo/entropy": "entropy", "ppo/approx_kl": "approx_kl", "ppo/clip_fraction": "clip_fraction",
     "ppo/value_loss": "value_loss", "seeds/fossilized_per_episode": "seeds_fossilized",
     "seeds/culled_per_episode": "seeds_culled", "accuracy/final": "final_accuracy", "accuracy/test": "test_accuracy",
-    "speed/episodes_per_second": "episodes_per_second",
+    "speed/episodes_per_second": "episodes_per_second", "select/score": "select_score",
 }
 
 
@@ -93,7 +93,8 @@ def progress_reporter(progress: Progress, also: Any = None) -> ImproveProgress:
     def update(row: dict[str, Any]) -> None:
         nonlocal last
         last = (f"return {row['mean_return']:+.2f} (running {row['running_mean_return']:+.2f})  "
-                f"final acc {row['final_accuracy']:.2f}")
+                f"final acc {row['final_accuracy']:.2f}"
+                + (f"  select {row['select_score']:.2f}" if "select_score" in row else ""))
         progress.update(bar, info=last)
         if also is not None:
             also(row)
@@ -106,13 +107,15 @@ def curve_table(result: ImproveResult) -> Table:
     table = Table(title=f"simic improve: {result.episodes_used} environment episodes "
                         f"({result.bootstrap_episodes} for behaviour cloning); best update {result.best_update}",
                   title_justify="left")
-    for col in ("update", "episodes", "mean return", "running mean", "final acc", "fossilized/ep", "entropy", "approx KL"):
+    for col in ("update", "episodes", "mean return", "running mean", "select score", "final acc", "fossilized/ep",
+                "entropy", "approx KL"):
         table.add_column(col, justify="right")
     for r in result.history:
         mark = " *" if r["update"] == result.best_update else ""
+        select = f"{r['select_score']:.2f}" if "select_score" in r else ""
         table.add_row(f"{r['update']}{mark}", str(r["episodes_used"]), f"{r['mean_return']:+.2f}",
-                      f"{r['running_mean_return']:+.2f}", f"{r['final_accuracy']:.2f}", f"{r['seeds_fossilized']:.2f}",
-                      f"{r['entropy']:.3f}", f"{r['approx_kl']:.4f}")
+                      f"{r['running_mean_return']:+.2f}", select, f"{r['final_accuracy']:.2f}",
+                      f"{r['seeds_fossilized']:.2f}", f"{r['entropy']:.3f}", f"{r['approx_kl']:.4f}")
     return table
 
 
@@ -157,6 +160,12 @@ def improve_command(
     lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Adam learning rate of the policy."),
     entropy: float = typer.Option(0.01, "--entropy", min=0.0, help="Entropy bonus (keeps the policy exploring)."),
     explore: float = typer.Option(0.0, "--explore", min=0.0, max=1.0, help="Probability of a uniform valid action instead of the policy's draw."),
+    expert: str = typer.Option("heuristic", "--expert", help="The policy the bootstrap behaviour-clones (without --from)."),
+    select_episodes: int = typer.Option(16, "--select-episodes", min=0,
+                                        help="Greedy episodes on the run's own validation seeds per candidate policy; the "
+                                             "best candidate is kept (0: keep the best running mean return instead)."),
+    select_every: int = typer.Option(4, "--select-every", min=1,
+                                     help="A candidate after the first update, the last, and every this many."),
     epochs: Epochs = 25,
     task: Task = "digits",
     data_dir: DataDir = None,
@@ -192,6 +201,7 @@ def improve_command(
             fail(escape(str(exc)))
     reg = registry()
     choose("policy", policy, reg.policies, "--policy", reg)
+    choose("policy", expert, reg.policies, "--expert", reg)
     n_workers = workers_and_backend(workers, backend, ray_address)
     config = episode_config(reg, task=task, epochs=epochs, device=device, data_dir=data_dir, threads=threads)
     target = out_path or default_checkpoint_path(f"{policy}-improved")
@@ -207,7 +217,8 @@ def improve_command(
                             episodes_per_update=episodes_per_update, group=group, seed=seed,
                             bootstrap_episodes=bootstrap_episodes, lr=lr, entropy=entropy, explore=explore,
                             workers=n_workers, backend=backend, ray_address=ray_address, threads=threads,
-                            envs_per_worker=envs_per_worker, policy=policy)
+                            envs_per_worker=envs_per_worker, policy=policy, expert=expert,
+                            select_episodes=select_episodes, select_every=select_every)
     except DataError as exc:
         fail(option_error(exc))
     try:  # every file this run writes, before any episode runs
