@@ -13,7 +13,8 @@ it would need to know in advance which strategy suits which seed. The headroom i
 bound that a policy can approach only if it could tell, from what it observes, which strategy fits
 the seed in front of it. Because the pick uses validation accuracy, test accuracy (read once at the
 end of each episode, never used to choose) is the honest score; the picked strategy's validation
-accuracy is optimistically biased by the selection and is not reported as a score.
+accuracy is optimistically biased by the selection and is not reported as a score. On a task that
+prices growth (`digits-rent`) every score is net of the episode's growth charge.
 
     python bench/bench_headroom.py [--seed 7000] [--episodes 40] [--epochs 25] [--task digits]
         [--workers 2] [--strategies N] [--policies heuristic eager mlp=PATH ...] [--json]
@@ -135,7 +136,8 @@ Job = tuple[str, str, dict[str, Any], EpisodeConfig, int, int]  # (kind, label, 
 
 def _batch(jobs: list[Job]) -> list[tuple[str, str, int, float, float]]:
     """Run episodes together in this process (the batched engine): per job (kind, label, index,
-    final val accuracy, test accuracy)."""
+    final val score, test score): the accuracies, net of the growth charge on a task that prices
+    growth."""
     global _REGISTRY
     import torch
 
@@ -158,7 +160,7 @@ def _batch(jobs: list[Job]) -> list[tuple[str, str, int, float, float]]:
     for (kind, label, _, _, _, index), ep in zip(jobs, episodes):
         if isinstance(ep, Exception):
             raise ep
-        out.append((kind, label, index, float(ep.final_accuracy), float(ep.test_accuracy)))
+        out.append((kind, label, index, float(ep.final_score), float(ep.test_score)))
     return out
 
 
@@ -186,6 +188,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from esper_cli.cli.common import registry
+    from esper_cli.tasks import task_config
 
     reg = registry()
     if args.task not in reg.tasks:
@@ -196,7 +199,7 @@ def main() -> None:
     full = strategies(bps)
     grid = subsample(full, args.strategies)
     by_name = {s.name: s for s in grid}
-    config = EpisodeConfig(task=args.task, epochs=args.epochs)
+    config = task_config(args.task, reg.tasks[args.task], epochs=args.epochs)
     jobs = [("strategy", s.name, asdict(s), config, args.seed, i) for i in range(args.episodes) for s in grid]
     jobs += [("policy", sp.label, {"name": sp.name, "checkpoint": sp.checkpoint, "label": sp.label},
               config, args.seed, i) for i in range(args.episodes) for sp in specs]

@@ -77,6 +77,22 @@ def test_a_group_of_draws_on_one_seed_is_credited_relative_to_its_mean(serial_ru
     assert float(batch.returns[0]) == pytest.approx(total[id(a)], abs=1e-4)  # return-to-go at the start
 
 
+def test_to_go_credit_compares_each_decision_with_its_groups_draws_from_the_same_epoch(serial_run):
+    out, _ = serial_run
+    from esper_cli.data.store import EpisodeReader
+
+    with EpisodeReader(out.with_name("mlp.bootstrap.h5")) as reader:
+        a, b = reader.episode(0), reader.episode(1)
+    b.index = a.index
+    batch = make_batch([(0, a), (1, b)], np.zeros(27, np.float32), np.ones(27, np.float32), credit="to-go")
+    n = len(a.decisions)
+    to_go = [np.cumsum([d.outcome.reward for d in e.decisions][::-1])[::-1] for e in (a, b)]
+    assert np.allclose(batch.advantages[:n].numpy(), (to_go[0] - to_go[1]) / 2, atol=1e-4)
+    assert np.allclose(batch.advantages[n:].numpy(), (to_go[1] - to_go[0]) / 2, atol=1e-4)
+    with pytest.raises(DataError, match="credit"):
+        tiny_config(Path("unused"), credit="nope")
+
+
 def test_a_ppo_update_raises_the_probability_of_an_action_with_positive_advantage():
     torch.manual_seed(0)
     policy = torch.nn.Linear(27, 4)

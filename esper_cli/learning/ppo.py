@@ -98,6 +98,7 @@ class ImproveConfig:
     window: int = 3  # updates in the running mean return that picks the best policy (select_episodes 0)
     select_episodes: int = 16  # greedy episodes on the run's validation seeds per candidate (0: running mean)
     select_every: int = 4  # a candidate after the first update and every this many
+    credit: str = "episode"  # group advantage of a decision: its episode's return ("episode") or its return-to-go ("to-go")
     workers: int | None = None
     backend: str = "local"
     ray_address: str | None = None
@@ -112,6 +113,8 @@ class ImproveConfig:
             if value < 1 or value % self.group:
                 raise DataError(f"{value} is not a positive multiple of the group ({self.group} draws per seed)",
                                 option=option)
+        if self.credit not in CREDITS:
+            raise DataError(f"credit {self.credit!r}: expected one of {', '.join(CREDITS)}", option="credit")
         if self.select_episodes < 0 or self.select_every < 1:
             raise DataError(f"select_episodes {self.select_episodes} / select_every {self.select_every}: expected "
                             ">= 0 and >= 1", option="select_episodes" if self.select_episodes < 0 else "select_every")
@@ -149,6 +152,9 @@ class ImproveConfig:
         d["episode"] = self.episode.to_dict()
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
+
+#: How a group's draws are credited (`make_batch`).
+CREDITS = ("episode", "to-go")
 
 #: The first episode index of a run's validation seeds (the kept policy is chosen on them): far
 #: above any index the bootstrap or the updates reach.
@@ -262,7 +268,7 @@ def in_draw_order(drawn: Sequence[Drawn]) -> list[Episode]:
 
 
 def make_batch(drawn: Sequence[Drawn], mean: np.ndarray, std: np.ndarray,
-               bounds: tuple[np.ndarray, np.ndarray] | None = None) -> Batch:
+               bounds: tuple[np.ndarray, np.ndarray] | None = None, credit: str = "episode") -> Batch:
     """Every decision of the `drawn` episodes, in (index, draw) order so the batch is worker-independent.
     Observations are clipped to `bounds` (the start checkpoint's input range, as the policy that
     acted clipped them) and normalised.
@@ -271,6 +277,11 @@ def make_batch(drawn: Sequence[Drawn], mean: np.ndarray, std: np.ndarray,
     with groups, each decision's advantage is its episode's return minus the mean return of its
     group. What the seed alone decides (an easy or a hard start) cancels out, and what is left is
     the effect of the policy's own draws: far less noise than against a learned baseline.
+
+    `credit="to-go"` credits a decision at epoch t with its episode's return from t on minus the
+    group's mean return from t on (the draws of a group share the seed, so they reach epoch t
+    together): what a draw did before t, and the luck of the epochs before it, are not charged
+    to the decisions after them.
     """
     ordered = in_draw_order(drawn)
     decisions = [d for ep in ordered for d in ep.decisions]
@@ -285,8 +296,11 @@ def make_batch(drawn: Sequence[Drawn], mean: np.ndarray, std: np.ndarray,
     probs = [d.behaviour_prob if d.behaviour_prob is not None else 1.0 for d in decisions]
     advantages = None
     if len(np.unique(groups_a)) < len(groups_a):
-        relative = totals_a - np.array([totals_a[groups_a == g].mean() for g in groups_a])
-        advantages = torch.from_numpy(np.repeat(relative, lengths).astype(np.float32))
+        if credit == "to-go":
+            relative = _to_go_relative(returns, starts, lengths, groups_a)
+        else:
+            relative = np.repeat(totals_a - np.array([totals_a[groups_a == g].mean() for g in groups_a]), lengths)
+        advantages = torch.from_numpy(relative.astype(np.float32))
     x = np.asarray(raw, dtype=np.float32)
     seen = x if bounds is None else np.clip(x, *bounds)
     return Batch(obs=torch.from_numpy(((seen - mean) / std).astype(np.float32)),
@@ -295,6 +309,22 @@ def make_batch(drawn: Sequence[Drawn], mean: np.ndarray, std: np.ndarray,
                  logp_old=torch.log(torch.tensor(probs, dtype=torch.float32).clamp_min(1e-8)),
                  returns=torch.from_numpy(returns.astype(np.float32)),
                  advantages=advantages, lengths=torch.from_numpy(lengths))
+
+
+def _to_go_relative(returns: np.ndarray, starts: np.ndarray, lengths: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each decision's return-to-go minus the mean return-to-go of its group's draws at the same
+    epoch (a draw shorter than t leaves that mean)."""
+    out = np.empty_like(returns)
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        t_max = int(lengths[members].max())
+        table = np.full((len(members), t_max), np.nan)
+        for row, e in enumerate(members):
+            table[row, : lengths[e]] = returns[starts[e] : starts[e] + lengths[e]]
+        mean = np.nanmean(table, axis=0)
+        for row, e in enumerate(members):
+            out[starts[e] : starts[e] + lengths[e]] = table[row, : lengths[e]] - mean[: lengths[e]]
+    return out
 
 
 # ================================================================================ the start policy
@@ -436,6 +466,7 @@ class _Learner:
     gen: torch.Generator
     seen: list[list[Any]]  # [task, seed, index, rng seed] of every episode learned from (the split)
     sequence: bool = False  # a recurrent policy: trained on whole episodes
+    credit: str = "episode"  # how a group's draws are credited (`make_batch`)
     value: ValueNet | None = None
     value_opt: torch.optim.Optimizer | None = None
 
@@ -446,7 +477,7 @@ class _Learner:
         policy.load_state_dict(base.tensors)
         return cls(base, policy, torch.optim.Adam(policy.parameters(), lr=cfg.lr),
                    torch.Generator().manual_seed(cfg.seed), list(base.meta.get("split", {}).get("episodes", [])),
-                   sequence=registry.trainables[cfg.policy].sequence)
+                   sequence=registry.trainables[cfg.policy].sequence, credit=cfg.credit)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """A copy of the policy's weights as they are now (an update changes the policy in place)."""
@@ -454,7 +485,7 @@ class _Learner:
 
     def batch(self, drawn: Sequence[Drawn]) -> Batch:
         mean, std = (a.astype(np.float32) for a in self.base.normalisation)
-        return make_batch(drawn, mean, std, self.base.input_range)
+        return make_batch(drawn, mean, std, self.base.input_range, self.credit)
 
     def update(self, u: int, batch: Batch, cfg: ImproveConfig, result: ImproveResult) -> dict[str, float]:
         """Update `u` on `batch`: the first calibrates the start (see the module docstring)."""

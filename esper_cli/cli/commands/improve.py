@@ -166,6 +166,8 @@ def improve_command(
                                              "best candidate is kept (0: keep the best running mean return instead)."),
     select_every: int = typer.Option(4, "--select-every", min=1,
                                      help="A candidate after the first update, the last, and every this many."),
+    credit: str = typer.Option("episode", "--credit", help="A draw's credit relative to its group: its episode's return "
+                                                           "(episode), or each decision's return from its epoch on (to-go)."),
     epochs: Epochs = 25,
     task: Task = "digits",
     data_dir: DataDir = None,
@@ -218,7 +220,7 @@ def improve_command(
                             bootstrap_episodes=bootstrap_episodes, lr=lr, entropy=entropy, explore=explore,
                             workers=n_workers, backend=backend, ray_address=ray_address, threads=threads,
                             envs_per_worker=envs_per_worker, policy=policy, expert=expert,
-                            select_episodes=select_episodes, select_every=select_every)
+                            select_episodes=select_episodes, select_every=select_every, credit=credit)
     except DataError as exc:
         fail(option_error(exc))
     try:  # every file this run writes, before any episode runs
