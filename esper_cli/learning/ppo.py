@@ -1,6 +1,6 @@
 """Online improvement of a learned Tamiyo: PPO on its own live episodes (`simic improve`).
 
-Behaviour cloning copies the heuristic; this fine-tunes the copy toward what the episodes reward:
+Behaviour cloning copies a rule (`expert`); this fine-tunes the copy toward what the episodes reward:
 each decision's reward is the validation accuracy it gained over the next epoch, so an episode's
 return is the accuracy the controller added by its end. The loop, one update at a time:
 
@@ -79,14 +79,17 @@ class ImproveConfig:
 
     episode: EpisodeConfig
     out: Path
-    start: Path | None = None  # a checkpoint of `policy` to fine-tune; None: behaviour-clone the heuristic first
-    episodes: int = 1000  # live episodes for PPO (the bootstrap's come on top)
+    start: Path | None = None  # a checkpoint of `policy` to fine-tune; None: behaviour-clone `expert` first
+    #: 384 live episodes: with the bootstrap's 50 and 4 candidates of 16 validation episodes, 498.
+    episodes: int = 384  # live episodes for PPO (the bootstrap's and the validation's come on top)
     episodes_per_update: int = 32
     group: int = 4  # draws per seed within an update (1: every episode its own seed, a learned baseline)
     seed: int = 0  # run seed of every episode this run collects
-    bootstrap_episodes: int = 50  # heuristic episodes behaviour cloning starts from (without `start`)
+    bootstrap_episodes: int = 50  # expert episodes behaviour cloning starts from (without `start`)
     bootstrap_store: Path | None = None  # where they are kept (default: next to `out`)
-    expert: str = "heuristic"  # the policy the bootstrap clones
+    #: The rule the bootstrap clones: `eager` (grow into every free slot at once) starts the run's
+    #: own validation seeds about 3 points of final accuracy above the heuristic's clone.
+    expert: str = "eager"
     lr: float = 1e-3
     value_lr: float = 1e-3
     clip: float = 0.2

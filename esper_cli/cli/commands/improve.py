@@ -148,19 +148,20 @@ def improve_command(
     policy: str = typer.Option("mlp", "--policy", help="The policy to fine-tune: mlp, or gru (sequence PPO: whole "
                                                        "episodes, the hidden state carried)."),
     start: Optional[Path] = typer.Option(None, "--from", help="A `simic train` checkpoint of --policy to start from. "
-                                                              "Default: behaviour-clone the heuristic first (collecting its episodes)."),
-    episodes: int = typer.Option(1000, "--episodes", "-n", min=1, help="Live episodes for PPO (the bootstrap's come on top)."),
+                                                              "Default: behaviour-clone --expert first (collecting its episodes)."),
+    episodes: int = typer.Option(384, "--episodes", "-n", min=1, help="Live episodes for PPO (the bootstrap's and the "
+                                                                       "validation seeds' come on top: 498 in all by default)."),
     episodes_per_update: int = typer.Option(32, "--episodes-per-update", min=1, help="Episodes collected per PPO update (whole groups)."),
     group: int = typer.Option(4, "--group", min=1, help="Draws of the policy on each seed: each episode's advantage is its return "
                                                          "minus its group's mean (1: one draw per seed, a learned baseline)."),
-    bootstrap_episodes: int = typer.Option(50, "--bootstrap-episodes", min=2, help="Heuristic episodes behaviour cloning starts from (without --from)."),
+    bootstrap_episodes: int = typer.Option(50, "--bootstrap-episodes", min=2, help="Expert episodes behaviour cloning starts from (without --from)."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="The improved checkpoint (default: $SIMIC_HOME/checkpoints/POLICY-improved.safetensors); "
                                                                "the best policy so far is kept there during the run."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Run seed of every episode, and seed of the updates."),
     lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Adam learning rate of the policy."),
     entropy: float = typer.Option(0.01, "--entropy", min=0.0, help="Entropy bonus (keeps the policy exploring)."),
     explore: float = typer.Option(0.0, "--explore", min=0.0, max=1.0, help="Probability of a uniform valid action instead of the policy's draw."),
-    expert: str = typer.Option("heuristic", "--expert", help="The policy the bootstrap behaviour-clones (without --from)."),
+    expert: str = typer.Option("eager", "--expert", help="The policy the bootstrap behaviour-clones (without --from)."),
     select_episodes: int = typer.Option(16, "--select-episodes", min=0,
                                         help="Greedy episodes on the run's own validation seeds per candidate policy; the "
                                              "best candidate is kept (0: keep the best running mean return instead)."),
@@ -188,8 +189,9 @@ def improve_command(
     The policy samples its actions; each decision's reward is the validation accuracy it gained,
     so PPO (with a learned baseline) moves it toward decisions that end training higher. Episodes
     run through the episode runner (--workers, --backend ray) and the result reproduces per seed.
-    Without --from it starts from behaviour cloning of the heuristic. The best policy so far (by
-    the running mean return) is written to --out as it is found: Ctrl-C keeps it. The run state
+    Without --from it starts from behaviour cloning of --expert (eager). The policy kept is the
+    best greedy candidate on the run's own validation seeds (--select-episodes), written to --out
+    as it is found: Ctrl-C keeps it. The run state
     is saved beside --out after every update: the same command after Ctrl-C or a kill continues
     from the last completed update and ends with the same checkpoint (--restart starts over).
     """
