@@ -77,6 +77,44 @@ def test_a_group_of_draws_on_one_seed_is_credited_relative_to_its_mean(serial_ru
     assert float(batch.returns[0]) == pytest.approx(total[id(a)], abs=1e-4)  # return-to-go at the start
 
 
+def test_the_blueprint_choice_is_learned_with_the_actions():
+    """A GERMINATE that grew conv_enhance paid off, one that grew norm did not: the update raises
+    conv_enhance's probability (the blueprint's log-probability joins the action's in the ratio)."""
+    from simic_plugins.networks import MLPNet
+
+    torch.manual_seed(0)
+    names = ("conv_enhance", "norm")
+    policy = MLPNet((8,), names)
+    obs = torch.zeros(64, 27)
+    mask = torch.tensor([[True, True, False, False]]).repeat(64, 1)
+    actions = torch.ones(64, dtype=torch.int64)  # every decision a GERMINATE
+    grown = torch.tensor([0, 1] * 32)
+    with torch.no_grad():
+        logp_old = masked_log_probs(policy(obs), mask)[:, 1]  # the action's part only
+    returns = torch.where(grown == 0, 2.0, 0.0)
+    batch = Batch(obs, mask, actions, logp_old, returns, blueprints=grown)
+    value = ValueNet(1.0, 1.0)
+    cfg = tiny_config(Path("unused"), lr=1e-2, minibatch=32)
+    opt, vopt = torch.optim.Adam(policy.parameters(), lr=1e-2), torch.optim.Adam(value.parameters(), lr=1e-2)
+    ppo_update(policy, value, opt, vopt, batch, cfg, torch.Generator().manual_seed(0))
+    p = torch.softmax(policy.blueprint_logits.detach(), 0)
+    assert p[0] > p[1] + 0.05  # moved within one update's clip range
+
+
+def test_an_improved_mlp_grows_the_blueprint_it_learned(serial_run):
+    out, _ = serial_run
+    ckpt = load_checkpoint(out, expect_policy="mlp")
+    assert ckpt.hparams["blueprints"] == list(TINY.rotation) and "blueprint_logits" in ckpt.tensors
+    policy = MLPTamiyo(checkpoint=out)
+    logits = ckpt.tensors["blueprint_logits"].numpy()
+    from simic_plugins.mlp import pick_blueprint
+
+    want = pick_blueprint(policy.blueprints, logits, None)[0]
+    assert want is None or want == TINY.rotation[int(logits.argmax())]
+    assert pick_blueprint(("a", "b"), np.zeros(2), None) == (None, 1.0)  # untrained: the rotation
+    assert pick_blueprint(("a", "b"), np.array([0.0, 3.0]), None) == ("b", 1.0)
+
+
 def test_to_go_credit_compares_each_decision_with_its_groups_draws_from_the_same_epoch(serial_run):
     out, _ = serial_run
     from esper_cli.data.store import EpisodeReader
@@ -147,6 +185,12 @@ def test_the_kept_policy_is_the_best_candidate_on_the_runs_validation_seeds(seri
     specs = [EpisodeSpec(MLPTamiyo(checkpoint=out), TINY, 0, VALIDATION_INDEX + i, "mlp") for i in range(2)]
     episodes = run_episodes(specs, task=reg.tasks["digits"], blueprints=reg.blueprints)
     assert np.mean([e.final_score for e in episodes]) == pytest.approx(best["select_score"])
+
+
+def test_the_defaults_spend_at_most_500_environment_episodes():
+    cfg = ImproveConfig(episode=EpisodeConfig(), out=Path("unused"))
+    assert cfg.expert == "eager" and cfg.selections == [0, 3, 7, 11]
+    assert cfg.episodes_total == 50 + 384 + 4 * 16 == 498
 
 
 def test_select_options_are_checked():

@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from ..contracts import Episode, EpisodeConfig
+from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from ..contracts import Action, Episode, EpisodeConfig
 from ..data.decisions import DataError
 from ..data.store import EpisodeWriter
 from ..plugins import Registry
@@ -102,6 +102,10 @@ class ImproveConfig:
     select_episodes: int = 16  # greedy episodes on the run's validation seeds per candidate (0: running mean)
     select_every: int = 4  # a candidate after the first update and every this many
     credit: str = "episode"  # group advantage of a decision: its episode's return ("episode") or its return-to-go ("to-go")
+    #: An `mlp` learns which blueprint a GERMINATE grows too (`MLPNet.blueprint_logits`, over the
+    #: rotation's blueprints), trained with its actions: a GERMINATE's probability is the action's
+    #: times the blueprint's. Its logits start equal: the rotation, as before.
+    learn_blueprint: bool = True
     workers: int | None = None
     backend: str = "local"
     ray_address: str | None = None
@@ -220,6 +224,7 @@ class Batch:
     returns: torch.Tensor  # (N,) return-to-go
     advantages: torch.Tensor | None = None  # (N,) group-relative, when episodes share their seeds
     lengths: torch.Tensor | None = None  # (E,) decisions per episode, in the batch's order
+    blueprints: torch.Tensor | None = None  # (N,) the blueprint the policy drew (its index), -1 elsewhere
 
     def episode_rows(self, episodes: torch.Tensor) -> torch.Tensor:
         """The decision rows of `episodes` (indices into `lengths`), one row per episode padded
@@ -271,7 +276,8 @@ def in_draw_order(drawn: Sequence[Drawn]) -> list[Episode]:
 
 
 def make_batch(drawn: Sequence[Drawn], mean: np.ndarray, std: np.ndarray,
-               bounds: tuple[np.ndarray, np.ndarray] | None = None, credit: str = "episode") -> Batch:
+               bounds: tuple[np.ndarray, np.ndarray] | None = None, credit: str = "episode",
+               blueprints: Sequence[str] = ()) -> Batch:
     """Every decision of the `drawn` episodes, in (index, draw) order so the batch is worker-independent.
     Observations are clipped to `bounds` (the start checkpoint's input range, as the policy that
     acted clipped them) and normalised.
@@ -285,6 +291,10 @@ def make_batch(drawn: Sequence[Drawn], mean: np.ndarray, std: np.ndarray,
     group's mean return from t on (the draws of a group share the seed, so they reach epoch t
     together): what a draw did before t, and the luck of the epochs before it, are not charged
     to the decisions after them.
+
+    With `blueprints` (the policy's blueprint choices), each GERMINATE the policy drew and carried
+    out records which of them it grew (`Batch.blueprints`); an explored one came from the rotation,
+    not from the policy, and is left out.
     """
     ordered = in_draw_order(drawn)
     decisions = [d for ep in ordered for d in ep.decisions]
@@ -304,6 +314,8 @@ def make_batch(drawn: Sequence[Drawn], mean: np.ndarray, std: np.ndarray,
         else:
             relative = np.repeat(totals_a - np.array([totals_a[groups_a == g].mean() for g in groups_a]), lengths)
         advantages = torch.from_numpy(relative.astype(np.float32))
+    grown = [blueprints.index(d.blueprint) if d.blueprint in blueprints and d.valid and d.action == Action.GERMINATE
+             and not d.reason.startswith("explore") else -1 for d in decisions]
     x = np.asarray(raw, dtype=np.float32)
     seen = x if bounds is None else np.clip(x, *bounds)
     return Batch(obs=torch.from_numpy(((seen - mean) / std).astype(np.float32)),
@@ -311,7 +323,8 @@ def make_batch(drawn: Sequence[Drawn], mean: np.ndarray, std: np.ndarray,
                  actions=torch.tensor(actions, dtype=torch.int64),
                  logp_old=torch.log(torch.tensor(probs, dtype=torch.float32).clamp_min(1e-8)),
                  returns=torch.from_numpy(returns.astype(np.float32)),
-                 advantages=advantages, lengths=torch.from_numpy(lengths))
+                 advantages=advantages, lengths=torch.from_numpy(lengths),
+                 blueprints=torch.tensor(grown, dtype=torch.int64) if blueprints else None)
 
 
 def _to_go_relative(returns: np.ndarray, starts: np.ndarray, lengths: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -389,6 +402,10 @@ def ppo_update(policy: nn.Module, value: nn.Module, opt: torch.optim.Optimizer, 
     with torch.no_grad():
         adv = batch.advantages if batch.advantages is not None else batch.returns - value(batch.obs)
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        # The blueprint draws' probabilities under the policy that acted: the one about to change.
+        grown = None if batch.blueprints is None else batch.blueprints.clamp_min(0)
+        grew = None if batch.blueprints is None else (batch.blueprints >= 0).float()
+        blueprint_logp_old = None if grown is None else F.log_softmax(policy.blueprint_logits, 0)[grown]
     stats = {"policy_loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "value_loss": 0.0}
     steps = 0
     # In eval mode throughout: the ratio compares the policy that acted (no dropout) with itself.
@@ -397,7 +414,11 @@ def ppo_update(policy: nn.Module, value: nn.Module, opt: torch.optim.Optimizer, 
             logits, mb = policy_logits(policy, batch.obs, rows)
             logp_all = masked_log_probs(logits, batch.mask[mb])
             logp = logp_all.gather(1, batch.actions[mb, None]).squeeze(1)
-            ratio = torch.exp(logp - batch.logp_old[mb])
+            logp_old = batch.logp_old[mb]
+            if grown is not None:  # a GERMINATE's probability: the action's times its blueprint's
+                logp = logp + grew[mb] * F.log_softmax(policy.blueprint_logits, 0)[grown[mb]]
+                logp_old = logp_old + grew[mb] * blueprint_logp_old[mb]
+            ratio = torch.exp(logp - logp_old)
             surrogate = torch.min(ratio * adv[mb], ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv[mb])
             entropy = -(logp_all.exp() * logp_all).sum(-1)
             loss = -surrogate.mean() - cfg.entropy * entropy.mean()
@@ -412,7 +433,7 @@ def ppo_update(policy: nn.Module, value: nn.Module, opt: torch.optim.Optimizer, 
                 stats["policy_loss"] += float(-surrogate.mean())
                 stats["entropy"] += float(entropy.mean())
                 stats["clip_fraction"] += float(((ratio - 1).abs() > cfg.clip).float().mean())
-                stats["approx_kl"] += float((batch.logp_old[mb] - logp).mean())
+                stats["approx_kl"] += float((logp_old - logp).mean())
                 stats["value_loss"] += value_loss
             steps += 1
     return {k: v / max(steps, 1) for k, v in stats.items()}
@@ -464,6 +485,7 @@ class _Learner:
     batch), the seeded generator of the minibatches, and the episodes learned from so far."""
 
     base: Checkpoint  # the start checkpoint: architecture, normalisation, input range
+    hparams: dict[str, Any]  # the network's (the base's, plus the blueprint choice when it is learned)
     policy: nn.Module
     opt: torch.optim.Optimizer
     gen: torch.Generator
@@ -476,9 +498,14 @@ class _Learner:
     @classmethod
     def start(cls, path: Path, registry: Registry, cfg: ImproveConfig) -> _Learner:
         base = load_checkpoint(path, expect_policy=cfg.policy)
-        policy = build_network(cfg.policy, base.meta["hparams"], registry)
-        policy.load_state_dict(base.tensors)
-        return cls(base, policy, torch.optim.Adam(policy.parameters(), lr=cfg.lr),
+        hparams = dict(base.meta["hparams"])
+        if cfg.learn_blueprint and cfg.policy == "mlp" and not hparams.get("blueprints"):
+            hparams["blueprints"] = list(cfg.episode.rotation)
+        policy = build_network(cfg.policy, hparams, registry)
+        missing, unexpected = policy.load_state_dict(base.tensors, strict=False)
+        if unexpected or set(missing) - {"blueprint_logits"}:
+            raise CheckpointError(f"checkpoint {path} does not match a {cfg.policy} network of its hparams")
+        return cls(base, hparams, policy, torch.optim.Adam(policy.parameters(), lr=cfg.lr),
                    torch.Generator().manual_seed(cfg.seed), list(base.meta.get("split", {}).get("episodes", [])),
                    sequence=registry.trainables[cfg.policy].sequence, credit=cfg.credit)
 
@@ -488,7 +515,7 @@ class _Learner:
 
     def batch(self, drawn: Sequence[Drawn]) -> Batch:
         mean, std = (a.astype(np.float32) for a in self.base.normalisation)
-        return make_batch(drawn, mean, std, self.base.input_range, self.credit)
+        return make_batch(drawn, mean, std, self.base.input_range, self.credit, self.hparams.get("blueprints", ()))
 
     def update(self, u: int, batch: Batch, cfg: ImproveConfig, result: ImproveResult) -> dict[str, float]:
         """Update `u` on `batch`: the first calibrates the start (see the module docstring)."""
@@ -643,6 +670,7 @@ def _meta(learner: _Learner, cfg: ImproveConfig, result: ImproveResult, policy_o
     meta = {k: v for k, v in learner.base.meta.items() if k not in ("format", "format_version", "feature_schema", "versions")}
     meta["mask_invalid"] = True
     meta["objective"] = "ppo"
+    meta["hparams"] = learner.hparams
     if policy_only:
         return meta
     meta["split"] = {**meta.get("split", {}), "episodes": list(learner.seen)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,10 @@ class MLPTamiyo:
             for (w1, _), (w2, b2) in zip(self._layers, self._layers[1:]):
                 if w1.shape[1] != w2.shape[0] or b2.shape != (w2.shape[1],):
                     raise ValueError("layer sizes")
+            self.blueprints = tuple(str(b) for b in self.checkpoint.hparams.get("blueprints", ()))
+            self._blueprint_logits = arrays["blueprint_logits"].astype(np.float64) if self.blueprints else None
+            if self._blueprint_logits is not None and self._blueprint_logits.shape != (len(self.blueprints),):
+                raise ValueError("blueprint logits")
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {self.checkpoint.path} does not match an MLP of its hparams ({exc})") from None
 
@@ -129,7 +134,12 @@ class MLPTamiyo:
     def decide(self, obs: TrainingSnapshot, context: EpisodeContext | None = None) -> Decision:
         """The most probable action (or a draw, when sampling); confidence = its softmax probability."""
         logits = self._action_logits(obs.to_vector())  # to_vector also rejects NaN/inf
-        return decision_from_logits(self.name, logits, self.sample, self._rng)
+        decision = decision_from_logits(self.name, logits, self.sample, self._rng)
+        if decision.action != Action.GERMINATE or self._blueprint_logits is None:
+            return decision
+        blueprint, p = pick_blueprint(self.blueprints, self._blueprint_logits, self._rng if self.sample else None)
+        reason = decision.reason if blueprint is None else f"{decision.reason}, {blueprint} p={p:.2f}"
+        return replace(decision, blueprint=blueprint, reason=reason)
 
     def decide_batch(self, observations: np.ndarray) -> np.ndarray:
         """Actions (N,) for N independent raw observations (N, 27)."""
@@ -146,11 +156,25 @@ class MLPTamiyo:
 FEATURE_PENALTY = 1e-2
 
 
-def mlp_network(hidden: Sequence[int] = (64, 32)) -> Any:
-    """The torch network `simic train --policy mlp` fits (imported here: deciding needs no torch)."""
+def mlp_network(hidden: Sequence[int] = (64, 32), blueprints: Sequence[str] = ()) -> Any:
+    """The torch network `simic train --policy mlp` fits (imported here: deciding needs no torch);
+    `blueprints` adds the learned blueprint choice (`simic improve`)."""
     from .networks import MLPNet
 
-    return MLPNet(hidden)
+    return MLPNet(hidden, blueprints)
+
+
+def pick_blueprint(names: Sequence[str], logits: np.ndarray, rng: np.random.Generator | None) -> tuple[str | None, float]:
+    """The blueprint a GERMINATE grows and its probability: a draw from softmax(logits) with `rng`,
+    else the most probable; equal logits (never trained) mean the environment's rotation (None)."""
+    if rng is None:
+        if float(logits.max() - logits.min()) < 1e-6:
+            return None, 1.0
+        return names[int(logits.argmax())], 1.0
+    z = np.exp(logits.astype(np.float64) - logits.max())
+    probs = z / z.sum()
+    b = int(rng.choice(len(probs), p=probs))
+    return names[b], float(probs[b])
 
 
 @hookimpl

@@ -16,12 +16,19 @@ from esper_cli.contracts import N_ACTIONS, N_FEATURES
 
 
 class MLPNet(nn.Module):
-    """27 -> hidden... -> 4 with ReLU (the seed design: 27 -> 64 -> 32 -> 4). Inputs are normalised."""
+    """27 -> hidden... -> 4 with ReLU (the seed design: 27 -> 64 -> 32 -> 4). Inputs are normalised.
 
-    def __init__(self, hidden: Sequence[int] = (64, 32)) -> None:
+    With `blueprints` (names), it also holds `blueprint_logits`: which blueprint a GERMINATE grows,
+    one logit per name, the same in every state. They start equal, which means "the
+    environment's rotation" (`MLPTamiyo`), and `simic improve` learns them with the actions.
+    """
+
+    def __init__(self, hidden: Sequence[int] = (64, 32), blueprints: Sequence[str] = ()) -> None:
         super().__init__()
         sizes = [N_FEATURES, *hidden, N_ACTIONS]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        if blueprints:
+            self.blueprint_logits = nn.Parameter(torch.zeros(len(blueprints)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
