@@ -344,13 +344,10 @@ def _to_go_relative(returns: np.ndarray, starts: np.ndarray, lengths: np.ndarray
 
 
 # ================================================================================ the start policy
-def mean_entropy(policy: nn.Module, batch: Batch, temperature: float = 1.0, sequence: bool = False) -> float:
-    """Mean entropy (nats) over the batch's decisions of the masked policy with its logits divided
-    by `temperature`."""
-    with torch.no_grad():
-        logits, rows = policy_logits(policy, batch.obs, every_decision(batch, sequence))
-        logp = masked_log_probs(logits, batch.mask[rows], temperature)
-        return float(-(logp.exp() * logp).sum(-1).mean())
+def mean_entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> float:
+    """Mean entropy (nats) of the masked policy whose logits are `logits`, divided by `temperature`."""
+    logp = masked_log_probs(logits, mask, temperature)
+    return float(-(logp.exp() * logp).sum(-1).mean())
 
 
 def soften(policy: nn.Module, batch: Batch, target: float, sequence: bool = False) -> float:
@@ -361,8 +358,12 @@ def soften(policy: nn.Module, batch: Batch, target: float, sequence: bool = Fals
     policy never tries anything else and PPO has no signal. Scaling the last layer keeps every
     greedy decision as it was while the sampled ones explore.
     """
+    with torch.no_grad():  # one forward pass: the bisection only rescales these logits
+        logits, rows = policy_logits(policy, batch.obs, every_decision(batch, sequence))
+    mask = batch.mask[rows]
+
     def entropy(temperature: float) -> float:
-        return mean_entropy(policy, batch, temperature, sequence)
+        return mean_entropy(logits, mask, temperature)
 
     if target <= 0 or entropy(1.0) >= target:
         return 1.0
